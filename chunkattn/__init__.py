@@ -1,0 +1,26 @@
+"""chunkattn: exact softmax attention in memory linear in the sequence length, for JAX and Flax.
+
+Shape legend, used everywhere public:
+  B batch, T query length, S key/value length, N query heads, K kv heads (K divides N),
+  H head dim, Hv value head dim. Arrays are [B, T, N, H] (query), [B, S, K, H] (key),
+  [B, S, K, Hv] (value); masks and biases broadcast to [B, N, T, S]; lse is [B, N, T].
+
+Start with `dot_product_attention`; `reference_attention` is the dense float32 oracle;
+`summarize` / `merge` / `ChunkSummary` are the chunk-summary primitives the core is built from.
+"""
+
+from chunkattn.api import dot_product_attention
+from chunkattn.chunked import ChunkConfig
+from chunkattn.reference import reference_attention
+from chunkattn.summary import ChunkSummary, merge, summarize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ChunkConfig",
+    "ChunkSummary",
+    "dot_product_attention",
+    "merge",
+    "reference_attention",
+    "summarize",
+]

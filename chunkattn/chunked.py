@@ -1,0 +1,327 @@
+"""The pure-JAX chunked core: exact attention in O(T + S) memory, forward and backward.
+
+Forward: a loop over query chunks; for each, a loop over only the key chunks that can contribute
+(`masks.kv_chunk_range`), carrying a `ChunkSummary` merged by log-sum-exp (`summary.merge`).
+Output and the log-sum-exp are written chunk by chunk into preallocated buffers.
+
+Backward (`jax.custom_vjp`, FlashAttention-2, arXiv 2307.08691 §3.1): residuals are only
+q, k, v, bias, out and lse. With D = rowsum(dO ∘ O), per block P = exp(s − lse),
+dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P ∘ (dP − D + dlse), dQ += scale·dS·K, dK += scale·dSᵀ·Q
+(dropout, score_fn and the soft cap chain-rule through dS). A loop over key chunks carries the
+chunk's dK, dV in float32; the inner loop over the query chunks that can see it adds into a
+float32 dQ buffer of the query's size.
+
+Inputs here are normalised 4-D arrays already padded to whole chunks (see `api.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from chunkattn import masks
+from chunkattn.summary import ChunkSummary, chunk_scores, merge, summarize_scores
+
+Array = jax.Array
+
+# Default chunk sizes per backend, chosen from measurements (bench/NOTES.md).
+_DEFAULT_CHUNKS: dict[str, tuple[int, int]] = {"cpu": (512, 512), "gpu": (1024, 1024)}
+_FALLBACK_CHUNKS = (512, 512)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkConfig:
+    """Chunk sizes of the chunked implementation (None: the backend's measured default).
+
+    A chunk larger than the sequence is clipped to it; sequences need not divide the chunk.
+    """
+
+    q_chunk_size: int | None = None
+    kv_chunk_size: int | None = None
+
+    def __post_init__(self):
+        for name in ("q_chunk_size", "kv_chunk_size"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"ChunkConfig.{name} must be a positive int or None, got {v!r}")
+
+    def resolve(self, seq_q: int, seq_k: int, backend: str | None = None) -> tuple[int, int]:
+        """Concrete (tq, tk) for these lengths on `backend` (default: jax's default backend)."""
+        backend = backend or jax.default_backend()
+        dq, dk = _DEFAULT_CHUNKS.get(backend, _FALLBACK_CHUNKS)
+        tq = self.q_chunk_size or dq
+        tk = self.kv_chunk_size or dk
+        return max(1, min(tq, seq_q)), max(1, min(tk, seq_k))
+
+
+class Static(NamedTuple):
+    """Everything static about one call (hashable: a `nondiff_argnums` entry)."""
+
+    spec: masks.MaskSpec
+    scale: float
+    soft_cap: float | None
+    score_fn: Callable[..., Array] | None
+    dropout_rate: float
+    broadcast_dropout: bool
+    tq: int
+    tk: int
+    seq_k: int  # true key length; keys at or past it are padding
+    precision: Any
+
+
+class _Block(NamedTuple):
+    """Where a block sits: its query/key starts and the padded key length."""
+
+    q_start: Array
+    k_start: Array
+    padded_seq_k: int
+
+
+def _index_grids(batch: int, num_heads: int, blk: _Block, tq: int, tk: int, q_offset: Array):
+    """int32 (batch, head, query row, query position, key position), broadcastable to a block."""
+    b_idx = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None]  # (B, 1, 1, 1)
+    h_idx = jnp.arange(num_heads, dtype=jnp.int32)[None, :, None, None]  # (1, N, 1, 1)
+    rows = (blk.q_start + jnp.arange(tq, dtype=jnp.int32))[None, None, :, None]  # (1, 1, tq, 1)
+    qpos = rows + q_offset[:, None, None, None]  # (B, 1, tq, 1)
+    kpos = (blk.k_start + jnp.arange(tk, dtype=jnp.int32))[None, None, None, :]  # (1, 1, 1, tk)
+    return b_idx, h_idx, rows, qpos, kpos
+
+
+def _block_scores(
+    st: Static,
+    q: Array,
+    k: Array,
+    bias: Array | None,
+    marr: masks.MaskArrays,
+    blk: _Block,
+) -> tuple[Array, Array, Array]:
+    """Scores of one block in the documented order: scale·q·kᵀ → cap → + bias → score_fn → mask.
+
+    Returns (raw, biased, masked), all float32 [B, N, tq, tk]: raw is scale·q·kᵀ, biased is the
+    input of score_fn, masked the final scores with −inf where a key may not be attended.
+    """
+    batch, tq, num_heads, _ = q.shape
+    tk = k.shape[1]
+    raw = chunk_scores(q, k, scale=st.scale, precision=st.precision)
+    s = raw
+    if st.soft_cap is not None:
+        s = st.soft_cap * jnp.tanh(s / st.soft_cap)
+    if bias is not None:
+        s = s + masks.slice_block(bias, blk.q_start, blk.k_start, tq, tk).astype(jnp.float32)
+    biased = s
+    if st.score_fn is not None:
+        b_idx, h_idx, _, qpos, kpos = _index_grids(batch, num_heads, blk, tq, tk, marr.q_offset)
+        s = jnp.broadcast_to(st.score_fn(s, b_idx, h_idx, qpos, kpos), s.shape)
+        s = s.astype(jnp.float32)
+    allowed = masks.block_mask(
+        st.spec,
+        marr,
+        q_start=blk.q_start,
+        k_start=blk.k_start,
+        tq=tq,
+        tk=tk,
+        num_heads=num_heads,
+        seq_k=st.seq_k,
+        padded_seq_k=blk.padded_seq_k,
+    )
+    masked = s if allowed is None else jnp.where(allowed, s, -jnp.inf)
+    return raw, biased, masked
+
+
+def _dropout_keep(st: Static, seed: Array, q_offset: Array, blk: _Block, batch, num_heads, tq, tk):
+    b_idx, h_idx, rows, _, kpos = _index_grids(batch, num_heads, blk, tq, tk, q_offset)
+    return masks.dropout_keep(
+        seed, b_idx, h_idx, rows, kpos, st.dropout_rate, st.broadcast_dropout
+    )
+
+
+def _forward(
+    st: Static,
+    q: Array,
+    k: Array,
+    v: Array,
+    bias: Array | None,
+    marr: masks.MaskArrays,
+    seed: Array | None,
+) -> tuple[Array, Array]:
+    """Output [B, Tp, N, Hv] (input dtype) and lse f32 [B, N, Tp] on padded inputs."""
+    batch, seq_q, num_heads, _ = q.shape
+    seq_k, head_dim_v = k.shape[1], v.shape[-1]
+    tq, tk = st.tq, st.tk
+    nq, nk = seq_q // tq, seq_k // tk
+    keep_scale = 1.0 / (1.0 - st.dropout_rate) if st.dropout_rate > 0 else 1.0
+
+    def q_step(i, carry):
+        out, lse = carry
+        q_start = i * tq
+        qc = jax.lax.dynamic_slice_in_dim(q, q_start, tq, axis=1)  # (B, tq, N, H)
+        lo, hi = masks.kv_chunk_range(st.spec, marr, q_start, tq, tk, nk)
+
+        def kv_step(j, acc: ChunkSummary) -> ChunkSummary:
+            k_start = j * tk
+            blk = _Block(q_start, k_start, seq_k)
+            kc = jax.lax.dynamic_slice_in_dim(k, k_start, tk, axis=1)  # (B, tk, K, H)
+            vc = jax.lax.dynamic_slice_in_dim(v, k_start, tk, axis=1)  # (B, tk, K, Hv)
+            _, _, s = _block_scores(st, qc, kc, bias, marr, blk)
+            keep = None
+            if st.dropout_rate > 0:
+                keep = _dropout_keep(st, seed, marr.q_offset, blk, batch, num_heads, tq, tk)
+            part = summarize_scores(
+                s, vc, keep=keep, keep_scale=keep_scale, precision=st.precision
+            )
+            return merge(acc, part)
+
+        acc = jax.lax.fori_loop(
+            lo, hi, kv_step, ChunkSummary.empty(batch, num_heads, tq, head_dim_v)
+        )
+        out = jax.lax.dynamic_update_slice_in_dim(out, acc.output(out.dtype), q_start, axis=1)
+        lse = jax.lax.dynamic_update_slice_in_dim(lse, acc.lse(), q_start, axis=2)
+        return out, lse
+
+    out = jnp.zeros((batch, seq_q, num_heads, head_dim_v), v.dtype)
+    lse = jnp.full((batch, num_heads, seq_q), -jnp.inf, jnp.float32)
+    return jax.lax.fori_loop(0, nq, q_step, (out, lse))
+
+
+def _backward(
+    st: Static,
+    q: Array,
+    k: Array,
+    v: Array,
+    bias: Array | None,
+    marr: masks.MaskArrays,
+    seed: Array | None,
+    out: Array,
+    lse: Array,
+    dout: Array,
+    dlse: Array,
+) -> tuple[Array, Array, Array, Array | None]:
+    """dq, dk, dv, dbias from the residuals (FlashAttention-2 backward, module docstring)."""
+    batch, seq_q, num_heads, head_dim = q.shape
+    seq_k, num_kv_heads, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    groups = num_heads // num_kv_heads
+    tq, tk = st.tq, st.tk
+    nq, nk = seq_q // tq, seq_k // tk
+    keep_scale = 1.0 / (1.0 - st.dropout_rate) if st.dropout_rate > 0 else 1.0
+
+    # D = rowsum(dO ∘ O) (B, N, Tp); dlse enters dS with the opposite sign, so fold it in.
+    delta = jnp.einsum(
+        "btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32)
+    ) - dlse.astype(jnp.float32)
+    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # masked rows: s = −inf gives P = 0
+
+    def kv_step(j, carry):
+        dq, dk, dv, dbias = carry
+        k_start = j * tk
+        kc = jax.lax.dynamic_slice_in_dim(k, k_start, tk, axis=1)  # (B, tk, K, H)
+        vc = jax.lax.dynamic_slice_in_dim(v, k_start, tk, axis=1)  # (B, tk, K, Hv)
+        lo, hi = masks.q_chunk_range(st.spec, marr, k_start, tq, tk, nq)
+
+        def q_step(i, c):
+            dq, dkc, dvc, dbias = c
+            q_start = i * tq
+            blk = _Block(q_start, k_start, seq_k)
+            qc = jax.lax.dynamic_slice_in_dim(q, q_start, tq, axis=1)  # (B, tq, N, H)
+            doc = jax.lax.dynamic_slice_in_dim(dout, q_start, tq, axis=1)  # (B, tq, N, Hv)
+            lse_c = jax.lax.dynamic_slice_in_dim(lse_safe, q_start, tq, axis=2)  # (B, N, tq)
+            delta_c = jax.lax.dynamic_slice_in_dim(delta, q_start, tq, axis=2)  # (B, N, tq)
+            raw, biased, s = _block_scores(st, qc, kc, bias, marr, blk)
+            p = jnp.exp(s - lse_c[..., None])  # (B, N, tq, tk); 0 where masked
+            p_drop = p
+            if st.dropout_rate > 0:
+                keep = _dropout_keep(st, seed, marr.q_offset, blk, batch, num_heads, tq, tk)
+                p_drop = jnp.where(keep, p * keep_scale, 0.0)
+            p5 = p_drop.astype(v.dtype).reshape(batch, num_kv_heads, groups, tq, tk)
+            do5 = doc.reshape(batch, tq, num_kv_heads, groups, head_dim_v)
+            # dV += Pᵀ·dO: (B, K, G, tq, tk) x (B, tq, K, G, Hv) -> (B, tk, K, Hv)
+            dvc = dvc + jnp.einsum(
+                "bkgqs,bqkgh->bskh", p5, do5, precision=st.precision,
+                preferred_element_type=jnp.float32,
+            )
+            # dP = dO·Vᵀ: (B, tq, K, G, Hv) x (B, tk, K, Hv) -> (B, K, G, tq, tk)
+            dp = jnp.einsum(
+                "bqkgh,bskh->bkgqs", do5, vc, precision=st.precision,
+                preferred_element_type=jnp.float32,
+            ).reshape(batch, num_heads, tq, tk)
+            if st.dropout_rate > 0:
+                dp = jnp.where(keep, dp * keep_scale, 0.0)
+            ds = p * (dp - delta_c[..., None])  # d(loss)/d(final scores)
+            if st.score_fn is not None:  # chain rule through the user's elementwise score_fn
+                b_idx, h_idx, _, qpos, kpos = _index_grids(
+                    batch, num_heads, blk, tq, tk, marr.q_offset
+                )
+                _, score_vjp = jax.vjp(
+                    lambda x: jnp.broadcast_to(
+                        st.score_fn(x, b_idx, h_idx, qpos, kpos), x.shape
+                    ).astype(jnp.float32),
+                    biased,
+                )
+                (ds,) = score_vjp(ds)
+            if dbias is not None:
+                dbias = masks.add_block(dbias, ds, q_start, k_start)
+            if st.soft_cap is not None:  # d/dx cap·tanh(x/cap) = 1 − tanh²
+                ds = ds * (1.0 - jnp.square(jnp.tanh(raw / st.soft_cap)))
+            ds5 = (ds * st.scale).astype(q.dtype).reshape(batch, num_kv_heads, groups, tq, tk)
+            # dQ += dS·K: (B, K, G, tq, tk) x (B, tk, K, H) -> (B, tq, K, G, H)
+            dqc = jnp.einsum(
+                "bkgqs,bskh->bqkgh", ds5, kc, precision=st.precision,
+                preferred_element_type=jnp.float32,
+            ).reshape(batch, tq, num_heads, head_dim)
+            old = jax.lax.dynamic_slice_in_dim(dq, q_start, tq, axis=1)
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, old + dqc, q_start, axis=1)
+            # dK += dSᵀ·Q: (B, K, G, tq, tk) x (B, tq, K, G, H) -> (B, tk, K, H)
+            q5 = qc.reshape(batch, tq, num_kv_heads, groups, head_dim)
+            dkc = dkc + jnp.einsum(
+                "bkgqs,bqkgh->bskh", ds5, q5, precision=st.precision,
+                preferred_element_type=jnp.float32,
+            )
+            return dq, dkc, dvc, dbias
+
+        dkc = jnp.zeros((batch, tk, num_kv_heads, head_dim), jnp.float32)
+        dvc = jnp.zeros((batch, tk, num_kv_heads, head_dim_v), jnp.float32)
+        dq, dkc, dvc, dbias = jax.lax.fori_loop(lo, hi, q_step, (dq, dkc, dvc, dbias))
+        dk = jax.lax.dynamic_update_slice_in_dim(dk, dkc.astype(dk.dtype), k_start, axis=1)
+        dv = jax.lax.dynamic_update_slice_in_dim(dv, dvc.astype(dv.dtype), k_start, axis=1)
+        return dq, dk, dv, dbias
+
+    dq = jnp.zeros(q.shape, jnp.float32)
+    dk = jnp.zeros(k.shape, k.dtype)
+    dv = jnp.zeros(v.shape, v.dtype)
+    dbias = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
+    dq, dk, dv, dbias = jax.lax.fori_loop(0, nk, kv_step, (dq, dk, dv, dbias))
+    return dq.astype(q.dtype), dk, dv, None if bias is None else dbias.astype(bias.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def attention(
+    st: Static,
+    q: Array,
+    k: Array,
+    v: Array,
+    bias: Array | None,
+    marr: masks.MaskArrays,
+    seed: Array | None,
+) -> tuple[Array, Array]:
+    """Chunked attention on padded 4-D inputs: (out [B, Tp, N, Hv], lse f32 [B, N, Tp])."""
+    return _forward(st, q, k, v, bias, marr, seed)
+
+
+def _attention_fwd(st, q, k, v, bias, marr, seed):
+    out, lse = _forward(st, q, k, v, bias, marr, seed)
+    return (out, lse), (q, k, v, bias, marr, seed, out, lse)
+
+
+def _attention_bwd(st, res, cotangents):
+    q, k, v, bias, marr, seed, out, lse = res
+    dout, dlse = cotangents
+    dq, dk, dv, dbias = _backward(st, q, k, v, bias, marr, seed, out, lse, dout, dlse)
+    no_grad = jax.tree_util.tree_map(lambda _: None, (marr, seed))
+    return (dq, dk, dv, dbias, *no_grad)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)

@@ -1,0 +1,227 @@
+"""Mask and bias specs, evaluated one chunk at a time: never materialised at [T, S].
+
+A request's masking splits into a static part (`MaskSpec`: causal, window, mask_fn; hashable,
+so it can be a `nondiff_argnums` entry) and array parts (`MaskArrays`: q_offset, lengths,
+segment ids, a user's dense mask in its own broadcast shape). From them this module gives:
+
+- `block_mask`: the boolean predicate of one (query chunk, key chunk) block, shape
+  broadcastable to [B, N, tq, tk], or None when nothing in the block can be masked;
+- `kv_chunk_range` / `q_chunk_range`: the key chunks a query chunk can see, and the query
+  chunks that can see a key chunk. Blocks outside these ranges are empty (causal, window,
+  lengths) and never computed;
+- `slice_block` / `add_block`: a dense [b, n, t, s] mask/bias/bias-gradient's block, with size-1
+  dimensions kept at size 1 (a bias of shape [1, N, 1, S] stays that size);
+- `dropout_keep`: a counter-based hash of (seed, batch, head, query row, key column), so a
+  dropout mask depends on positions only: the backward pass, the reference and every chunking
+  draw the same mask.
+
+Positions: a query row r (0-based in the query array) sits at sequence position
+r + q_offset[b]; causal and window compare that position with the key position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """The static (hashable) part of a mask request."""
+
+    is_causal: bool = False
+    window: tuple[int, int] | None = None  # (left, right), both >= 0
+    mask_fn: Callable[..., Array] | None = None  # (batch, head, q_pos, k_pos) -> bool
+
+
+class MaskArrays(NamedTuple):
+    """The array part of a mask request (fields may be None)."""
+
+    q_offset: Array  # int32 [B]
+    q_lengths: Array | None = None  # int32 [B]
+    kv_lengths: Array | None = None  # int32 [B]
+    q_segment_ids: Array | None = None  # int32 [B, T]
+    kv_segment_ids: Array | None = None  # int32 [B, S]
+    mask: Array | None = None  # bool [b, n, t, s], each dim 1 or full
+
+
+def _positions(start: Array | int, size: int) -> Array:
+    return start + jnp.arange(size, dtype=jnp.int32)
+
+
+def slice_block(x: Array, q_start: Array | int, k_start: Array | int, tq: int, tk: int) -> Array:
+    """Block [b, n, tq|1, tk|1] of a [b, n, t, s] array whose t, s are each 1 or full."""
+    t_size = tq if x.shape[2] != 1 else 1
+    s_size = tk if x.shape[3] != 1 else 1
+    starts = (0, 0, q_start if t_size != 1 else 0, k_start if s_size != 1 else 0)
+    return jax.lax.dynamic_slice(x, starts, (x.shape[0], x.shape[1], t_size, s_size))
+
+
+def reduce_block(ds: Array, like_shape: tuple[int, ...]) -> Array:
+    """Sum a [B, N, tq, tk] block over the dims where a [b, n, t, s] array has size 1."""
+    axes = tuple(i for i, n in enumerate(like_shape) if n == 1 and ds.shape[i] != 1)
+    return jnp.sum(ds, axis=axes, keepdims=True) if axes else ds
+
+
+def add_block(buf: Array, blk: Array, q_start: Array | int, k_start: Array | int) -> Array:
+    """buf[block] += reduce(blk): accumulate a [B, N, tq, tk] block into a [b, n, t, s] buffer."""
+    tq, tk = blk.shape[2], blk.shape[3]
+    blk = reduce_block(blk, (buf.shape[0], buf.shape[1], 1 if buf.shape[2] == 1 else tq, 1 if buf.shape[3] == 1 else tk))
+    starts = (0, 0, q_start if buf.shape[2] != 1 else 0, k_start if buf.shape[3] != 1 else 0)
+    old = jax.lax.dynamic_slice(buf, starts, blk.shape)
+    return jax.lax.dynamic_update_slice(buf, old + blk.astype(buf.dtype), starts)
+
+
+def block_mask(
+    spec: MaskSpec,
+    arrays: MaskArrays,
+    *,
+    q_start: Array | int,
+    k_start: Array | int,
+    tq: int,
+    tk: int,
+    num_heads: int,
+    seq_k: int,
+    padded_seq_k: int,
+) -> Array | None:
+    """Predicate of one block, broadcastable to [B, N, tq, tk]; None when nothing is masked."""
+    rows = _positions(q_start, tq)[None, None, :, None]  # (1, 1, tq, 1)
+    cols = _positions(k_start, tk)[None, None, None, :]  # (1, 1, 1, tk)
+    qpos = rows + arrays.q_offset[:, None, None, None]  # (B, 1, tq, 1)
+    conds: list[Array] = []
+    if padded_seq_k != seq_k:
+        conds.append(cols < seq_k)
+    if spec.is_causal:
+        conds.append(cols <= qpos)
+    if spec.window is not None:
+        left, right = spec.window
+        conds.append((cols >= qpos - left) & (cols <= qpos + right))
+    if arrays.q_lengths is not None:
+        conds.append(rows < arrays.q_lengths[:, None, None, None])
+    if arrays.kv_lengths is not None:
+        conds.append(cols < arrays.kv_lengths[:, None, None, None])
+    if arrays.q_segment_ids is not None:
+        q_seg = jax.lax.dynamic_slice_in_dim(arrays.q_segment_ids, q_start, tq, axis=1)
+        kv_seg = jax.lax.dynamic_slice_in_dim(arrays.kv_segment_ids, k_start, tk, axis=1)
+        conds.append(q_seg[:, None, :, None] == kv_seg[:, None, None, :])
+    if arrays.mask is not None:
+        conds.append(slice_block(arrays.mask, q_start, k_start, tq, tk))
+    if spec.mask_fn is not None:
+        batch = arrays.q_offset.shape[0]
+        b_idx = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None]
+        h_idx = jnp.arange(num_heads, dtype=jnp.int32)[None, :, None, None]
+        conds.append(spec.mask_fn(b_idx, h_idx, qpos, cols))
+    if not conds:
+        return None
+    out = conds[0]
+    for c in conds[1:]:
+        out = out & c
+    return out
+
+
+def _ceil_div(a: Array, b: int) -> Array:
+    return -(-a // b)
+
+
+def kv_chunk_range(
+    spec: MaskSpec,
+    arrays: MaskArrays,
+    q_start: Array | int,
+    tq: int,
+    tk: int,
+    num_kv_chunks: int,
+) -> tuple[Array, Array]:
+    """[lo, hi): the key chunks that query rows [q_start, q_start + tq) can attend to."""
+    lo = jnp.int32(0)
+    hi = jnp.int32(num_kv_chunks)
+    off_min = jnp.min(arrays.q_offset)
+    off_max = jnp.max(arrays.q_offset)
+    first_pos = q_start + off_min  # smallest query position in the chunk
+    last_pos = q_start + tq - 1 + off_max  # largest
+    if spec.is_causal:
+        hi = jnp.minimum(hi, _ceil_div(last_pos + 1, tk))
+    if spec.window is not None:
+        left, right = spec.window
+        hi = jnp.minimum(hi, _ceil_div(last_pos + right + 1, tk))
+        lo = jnp.maximum(lo, jnp.maximum(first_pos - left, 0) // tk)
+    if arrays.kv_lengths is not None:
+        hi = jnp.minimum(hi, _ceil_div(jnp.max(arrays.kv_lengths), tk))
+    if arrays.q_lengths is not None:  # a chunk of padding queries needs no keys
+        hi = jnp.where(q_start < jnp.max(arrays.q_lengths), hi, lo)
+    hi = jnp.maximum(hi, lo)
+    return lo.astype(jnp.int32), hi.astype(jnp.int32)
+
+
+def q_chunk_range(
+    spec: MaskSpec,
+    arrays: MaskArrays,
+    k_start: Array | int,
+    tq: int,
+    tk: int,
+    num_q_chunks: int,
+) -> tuple[Array, Array]:
+    """[lo, hi): the query chunks that can attend to key columns [k_start, k_start + tk)."""
+    lo = jnp.int32(0)
+    hi = jnp.int32(num_q_chunks)
+    off_min = jnp.min(arrays.q_offset)
+    off_max = jnp.max(arrays.q_offset)
+    k_last = k_start + tk - 1
+    if spec.is_causal:  # need row + off >= k_start for some row
+        lo = jnp.maximum(lo, jnp.maximum(k_start - off_max, 0) // tq)
+    if spec.window is not None:
+        left, right = spec.window
+        lo = jnp.maximum(lo, jnp.maximum(k_start - right - off_max, 0) // tq)
+        hi = jnp.minimum(hi, _ceil_div(jnp.maximum(k_last + left - off_min + 1, 0), tq))
+    if arrays.q_lengths is not None:
+        hi = jnp.minimum(hi, _ceil_div(jnp.max(arrays.q_lengths), tq))
+    if arrays.kv_lengths is not None:  # a chunk of padding keys is seen by no query
+        hi = jnp.where(k_start < jnp.max(arrays.kv_lengths), hi, lo)
+    hi = jnp.maximum(hi, lo)
+    return lo.astype(jnp.int32), hi.astype(jnp.int32)
+
+
+def _mix32(x: Array) -> Array:
+    """A 32-bit integer finaliser (lowbias32): a bijection with full avalanche."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_threshold(rate: float) -> np.uint32:
+    """Hash values below this are dropped: P(drop) = rate to 2^-32."""
+    return np.uint32(min(round(rate * 2.0**32), 2**32 - 1))
+
+
+def dropout_keep(
+    seed: Array,
+    batch_idx: Array,
+    head_idx: Array,
+    rows: Array,
+    cols: Array,
+    rate: float,
+    broadcast: bool,
+) -> Array:
+    """Keep-mask of dropout at (batch, head, query row, key column): a pure function of them.
+
+    `seed` is a uint32 [2] array (from `jax.random.bits(dropout_rng, (2,), jnp.uint32)`).
+    With `broadcast`, the mask is shared by all batch entries and heads (as in Flax).
+    Index arrays broadcast against each other; the result is their broadcast shape.
+    """
+    seed = seed.astype(jnp.uint32)
+    if broadcast:
+        bh = jnp.zeros((), jnp.uint32)
+    else:
+        bh = batch_idx.astype(jnp.uint32) * jnp.uint32(0x01000193) + head_idx.astype(jnp.uint32)
+    t = _mix32(bh ^ seed[1])
+    t = _mix32(rows.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + t)
+    x = _mix32((cols.astype(jnp.uint32) * jnp.uint32(0x85EBCA6B)) ^ t ^ seed[0])
+    return x >= dropout_threshold(rate)

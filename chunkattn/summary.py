@@ -1,0 +1,150 @@
+"""The card's primitives: a chunk's softmax summary, and the log-sum-exp merge of two.
+
+For one query chunk and one key/value chunk, with scores s = scale·q·kᵀ (float32):
+
+    max_score   = max_k s                       (stop-gradient: the result does not depend on it)
+    w           = exp(s − max_score)
+    exp_weights = Σ_k w
+    exp_values  = w · v
+
+Two summaries of the same queries over disjoint keys merge exactly (m = max(m1, m2),
+a_i = exp(m_i − m)): exp_values = a1·v1 + a2·v2, exp_weights = a1·w1 + a2·w2. The attention
+output is exp_values / exp_weights and lse = max_score + log(exp_weights). A row that sees no key
+has max_score = −inf, exp_weights = 0; it merges as the identity and finishes as output 0,
+lse = −inf.
+
+Layout (head-major, like lse): exp_values [B, N, tq, Hv], exp_weights and max_score [B, N, tq],
+all float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class ChunkSummary(NamedTuple):
+    """Softmax statistics of some queries over some keys (see module docstring)."""
+
+    exp_values: Array  # f32 [B, N, tq, Hv]
+    exp_weights: Array  # f32 [B, N, tq]
+    max_score: Array  # f32 [B, N, tq]
+
+    @classmethod
+    def empty(cls, batch: int, num_heads: int, tq: int, head_dim_v: int) -> ChunkSummary:
+        """The identity of `merge`: a summary over no keys."""
+        return cls(
+            jnp.zeros((batch, num_heads, tq, head_dim_v), jnp.float32),
+            jnp.zeros((batch, num_heads, tq), jnp.float32),
+            jnp.full((batch, num_heads, tq), -jnp.inf, jnp.float32),
+        )
+
+    def output(self, dtype: Any = None) -> Array:
+        """exp_values / exp_weights as [B, tq, N, Hv] (0 for rows that saw no key)."""
+        w = self.exp_weights[..., None]
+        out = jnp.where(w > 0, self.exp_values / jnp.where(w > 0, w, 1.0), 0.0)
+        out = jnp.swapaxes(out, -3, -2)  # (B, tq, N, Hv)
+        return out if dtype is None else out.astype(dtype)
+
+    def lse(self) -> Array:
+        """log Σ exp(s) per row, [B, N, tq]; −inf for rows that saw no key."""
+        w = self.exp_weights
+        return jnp.where(w > 0, self.max_score + jnp.log(jnp.where(w > 0, w, 1.0)), -jnp.inf)
+
+
+def _finite_or_zero(m: Array) -> Array:
+    return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def summarize_scores(
+    s: Array, value: Array, *, keep: Array | None = None, keep_scale: float = 1.0, precision: Any = None
+) -> ChunkSummary:
+    """Summary of masked float32 scores s [B, N, tq, tk] (−inf = masked) over value [B, tk, K, Hv].
+
+    `keep` (bool, broadcastable to s) applies dropout to the weights that multiply the values,
+    scaled by `keep_scale`; exp_weights (the softmax denominator) is never dropped.
+    """
+    batch, num_heads, tq, tk = s.shape
+    num_kv_heads = value.shape[2]
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1))  # (B, N, tq)
+    w = jnp.exp(s - _finite_or_zero(m)[..., None])  # masked: exp(-inf) = 0
+    exp_weights = jnp.sum(w, axis=-1)
+    if keep is not None:
+        w = jnp.where(keep, w * keep_scale, 0.0)
+    w5 = w.astype(value.dtype).reshape(batch, num_kv_heads, num_heads // num_kv_heads, tq, tk)
+    # (B, K, G, tq, tk) x (B, tk, K, Hv) -> (B, K, G, tq, Hv)
+    exp_values = jnp.einsum(
+        "bkgqs,bskh->bkgqh", w5, value, precision=precision, preferred_element_type=jnp.float32
+    ).reshape(batch, num_heads, tq, value.shape[-1])
+    return ChunkSummary(exp_values, exp_weights, m)
+
+
+def chunk_scores(
+    query: Array, key: Array, *, scale: float, precision: Any = None
+) -> Array:
+    """scale · q · kᵀ in float32: query [B, tq, N, H], key [B, tk, K, H] -> [B, N, tq, tk]."""
+    batch, tq, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    q5 = query.reshape(batch, tq, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    # (B, tq, K, G, H) x (B, tk, K, H) -> (B, K, G, tq, tk)
+    s = jnp.einsum(
+        "bqkgh,bskh->bkgqs", q5, key, precision=precision, preferred_element_type=jnp.float32
+    )
+    return s.reshape(batch, num_heads, tq, key.shape[1]) * scale
+
+
+def summarize(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    scale: float | None = None,
+    bias: Array | None = None,
+    mask: Array | None = None,
+    logits_soft_cap: float | None = None,
+    precision: Any = None,
+) -> ChunkSummary:
+    """Summarise one query chunk against one key/value chunk.
+
+    Args:
+      query: [B, tq, N, H]; key: [B, tk, K, H]; value: [B, tk, K, Hv], K dividing N.
+      scale: score scale, default 1/√H.
+      bias: float, broadcastable to [B, N, tq, tk], added after the soft cap.
+      mask: bool, broadcastable to [B, N, tq, tk]; True = may attend.
+      logits_soft_cap: if set, scores become cap·tanh(s/cap) before the bias.
+
+    Returns:
+      ChunkSummary(exp_values [B, N, tq, Hv], exp_weights [B, N, tq], max_score [B, N, tq]).
+
+    Example:
+        >>> a = summarize(q, k[:, :128], v[:, :128])
+        >>> b = summarize(q, k[:, 128:], v[:, 128:])
+        >>> out = merge(a, b).output()  # == softmax attention of q over all of k, v
+    """
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    s = chunk_scores(query, key, scale=scale, precision=precision)
+    if logits_soft_cap is not None:
+        s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
+    if bias is not None:
+        s = s + bias.astype(jnp.float32)
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+    return summarize_scores(s, value, precision=precision)
+
+
+def merge(a: ChunkSummary, b: ChunkSummary) -> ChunkSummary:
+    """Exact log-sum-exp merge of two summaries of the same queries over disjoint keys."""
+    m = jnp.maximum(a.max_score, b.max_score)
+    m_safe = _finite_or_zero(m)
+    alpha = jnp.exp(a.max_score - m_safe)  # −inf − finite -> 0: an empty side contributes 0
+    beta = jnp.exp(b.max_score - m_safe)
+    return ChunkSummary(
+        exp_values=alpha[..., None] * a.exp_values + beta[..., None] * b.exp_values,
+        exp_weights=alpha * a.exp_weights + beta * b.exp_weights,
+        max_score=m,
+    )
