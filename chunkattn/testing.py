@@ -104,12 +104,12 @@ def assert_matches_reference(
     dtype = query.dtype
     ref_args = _upcast((query, key, value, bias))
 
-    def loss_inputs(f, q, k, v, b):
-        out, lse = f(q, k, v, b, return_lse=True, **kwargs)
-        return out, lse
+    # Whole computations under jit: one compile each instead of op-by-op dispatch.
+    def forward(f):
+        return jax.jit(lambda q, k, v, b: f(q, k, v, b, return_lse=True, **kwargs))
 
-    out, lse = loss_inputs(fn, query, key, value, bias)
-    ref_out, ref_lse = loss_inputs(reference_attention, *ref_args)
+    out, lse = forward(fn)(query, key, value, bias)
+    ref_out, ref_lse = forward(reference_attention)(*ref_args)
     assert out.dtype == dtype, f"output dtype {out.dtype} != input dtype {dtype}"
     assert out.shape == ref_out.shape, f"output shape {out.shape} != {ref_out.shape}"
     tol = tolerance(dtype) * tol_scale
@@ -127,8 +127,10 @@ def assert_matches_reference(
             return jnp.sum(o.astype(jnp.float32) * proj) + 0.1 * jnp.sum(l * lse_proj)
 
         argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-        got = jax.grad(lambda *a: loss(fn, *a), argnums=argnums)(query, key, value, bias)
-        want = jax.grad(lambda *a: loss(reference_attention, *a), argnums=argnums)(*ref_args)
+        got = jax.jit(jax.grad(lambda *a: loss(fn, *a), argnums=argnums))(query, key, value, bias)
+        want = jax.jit(jax.grad(lambda *a: loss(reference_attention, *a), argnums=argnums))(
+            *ref_args
+        )
         for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want, strict=False):
             assert g.shape == w.shape, f"{name} shape {g.shape} != {w.shape}"
             errors[name] = relative_error(g, w)

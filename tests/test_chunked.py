@@ -1,0 +1,158 @@
+"""The chunked core: the shared suite, jit/no-jit variants, summaries, memory and properties."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from attention_suite import AttentionSuite, mask_cases
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import chunkattn
+from chunkattn import testing
+
+
+class TestChunked(AttentionSuite):
+    implementation = "chunked"
+    config = chunkattn.ChunkConfig(q_chunk_size=8, kv_chunk_size=16)
+
+
+class TestChunkedOddChunks(AttentionSuite):
+    """Chunks that divide nothing, and a chunk larger than the sequence (clipped)."""
+
+    implementation = "chunked"
+    config = chunkattn.ChunkConfig(q_chunk_size=7, kv_chunk_size=300)
+
+    # The full suite already runs with regular chunks: one mask-matrix shape is enough here.
+    mask_shapes = ((19, 41),)
+    test_heads = test_dtypes = test_vmap = test_no_retrace = None
+
+
+class TestXla(AttentionSuite):
+    implementation = "xla"
+    config = None
+    mask_shapes = ((37, 37),)
+
+
+class ChunkedVariantsTest(chex.TestCase):
+    """Same results with and without jit (chex.variants)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters("none", "causal_window", "segment_pair", "everything")
+    def test_jit_and_no_jit(self, name):
+        T, S = 19, 41
+        kwargs = dict(mask_cases(T, S)[name])
+        bias = kwargs.pop("bias", None)
+        q, k, v = testing.random_qkv(jax.random.PRNGKey(0), seq_q=T, seq_k=S, num_heads=4,
+                                     num_kv_heads=2, head_dim=16)
+        cfg = chunkattn.ChunkConfig(8, 16)
+
+        @self.variant
+        def f(q, k, v, bias):
+            return chunkattn.dot_product_attention(q, k, v, bias, config=cfg, **kwargs)
+
+        want = chunkattn.reference_attention(q, k, v, bias, **kwargs)
+        got = f(q, k, v, bias)
+        chex.assert_shape(got, (2, T, 4, 16))
+        chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_chunking_does_not_change_the_result():
+    q, k, v = testing.random_qkv(jax.random.PRNGKey(1), seq_q=50, seq_k=61, num_heads=4,
+                                 num_kv_heads=1, head_dim=16)
+    kw = dict(is_causal=True, q_offset=11, dropout_rate=0.3, dropout_rng=jax.random.PRNGKey(3))
+    outs = [
+        chunkattn.dot_product_attention(q, k, v, config=chunkattn.ChunkConfig(tq, tk), **kw)
+        for tq, tk in [(8, 8), (16, 5), (64, 64), (1, 61)]
+    ]
+    for o in outs[1:]:
+        chex.assert_trees_all_close(o, outs[0], atol=2e-6, rtol=2e-6)
+
+
+def test_dropout_rate_statistics():
+    # With uniform scores, out = mean over kept keys · 1/(1−rate): the kept fraction is visible.
+    T = S = 256
+    q = jnp.zeros((1, T, 1, 8))
+    v = jnp.ones((1, S, 1, 1))
+    for rate in (0.1, 0.5):
+        out = chunkattn.dot_product_attention(
+            q, q, v, dropout_rate=rate, dropout_rng=jax.random.PRNGKey(0),
+            config=chunkattn.ChunkConfig(64, 64),
+        )
+        kept = float(jnp.mean(out)) * (1 - rate)
+        assert abs(kept - (1 - rate)) < 0.01, (rate, kept)
+
+
+def test_summarize_and_merge_equal_full_attention():
+    q, k, v = testing.random_qkv(jax.random.PRNGKey(2), seq_q=12, seq_k=40, num_heads=4,
+                                 num_kv_heads=2, head_dim=8)
+    parts = [chunkattn.summarize(q, k[:, a:b], v[:, a:b]) for a, b in [(0, 7), (7, 30), (30, 40)]]
+    merged = chunkattn.merge(chunkattn.merge(parts[0], parts[1]), parts[2])
+    full = chunkattn.summarize(q, k, v)
+    chex.assert_trees_all_close(merged.output(), full.output(), atol=1e-6)
+    ref, ref_lse = chunkattn.reference_attention(q, k, v, return_lse=True)
+    chex.assert_trees_all_close(merged.output(), ref, atol=1e-5)
+    chex.assert_trees_all_close(merged.lse(), ref_lse, atol=1e-5)
+    # The empty summary is merge's identity, and a masked-out chunk finishes as 0 / −inf.
+    empty = chunkattn.ChunkSummary.empty(2, 4, 12, 8)
+    chex.assert_trees_all_close(chunkattn.merge(empty, full).output(), full.output())
+    none = chunkattn.summarize(q, k, v, mask=jnp.zeros((12, 40), bool))
+    assert np.all(np.asarray(none.output()) == 0) and np.all(np.isneginf(np.asarray(none.lse())))
+
+
+def _temp_bytes(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_memory_grows_linearly(causal):
+    """Compiled temp memory of forward and forward+backward grows linearly in T; dense grows T²."""
+    def measure(impl, T):
+        q = jax.ShapeDtypeStruct((1, T, 4, 64), jnp.float32)
+        cfg = chunkattn.ChunkConfig(128, 128) if impl == "chunked" else None
+        fwd = lambda q, k, v: chunkattn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation=impl, config=cfg)
+        loss = lambda q, k, v: jnp.sum(fwd(q, k, v))
+        return _temp_bytes(fwd, q, q, q), _temp_bytes(jax.grad(loss, argnums=(0, 1, 2)), q, q, q)
+
+    sizes = (1024, 2048, 4096)
+    chunked = [measure("chunked", T) for T in sizes]
+    q_bytes = [T * 4 * 64 * 4 for T in sizes]
+    for (fwd, fwdbwd), qb in zip(chunked, q_bytes, strict=True):
+        assert fwd <= 4 * qb and fwdbwd <= 4 * qb, (fwd, fwdbwd, qb)
+    for i in range(1, len(sizes)):
+        for j in range(2):
+            ratio = chunked[i][j] / max(chunked[i - 1][j], 1)
+            assert ratio < 2.3, f"chunked temp grew {ratio:.2f}x when T doubled: {chunked}"
+    dense = [measure("xla", T) for T in sizes[:2]]
+    assert dense[1][1] / dense[0][1] > 3.5, f"dense should grow quadratically: {dense}"
+
+
+_MASKS = ("none", "causal", "causal_window", "segment_pair", "kv_lengths", "mask_ts", "everything")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    T=st.integers(1, 40),
+    S=st.integers(1, 40),
+    kv_heads=st.sampled_from([1, 2, 4]),
+    tq=st.integers(1, 20),
+    tk=st.integers(1, 20),
+    masks=st.lists(st.sampled_from(_MASKS), min_size=1, max_size=3, unique=True),
+)
+def test_random_shapes_and_masks(T, S, kv_heads, tq, tk, masks):
+    kwargs: dict = {}
+    for name in masks:
+        kwargs.update(mask_cases(T, S)[name])
+    if "q_offset" in kwargs and not isinstance(kwargs["q_offset"], int):
+        kwargs["q_offset"] = 0
+    bias = kwargs.pop("bias", None)
+    q, k, v = testing.random_qkv(jax.random.PRNGKey(T * 41 + S), seq_q=T, seq_k=S, num_heads=4,
+                                 num_kv_heads=kv_heads, head_dim=8)
+    fn = lambda *a, **kw: chunkattn.dot_product_attention(
+        *a, config=chunkattn.ChunkConfig(tq, tk), **kw)
+    testing.assert_matches_reference(fn, q, k, v, bias, **kwargs)
