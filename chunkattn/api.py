@@ -250,7 +250,7 @@ def _run_chunked(args: Arguments, opts: _Options) -> tuple[Array, Array]:
         )
     batch, seq_q = args.query.shape[:2]
     seq_k = args.key.shape[1]
-    tq, tk = config.resolve(seq_q, seq_k)
+    tq, tk = config.resolve(seq_q, seq_k, batch * args.query.shape[2])
     pq, pk = -(-seq_q // tq) * tq, -(-seq_k // tk) * tk
     marr = args.mask_arrays()
     marr = marr._replace(
@@ -391,7 +391,8 @@ def dot_product_attention(
         is a hash of (key, position), identical in the backward pass and for any chunking;
         with broadcast_dropout it is shared across batch and heads.
       return_lse: also return the log-sum-exp, float32 [B, N, T] (−inf for rows seeing no key).
-      precision: passed to the matrix products.
+      precision: passed to the matrix products; None means HIGHEST for float32 inputs (no
+        TF32 on GPUs) and the backend default otherwise.
       implementation: None (fastest available), "chunked" (pure JAX, every backend), "pallas"
         (fused GPU kernels) or "xla" (dense).
       config: the implementation's config, e.g. `ChunkConfig(q_chunk_size=..., kv_chunk_size=...)`.
@@ -432,6 +433,9 @@ def dot_product_attention(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
     )
+    if precision is None and args.query.dtype == jnp.float32:
+        # float32 in, float32 arithmetic out: no silent TF32 on GPUs (DESIGN §3 numerics).
+        precision = jax.lax.Precision.HIGHEST
     opts = _Options(
         is_causal=bool(is_causal),
         mask_fn=mask_fn,

@@ -29,9 +29,13 @@ from chunkattn.summary import ChunkSummary, chunk_scores, merge, summarize_score
 
 Array = jax.Array
 
-# Default chunk sizes per backend, chosen from measurements (bench/NOTES.md).
-_DEFAULT_CHUNKS: dict[str, tuple[int, int]] = {"cpu": (512, 512), "gpu": (1024, 1024)}
+# Default chunk sizes per backend, chosen from measurements (bench/NOTES.md, bench/results/
+# chunk_sizes_*.csv). Larger chunks amortise loop overhead, but a block's float32 temporaries are
+# B·N·tq·tk elements each, so the default shrinks chunks to stay under a per-block element budget.
+_DEFAULT_CHUNKS: dict[str, tuple[int, int]] = {"cpu": (512, 512), "gpu": (2048, 2048)}
 _FALLBACK_CHUNKS = (512, 512)
+_BLOCK_ELEMENT_BUDGET: dict[str, int] = {"cpu": 2**24, "gpu": 2**28}
+_MIN_DEFAULT_CHUNK = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +43,8 @@ class ChunkConfig:
     """Chunk sizes of the chunked implementation (None: the backend's measured default).
 
     A chunk larger than the sequence is clipped to it; sequences need not divide the chunk.
+    Defaults: 2048 × 2048 on GPU, 512 × 512 on CPU, halved (down to 128) while a score block
+    of B·N·tq·tk float32 elements would exceed 2^28 (GPU) or 2^24 (CPU) elements.
     """
 
     q_chunk_size: int | None = None
@@ -50,12 +56,21 @@ class ChunkConfig:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"ChunkConfig.{name} must be a positive int or None, got {v!r}")
 
-    def resolve(self, seq_q: int, seq_k: int, backend: str | None = None) -> tuple[int, int]:
-        """Concrete (tq, tk) for these lengths on `backend` (default: jax's default backend)."""
+    def resolve(
+        self, seq_q: int, seq_k: int, batch_heads: int = 1, backend: str | None = None
+    ) -> tuple[int, int]:
+        """Concrete (tq, tk) for these lengths and B·N on `backend` (default: jax's default)."""
         backend = backend or jax.default_backend()
-        dq, dk = _DEFAULT_CHUNKS.get(backend, _FALLBACK_CHUNKS)
-        tq = self.q_chunk_size or dq
-        tk = self.kv_chunk_size or dk
+        tq, tk = _DEFAULT_CHUNKS.get(backend, _FALLBACK_CHUNKS)
+        tq, tk = min(tq, seq_q), min(tk, seq_k)
+        budget = _BLOCK_ELEMENT_BUDGET.get(backend, 2**24)
+        while batch_heads * tq * tk > budget and max(tq, tk) > _MIN_DEFAULT_CHUNK:
+            if tq >= tk:
+                tq = max(tq // 2, _MIN_DEFAULT_CHUNK)
+            else:
+                tk = max(tk // 2, _MIN_DEFAULT_CHUNK)
+        tq = self.q_chunk_size or tq
+        tk = self.kv_chunk_size or tk
         return max(1, min(tq, seq_q)), max(1, min(tk, seq_k))
 
 
