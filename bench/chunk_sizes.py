@@ -24,7 +24,10 @@ import chunkattn
 
 
 def dense_xla(q, k, v, is_causal):
-    s = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    s = (
+        jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+        * q.shape[-1] ** -0.5
+    )
     if is_causal:
         T, S = s.shape[-2:]
         s = jnp.where(jnp.tril(jnp.ones((T, S), bool)), s, -jnp.inf)
@@ -63,34 +66,57 @@ def main(argv=None) -> int:
         keys = jax.random.split(jax.random.PRNGKey(0), 3)
         sets = []
         for kk in keys:
-            q, k, v, do = (jax.random.normal(x, (batch, T, heads, head_dim), dtype)
-                           for x in jax.random.split(kk, 4))
+            q, k, v, do = (
+                jax.random.normal(x, (batch, T, heads, head_dim), dtype)
+                for x in jax.random.split(kk, 4)
+            )
             sets.append((q, k, v, do))
         for causal in (True, False):
             flops = 4 * batch * heads * T * T * head_dim / (2 if causal else 1)
             impls = {"dense_xla": lambda q, k, v, c=causal: dense_xla(q, k, v, c)}
             for tq, tk in chunks:
                 cfg = chunkattn.ChunkConfig(tq, tk)
-                impls[f"chunked_{tq}x{tk}"] = (
-                    lambda q, k, v, c=causal, cfg=cfg: chunkattn.dot_product_attention(
-                        q, k, v, is_causal=c, implementation="chunked", config=cfg))
+                impls[f"chunked_{tq}x{tk}"] = lambda q, k, v, c=causal, cfg=cfg: (
+                    chunkattn.dot_product_attention(
+                        q, k, v, is_causal=c, implementation="chunked", config=cfg
+                    )
+                )
             for name, f in impls.items():
                 fwd = jax.jit(lambda q, k, v, do, f=f: f(q, k, v))
                 fb = jax.jit(lambda q, k, v, do, f=f: jax.vjp(f, q, k, v)[1](do))
-                row = dict(impl=name, device=device, jax=jax.__version__, date=date, batch=batch,
-                           seq_len=T, heads=heads, head_dim=head_dim, dtype=jnp.dtype(dtype).name,
-                           causal=causal)
+                row = dict(
+                    impl=name,
+                    device=device,
+                    jax=jax.__version__,
+                    date=date,
+                    batch=batch,
+                    seq_len=T,
+                    heads=heads,
+                    head_dim=head_dim,
+                    dtype=jnp.dtype(dtype).name,
+                    causal=causal,
+                )
                 try:
                     tf, tfb = timed(fwd, sets, args.reps), timed(fb, sets, args.reps)
-                    row.update(fwd_ms=tf * 1e3, fwdbwd_ms=tfb * 1e3,
-                               fwd_tflops=flops / tf / 1e12, fwdbwd_tflops=3.5 * flops / tfb / 1e12)
+                    row.update(
+                        fwd_ms=tf * 1e3,
+                        fwdbwd_ms=tfb * 1e3,
+                        fwd_tflops=flops / tf / 1e12,
+                        fwdbwd_tflops=3.5 * flops / tfb / 1e12,
+                    )
                 except Exception as e:  # noqa: BLE001 - an OOM is a result, not a crash
                     row.update(status=f"{type(e).__name__}: {str(e)[:80]}")
                 rows.append(row)
-                print(f"{name:>22} B={batch:<3} T={T:<6} causal={causal!s:5} "
-                      + (f"fwd {row['fwd_ms']:8.2f} ms {row['fwd_tflops']:6.1f} TF/s  "
-                         f"fwd+bwd {row['fwdbwd_ms']:8.2f} ms {row['fwdbwd_tflops']:6.1f} TF/s"
-                         if "fwd_ms" in row else row["status"]), flush=True)
+                print(
+                    f"{name:>22} B={batch:<3} T={T:<6} causal={causal!s:5} "
+                    + (
+                        f"fwd {row['fwd_ms']:8.2f} ms {row['fwd_tflops']:6.1f} TF/s  "
+                        f"fwd+bwd {row['fwdbwd_ms']:8.2f} ms {row['fwdbwd_tflops']:6.1f} TF/s"
+                        if "fwd_ms" in row
+                        else row["status"]
+                    ),
+                    flush=True,
+                )
     if args.out:
         fields = sorted({k for r in rows for k in r})
         with open(args.out, "w", newline="") as f:

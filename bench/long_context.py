@@ -28,22 +28,34 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--full", action="store_true", help="full instead of causal attention")
     p.add_argument("--json", default=None, help="append the result as a JSON line here")
-    p.add_argument("--no-warmup", action="store_true",
-                   help="time the first run after compiling (for runs of minutes)")
+    p.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="time the first run after compiling (for runs of minutes)",
+    )
     args = p.parse_args(argv)
     T, N, H, causal = args.seq_len, args.heads, args.head_dim, not args.full
     impl = None if args.impl == "auto" else args.impl
     shape = (1, T, N, H)
     ks = jax.random.split(jax.random.PRNGKey(0), 4)
     q, k, v, do = (jax.random.normal(x, shape, jnp.bfloat16) for x in ks)
-    f = lambda q, k, v: chunkattn.dot_product_attention(q, k, v, is_causal=causal,
-                                                        implementation=impl)
+    f = lambda q, k, v: chunkattn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation=impl
+    )
     fwd = jax.jit(f)
     fb = jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))
     flops = 4 * N * T * T * H / (2 if causal else 1)
-    result = dict(impl=args.impl, device=jax.devices()[0].device_kind, jax=jax.__version__,
-                  date=datetime.date.today().isoformat(), seq_len=T, heads=N, head_dim=H,
-                  causal=causal, dtype="bfloat16")
+    result = dict(
+        impl=args.impl,
+        device=jax.devices()[0].device_kind,
+        jax=jax.__version__,
+        date=datetime.date.today().isoformat(),
+        seq_len=T,
+        heads=N,
+        head_dim=H,
+        causal=causal,
+        dtype="bfloat16",
+    )
     for name, fn, a, mult in (("fwd", fwd, (q, k, v), 1.0), ("fwdbwd", fb, (q, k, v, do), 3.5)):
         compiled = fn.lower(*a).compile()
         result[f"{name}_temp_bytes"] = compiled.memory_analysis().temp_size_in_bytes
@@ -56,9 +68,12 @@ def main(argv=None) -> int:
         result[f"{name}_tflops"] = mult * flops / dt / 1e12
         stats = jax.devices()[0].memory_stats() or {}
         result[f"{name}_peak_bytes"] = stats.get("peak_bytes_in_use")
-        print(f"{name}: {dt:.3f} s, {mult * flops / dt / 1e12:.1f} TFLOP/s, temp "
-              f"{result[f'{name}_temp_bytes'] / 2**30:.2f} GiB, peak "
-              f"{(result[f'{name}_peak_bytes'] or 0) / 2**30:.2f} GiB", flush=True)
+        print(
+            f"{name}: {dt:.3f} s, {mult * flops / dt / 1e12:.1f} TFLOP/s, temp "
+            f"{result[f'{name}_temp_bytes'] / 2**30:.2f} GiB, peak "
+            f"{(result[f'{name}_peak_bytes'] or 0) / 2**30:.2f} GiB",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "a") as fh:
             fh.write(json.dumps(result) + "\n")

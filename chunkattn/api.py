@@ -70,13 +70,15 @@ def _broadcast_4d(name: str, x: Any, target: tuple[int, int, int, int], batched:
     max_ndim = 4 if batched else 3
     want = "[B, N, T, S]" if batched else "[N, T, S]"
     if x.ndim > max_ndim:
-        raise ValueError(f"{name} must be broadcastable to {want}={target[4 - max_ndim:]}, "
-                         f"got {name}.shape={x.shape}")
+        raise ValueError(
+            f"{name} must be broadcastable to {want}={target[4 - max_ndim :]}, "
+            f"got {name}.shape={x.shape}"
+        )
     x4 = x.reshape((1,) * (4 - x.ndim) + x.shape)
     for size, full in zip(x4.shape, target, strict=True):
         if size not in (1, full):
             raise ValueError(
-                f"{name} must be broadcastable to {want}={target[4 - max_ndim:]}, "
+                f"{name} must be broadcastable to {want}={target[4 - max_ndim :]}, "
                 f"got {name}.shape={x.shape}"
             )
     return x4
@@ -97,7 +99,9 @@ def _per_batch_ints(name: str, x: Any, batch: int, batched: bool, *, allow_scala
 def _segment_ids(x: Any, batch: int, seq_q: int, seq_k: int, batched: bool):
     if isinstance(x, tuple | list):
         if len(x) != 2:
-            raise ValueError(f"segment_ids must be an array or a pair of arrays, got {len(x)} items")
+            raise ValueError(
+                f"segment_ids must be an array or a pair of arrays, got {len(x)} items"
+            )
         q_seg, kv_seg = (jnp.asarray(a) for a in x)
     else:
         q_seg = kv_seg = jnp.asarray(x)
@@ -160,8 +164,10 @@ def normalize_arguments(
         query, key, value = query[None], key[None], value[None]
     shapes = f"query.shape={_shape(query)}, key.shape={_shape(key)}, value.shape={_shape(value)}"
     if not batched:
-        shapes = f"query.shape={_shape(query[0])}, key.shape={_shape(key[0])}, " \
-                 f"value.shape={_shape(value[0])}"
+        shapes = (
+            f"query.shape={_shape(query[0])}, key.shape={_shape(key[0])}, "
+            f"value.shape={_shape(value[0])}"
+        )
     batch, seq_q, num_heads, head_dim = query.shape
     _, seq_k, num_kv_heads, _ = key.shape
     if key.shape[0] != batch or value.shape[0] != batch:
@@ -174,7 +180,8 @@ def normalize_arguments(
         raise ValueError(f"key and value must share the number of kv heads K; got {shapes}")
     if num_heads % num_kv_heads:
         raise ValueError(
-            f"query heads N={num_heads} must be a multiple of kv heads K={num_kv_heads}; got {shapes}"
+            f"query heads N={num_heads} must be a multiple of kv heads K={num_kv_heads};"
+            f" got {shapes}"
         )
     if not (query.dtype == key.dtype == value.dtype):
         raise ValueError(
@@ -194,8 +201,10 @@ def normalize_arguments(
     if mask is not None:
         mask = _broadcast_4d("mask", mask, target, batched)
         if mask.dtype != jnp.bool_:
-            raise ValueError(f"mask must be bool (True = may attend), got dtype {mask.dtype} "
-                             f"and shape {mask.shape}")
+            raise ValueError(
+                f"mask must be bool (True = may attend), got dtype {mask.dtype} "
+                f"and shape {mask.shape}"
+            )
     if scale is None:
         scale = head_dim**-0.5
     if logits_soft_cap is not None and not logits_soft_cap > 0:
@@ -218,12 +227,14 @@ def normalize_arguments(
         q_offset=_per_batch_ints("q_offset", q_offset, batch, batched, allow_scalar=True),
         query_seq_lengths=None
         if query_seq_lengths is None
-        else _per_batch_ints("query_seq_lengths", query_seq_lengths, batch, batched,
-                             allow_scalar=False),
+        else _per_batch_ints(
+            "query_seq_lengths", query_seq_lengths, batch, batched, allow_scalar=False
+        ),
         key_value_seq_lengths=None
         if key_value_seq_lengths is None
-        else _per_batch_ints("key_value_seq_lengths", key_value_seq_lengths, batch, batched,
-                             allow_scalar=False),
+        else _per_batch_ints(
+            "key_value_seq_lengths", key_value_seq_lengths, batch, batched, allow_scalar=False
+        ),
         segment_ids=None
         if segment_ids is None
         else _segment_ids(segment_ids, batch, seq_q, seq_k, batched),
@@ -259,11 +270,12 @@ def _run_chunked(args: Arguments, opts: _Options) -> tuple[Array, Array]:
         mask=_pad_axis(_pad_axis(marr.mask, 2, pq, False), 3, pk, False),
     )
     bias = _pad_axis(_pad_axis(args.bias, 2, pq), 3, pk)
+    score_fn, score_params = _explicit_closure(opts.score_fn, batch, args.query.shape[2], tq, tk)
     st = chunked.Static(
         spec=masks.MaskSpec(opts.is_causal, args.local_window_size, opts.mask_fn),
         scale=args.scale,
         soft_cap=args.logits_soft_cap,
-        score_fn=opts.score_fn,
+        score_fn=score_fn,
         dropout_rate=opts.dropout_rate,
         broadcast_dropout=opts.broadcast_dropout,
         tq=tq,
@@ -277,10 +289,34 @@ def _run_chunked(args: Arguments, opts: _Options) -> tuple[Array, Array]:
         _pad_axis(args.key, 1, pk),
         _pad_axis(args.value, 1, pk),
         bias,
+        score_params,
         marr,
         args.dropout_seed,
     )
     return out[:, :seq_q], lse[:, :, :seq_q]
+
+
+def _explicit_closure(
+    score_fn: Callable[..., Array] | None, batch: int, num_heads: int, tq: int, tk: int
+) -> tuple[Callable[..., Array] | None, tuple[Array, ...]]:
+    """score_fn with the float arrays it closes over made explicit arguments.
+
+    A score_fn may close over values being differentiated (learned ALiBi slopes, a relative
+    position table); a custom_vjp must not capture them, so `jax.closure_convert` hoists them
+    into arguments that the backward pass differentiates like any other input.
+    """
+    if score_fn is None:
+        return None, ()
+    i32 = jnp.int32
+    example = (
+        jax.ShapeDtypeStruct((batch, num_heads, tq, tk), jnp.float32),  # score block
+        jax.ShapeDtypeStruct((batch, 1, 1, 1), i32),  # batch index
+        jax.ShapeDtypeStruct((1, num_heads, 1, 1), i32),  # head index
+        jax.ShapeDtypeStruct((batch, 1, tq, 1), i32),  # query position
+        jax.ShapeDtypeStruct((1, 1, 1, tk), i32),  # key position
+    )
+    converted, params = jax.closure_convert(score_fn, *example)
+    return converted, tuple(jnp.asarray(p) for p in params)
 
 
 def _run_xla(args: Arguments, opts: _Options) -> tuple[Array, Array]:
@@ -410,8 +446,9 @@ def dot_product_attention(
         >>> out = chunkattn.dot_product_attention(q, k, v, is_causal=True)
     """
     if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, "
-                         f"got {implementation!r}")
+        raise ValueError(
+            f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}"
+        )
     if config is not None and not dataclasses.is_dataclass(config):
         raise ValueError(f"config must be a config dataclass such as ChunkConfig, got {config!r}")
     for name, fn in (("mask_fn", mask_fn), ("score_fn", score_fn)):

@@ -80,7 +80,7 @@ class Static(NamedTuple):
     spec: masks.MaskSpec
     scale: float
     soft_cap: float | None
-    score_fn: Callable[..., Array] | None
+    score_fn: Callable[..., Array] | None  # (s, b, h, q_pos, k_pos, *score_params) -> s
     dropout_rate: float
     broadcast_dropout: bool
     tq: int
@@ -112,6 +112,7 @@ def _block_scores(
     q: Array,
     k: Array,
     bias: Array | None,
+    score_params: tuple[Array, ...],
     marr: masks.MaskArrays,
     blk: _Block,
 ) -> tuple[Array, Array, Array]:
@@ -131,7 +132,7 @@ def _block_scores(
     biased = s
     if st.score_fn is not None:
         b_idx, h_idx, _, qpos, kpos = _index_grids(batch, num_heads, blk, tq, tk, marr.q_offset)
-        s = jnp.broadcast_to(st.score_fn(s, b_idx, h_idx, qpos, kpos), s.shape)
+        s = jnp.broadcast_to(st.score_fn(s, b_idx, h_idx, qpos, kpos, *score_params), s.shape)
         s = s.astype(jnp.float32)
     allowed = masks.block_mask(
         st.spec,
@@ -150,9 +151,7 @@ def _block_scores(
 
 def _dropout_keep(st: Static, seed: Array, q_offset: Array, blk: _Block, batch, num_heads, tq, tk):
     b_idx, h_idx, rows, _, kpos = _index_grids(batch, num_heads, blk, tq, tk, q_offset)
-    return masks.dropout_keep(
-        seed, b_idx, h_idx, rows, kpos, st.dropout_rate, st.broadcast_dropout
-    )
+    return masks.dropout_keep(seed, b_idx, h_idx, rows, kpos, st.dropout_rate, st.broadcast_dropout)
 
 
 def _forward(
@@ -161,6 +160,7 @@ def _forward(
     k: Array,
     v: Array,
     bias: Array | None,
+    score_params: tuple[Array, ...],
     marr: masks.MaskArrays,
     seed: Array | None,
 ) -> tuple[Array, Array]:
@@ -182,13 +182,11 @@ def _forward(
             blk = _Block(q_start, k_start, seq_k)
             kc = jax.lax.dynamic_slice_in_dim(k, k_start, tk, axis=1)  # (B, tk, K, H)
             vc = jax.lax.dynamic_slice_in_dim(v, k_start, tk, axis=1)  # (B, tk, K, Hv)
-            _, _, s = _block_scores(st, qc, kc, bias, marr, blk)
+            _, _, s = _block_scores(st, qc, kc, bias, score_params, marr, blk)
             keep = None
             if st.dropout_rate > 0:
                 keep = _dropout_keep(st, seed, marr.q_offset, blk, batch, num_heads, tq, tk)
-            part = summarize_scores(
-                s, vc, keep=keep, keep_scale=keep_scale, precision=st.precision
-            )
+            part = summarize_scores(s, vc, keep=keep, keep_scale=keep_scale, precision=st.precision)
             return merge(acc, part)
 
         acc = jax.lax.fori_loop(
@@ -209,14 +207,15 @@ def _backward(
     k: Array,
     v: Array,
     bias: Array | None,
+    score_params: tuple[Array, ...],
     marr: masks.MaskArrays,
     seed: Array | None,
     out: Array,
     lse: Array,
     dout: Array,
     dlse: Array,
-) -> tuple[Array, Array, Array, Array | None]:
-    """dq, dk, dv, dbias from the residuals (FlashAttention-2 backward, module docstring)."""
+) -> tuple[Array, Array, Array, Array | None, tuple[Array, ...]]:
+    """dq, dk, dv, dbias, dscore_params from the residuals (FA-2 backward, module docstring)."""
     batch, seq_q, num_heads, head_dim = q.shape
     seq_k, num_kv_heads, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
     groups = num_heads // num_kv_heads
@@ -231,21 +230,21 @@ def _backward(
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # masked rows: s = −inf gives P = 0
 
     def kv_step(j, carry):
-        dq, dk, dv, dbias = carry
+        dq, dk, dv, dbias, dparams = carry
         k_start = j * tk
         kc = jax.lax.dynamic_slice_in_dim(k, k_start, tk, axis=1)  # (B, tk, K, H)
         vc = jax.lax.dynamic_slice_in_dim(v, k_start, tk, axis=1)  # (B, tk, K, Hv)
         lo, hi = masks.q_chunk_range(st.spec, marr, k_start, tq, tk, nq)
 
         def q_step(i, c):
-            dq, dkc, dvc, dbias = c
+            dq, dkc, dvc, dbias, dparams = c
             q_start = i * tq
             blk = _Block(q_start, k_start, seq_k)
             qc = jax.lax.dynamic_slice_in_dim(q, q_start, tq, axis=1)  # (B, tq, N, H)
             doc = jax.lax.dynamic_slice_in_dim(dout, q_start, tq, axis=1)  # (B, tq, N, Hv)
             lse_c = jax.lax.dynamic_slice_in_dim(lse_safe, q_start, tq, axis=2)  # (B, N, tq)
             delta_c = jax.lax.dynamic_slice_in_dim(delta, q_start, tq, axis=2)  # (B, N, tq)
-            raw, biased, s = _block_scores(st, qc, kc, bias, marr, blk)
+            raw, biased, s = _block_scores(st, qc, kc, bias, score_params, marr, blk)
             p = jnp.exp(s - lse_c[..., None])  # (B, N, tq, tk); 0 where masked
             p_drop = p
             if st.dropout_rate > 0:
@@ -255,12 +254,18 @@ def _backward(
             do5 = doc.reshape(batch, tq, num_kv_heads, groups, head_dim_v)
             # dV += Pᵀ·dO: (B, K, G, tq, tk) x (B, tq, K, G, Hv) -> (B, tk, K, Hv)
             dvc = dvc + jnp.einsum(
-                "bkgqs,bqkgh->bskh", p5, do5, precision=st.precision,
+                "bkgqs,bqkgh->bskh",
+                p5,
+                do5,
+                precision=st.precision,
                 preferred_element_type=jnp.float32,
             )
             # dP = dO·Vᵀ: (B, tq, K, G, Hv) x (B, tk, K, Hv) -> (B, K, G, tq, tk)
             dp = jnp.einsum(
-                "bqkgh,bskh->bkgqs", do5, vc, precision=st.precision,
+                "bqkgh,bskh->bkgqs",
+                do5,
+                vc,
+                precision=st.precision,
                 preferred_element_type=jnp.float32,
             ).reshape(batch, num_heads, tq, tk)
             if st.dropout_rate > 0:
@@ -271,12 +276,16 @@ def _backward(
                     batch, num_heads, blk, tq, tk, marr.q_offset
                 )
                 _, score_vjp = jax.vjp(
-                    lambda x: jnp.broadcast_to(
-                        st.score_fn(x, b_idx, h_idx, qpos, kpos), x.shape
+                    lambda x, params: jnp.broadcast_to(
+                        st.score_fn(x, b_idx, h_idx, qpos, kpos, *params), x.shape
                     ).astype(jnp.float32),
                     biased,
+                    score_params,
                 )
-                (ds,) = score_vjp(ds)
+                ds, dp_block = score_vjp(ds)
+                dparams = jax.tree_util.tree_map(
+                    lambda acc, g: acc + g.astype(jnp.float32), dparams, dp_block
+                )
             if dbias is not None:
                 dbias = masks.add_block(dbias, ds, q_start, k_start)
             if st.soft_cap is not None:  # d/dx cap·tanh(x/cap) = 1 − tanh²
@@ -284,7 +293,10 @@ def _backward(
             ds5 = (ds * st.scale).astype(q.dtype).reshape(batch, num_kv_heads, groups, tq, tk)
             # dQ += dS·K: (B, K, G, tq, tk) x (B, tk, K, H) -> (B, tq, K, G, H)
             dqc = jnp.einsum(
-                "bkgqs,bskh->bqkgh", ds5, kc, precision=st.precision,
+                "bkgqs,bskh->bqkgh",
+                ds5,
+                kc,
+                precision=st.precision,
                 preferred_element_type=jnp.float32,
             ).reshape(batch, tq, num_heads, head_dim)
             old = jax.lax.dynamic_slice_in_dim(dq, q_start, tq, axis=1)
@@ -292,24 +304,32 @@ def _backward(
             # dK += dSᵀ·Q: (B, K, G, tq, tk) x (B, tq, K, G, H) -> (B, tk, K, H)
             q5 = qc.reshape(batch, tq, num_kv_heads, groups, head_dim)
             dkc = dkc + jnp.einsum(
-                "bkgqs,bqkgh->bskh", ds5, q5, precision=st.precision,
+                "bkgqs,bqkgh->bskh",
+                ds5,
+                q5,
+                precision=st.precision,
                 preferred_element_type=jnp.float32,
             )
-            return dq, dkc, dvc, dbias
+            return dq, dkc, dvc, dbias, dparams
 
         dkc = jnp.zeros((batch, tk, num_kv_heads, head_dim), jnp.float32)
         dvc = jnp.zeros((batch, tk, num_kv_heads, head_dim_v), jnp.float32)
-        dq, dkc, dvc, dbias = jax.lax.fori_loop(lo, hi, q_step, (dq, dkc, dvc, dbias))
+        dq, dkc, dvc, dbias, dparams = jax.lax.fori_loop(
+            lo, hi, q_step, (dq, dkc, dvc, dbias, dparams)
+        )
         dk = jax.lax.dynamic_update_slice_in_dim(dk, dkc.astype(dk.dtype), k_start, axis=1)
         dv = jax.lax.dynamic_update_slice_in_dim(dv, dvc.astype(dv.dtype), k_start, axis=1)
-        return dq, dk, dv, dbias
+        return dq, dk, dv, dbias, dparams
 
     dq = jnp.zeros(q.shape, jnp.float32)
     dk = jnp.zeros(k.shape, k.dtype)
     dv = jnp.zeros(v.shape, v.dtype)
     dbias = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
-    dq, dk, dv, dbias = jax.lax.fori_loop(0, nk, kv_step, (dq, dk, dv, dbias))
-    return dq.astype(q.dtype), dk, dv, None if bias is None else dbias.astype(bias.dtype)
+    dparams = tuple(jnp.zeros(p.shape, jnp.float32) for p in score_params)
+    dq, dk, dv, dbias, dparams = jax.lax.fori_loop(0, nk, kv_step, (dq, dk, dv, dbias, dparams))
+    dbias = None if bias is None else dbias.astype(bias.dtype)
+    dparams = tuple(g.astype(p.dtype) for g, p in zip(dparams, score_params, strict=True))
+    return dq.astype(q.dtype), dk, dv, dbias, dparams
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -319,24 +339,31 @@ def attention(
     k: Array,
     v: Array,
     bias: Array | None,
+    score_params: tuple[Array, ...],
     marr: masks.MaskArrays,
     seed: Array | None,
 ) -> tuple[Array, Array]:
-    """Chunked attention on padded 4-D inputs: (out [B, Tp, N, Hv], lse f32 [B, N, Tp])."""
-    return _forward(st, q, k, v, bias, marr, seed)
+    """Chunked attention on padded 4-D inputs: (out [B, Tp, N, Hv], lse f32 [B, N, Tp]).
+
+    `score_params` are the float arrays `st.score_fn` closes over, made explicit
+    (`jax.closure_convert`) so that they get gradients too.
+    """
+    return _forward(st, q, k, v, bias, score_params, marr, seed)
 
 
-def _attention_fwd(st, q, k, v, bias, marr, seed):
-    out, lse = _forward(st, q, k, v, bias, marr, seed)
-    return (out, lse), (q, k, v, bias, marr, seed, out, lse)
+def _attention_fwd(st, q, k, v, bias, score_params, marr, seed):
+    out, lse = _forward(st, q, k, v, bias, score_params, marr, seed)
+    return (out, lse), (q, k, v, bias, score_params, marr, seed, out, lse)
 
 
 def _attention_bwd(st, res, cotangents):
-    q, k, v, bias, marr, seed, out, lse = res
+    q, k, v, bias, score_params, marr, seed, out, lse = res
     dout, dlse = cotangents
-    dq, dk, dv, dbias = _backward(st, q, k, v, bias, marr, seed, out, lse, dout, dlse)
+    dq, dk, dv, dbias, dparams = _backward(
+        st, q, k, v, bias, score_params, marr, seed, out, lse, dout, dlse
+    )
     no_grad = jax.tree_util.tree_map(lambda _: None, (marr, seed))
-    return (dq, dk, dv, dbias, *no_grad)
+    return (dq, dk, dv, dbias, dparams, *no_grad)
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)

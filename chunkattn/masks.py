@@ -73,7 +73,15 @@ def reduce_block(ds: Array, like_shape: tuple[int, ...]) -> Array:
 def add_block(buf: Array, blk: Array, q_start: Array | int, k_start: Array | int) -> Array:
     """buf[block] += reduce(blk): accumulate a [B, N, tq, tk] block into a [b, n, t, s] buffer."""
     tq, tk = blk.shape[2], blk.shape[3]
-    blk = reduce_block(blk, (buf.shape[0], buf.shape[1], 1 if buf.shape[2] == 1 else tq, 1 if buf.shape[3] == 1 else tk))
+    blk = reduce_block(
+        blk,
+        (
+            buf.shape[0],
+            buf.shape[1],
+            1 if buf.shape[2] == 1 else tq,
+            1 if buf.shape[3] == 1 else tk,
+        ),
+    )
     starts = (0, 0, q_start if buf.shape[2] != 1 else 0, k_start if buf.shape[3] != 1 else 0)
     old = jax.lax.dynamic_slice(buf, starts, blk.shape)
     return jax.lax.dynamic_update_slice(buf, old + blk.astype(buf.dtype), starts)

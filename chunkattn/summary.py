@@ -61,7 +61,12 @@ def _finite_or_zero(m: Array) -> Array:
 
 
 def summarize_scores(
-    s: Array, value: Array, *, keep: Array | None = None, keep_scale: float = 1.0, precision: Any = None
+    s: Array,
+    value: Array,
+    *,
+    keep: Array | None = None,
+    keep_scale: float = 1.0,
+    precision: Any = None,
 ) -> ChunkSummary:
     """Summary of masked float32 scores s [B, N, tq, tk] (−inf = masked) over value [B, tk, K, Hv].
 
@@ -83,9 +88,7 @@ def summarize_scores(
     return ChunkSummary(exp_values, exp_weights, m)
 
 
-def chunk_scores(
-    query: Array, key: Array, *, scale: float, precision: Any = None
-) -> Array:
+def chunk_scores(query: Array, key: Array, *, scale: float, precision: Any = None) -> Array:
     """scale · q · kᵀ in float32: query [B, tq, N, H], key [B, tk, K, H] -> [B, N, tq, tk]."""
     batch, tq, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]

@@ -72,9 +72,11 @@ def relative_error(x: Any, ref: Any) -> float:
 
 def _upcast(tree: Any) -> Any:
     return jax.tree_util.tree_map(
-        lambda a: a.astype(jnp.float32)
-        if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.floating)
-        else a,
+        lambda a: (
+            a.astype(jnp.float32)
+            if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.floating)
+            else a
+        ),
         tree,
     )
 
@@ -129,7 +131,5 @@ def assert_matches_reference(
         for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want, strict=False):
             assert g.shape == w.shape, f"{name} shape {g.shape} != {w.shape}"
             errors[name] = relative_error(g, w)
-    bad = {
-        n: e for n, e in errors.items() if not e <= (tol if n in ("out", "lse") else tol_g)
-    }
+    bad = {n: e for n, e in errors.items() if not e <= (tol if n in ("out", "lse") else tol_g)}
     assert not bad, f"mismatch vs reference (tol {tol:g}, grads {tol_g:g}): {bad}"

@@ -97,15 +97,17 @@ class AttentionSuite:
 
     @pytest.mark.parametrize("T,S", [(1, 1), (17, 17), (1, 257), (257, 17), (33, 100)])
     def test_lengths(self, T, S):
-        q, k, v = testing.random_qkv(_key(T + S), seq_q=T, seq_k=S, num_heads=N, num_kv_heads=K,
-                                     head_dim=H)
+        q, k, v = testing.random_qkv(
+            _key(T + S), seq_q=T, seq_k=S, num_heads=N, num_kv_heads=K, head_dim=H
+        )
         self.check(q, k, v)
         self.check(q, k, v, is_causal=True, q_offset=max(S - T, 0))
 
     @pytest.mark.slow
     def test_long_unequal(self):
-        q, k, v = testing.random_qkv(_key(3), batch=1, seq_q=1000, seq_k=257, num_heads=2,
-                                     head_dim=H)
+        q, k, v = testing.random_qkv(
+            _key(3), batch=1, seq_q=1000, seq_k=257, num_heads=2, head_dim=H
+        )
         self.check(q, k, v, is_causal=True)
 
     @pytest.mark.parametrize("name", list(mask_cases(19, 41)))
@@ -115,8 +117,9 @@ class AttentionSuite:
             pytest.skip(f"{type(self).__name__} runs the mask matrix on {self.mask_shapes}")
         kwargs = dict(mask_cases(T, S)[name])
         bias = kwargs.pop("bias", None)
-        q, k, v = testing.random_qkv(_key(11), seq_q=T, seq_k=S, num_heads=N, num_kv_heads=K,
-                                     head_dim=H)
+        q, k, v = testing.random_qkv(
+            _key(11), seq_q=T, seq_k=S, num_heads=N, num_kv_heads=K, head_dim=H
+        )
         self.check(q, k, v, bias, **kwargs)
 
     @pytest.mark.parametrize(
@@ -124,23 +127,33 @@ class AttentionSuite:
         [(4, 4, 64, 64), (4, 2, 72, 72), (4, 1, 128, 128), (6, 2, 32, 48)],
     )
     def test_heads(self, num_heads, num_kv_heads, head_dim, head_dim_v):
-        q, k, v = testing.random_qkv(_key(head_dim), seq_q=23, seq_k=29, num_heads=num_heads,
-                                     num_kv_heads=num_kv_heads, head_dim=head_dim,
-                                     head_dim_v=head_dim_v)
+        q, k, v = testing.random_qkv(
+            _key(head_dim),
+            seq_q=23,
+            seq_k=29,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            head_dim_v=head_dim_v,
+        )
         self.check(q, k, v, is_causal=True, q_offset=6)
 
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
     @pytest.mark.parametrize("causal", [False, True])
     def test_dtypes(self, dtype, causal):
-        q, k, v = testing.random_qkv(_key(2), seq_q=45, seq_k=45, num_heads=N, num_kv_heads=K,
-                                     head_dim=32, dtype=dtype)
+        q, k, v = testing.random_qkv(
+            _key(2), seq_q=45, seq_k=45, num_heads=N, num_kv_heads=K, head_dim=32, dtype=dtype
+        )
         bias = jax.random.normal(_key(9), (1, N, 1, 45), dtype)
         self.check(q, k, v, bias, is_causal=causal)
 
     def test_fully_masked_rows(self):
-        q, k, v = testing.random_qkv(_key(4), seq_q=21, seq_k=30, num_heads=N, num_kv_heads=K,
-                                     head_dim=H)
-        kwargs = dict(query_seq_lengths=jnp.array([21, 9]), key_value_seq_lengths=jnp.array([30, 0]))
+        q, k, v = testing.random_qkv(
+            _key(4), seq_q=21, seq_k=30, num_heads=N, num_kv_heads=K, head_dim=H
+        )
+        kwargs = dict(
+            query_seq_lengths=jnp.array([21, 9]), key_value_seq_lengths=jnp.array([30, 0])
+        )
         out, lse = self.attention(q, k, v, return_lse=True, **kwargs)
         out, lse = np.asarray(out), np.asarray(lse)
         assert np.all(out[1] == 0) and np.all(np.isneginf(lse[1])), "batch 1 sees no key"
@@ -154,8 +167,9 @@ class AttentionSuite:
         self.check(q, k, v, **kwargs)
 
     def test_large_logits_f16(self):
-        q, k, v = testing.random_qkv(_key(12), seq_q=20, seq_k=20, num_heads=2, head_dim=16,
-                                     dtype=jnp.float16)
+        q, k, v = testing.random_qkv(
+            _key(12), seq_q=20, seq_k=20, num_heads=2, head_dim=16, dtype=jnp.float16
+        )
         q = (q * 25).astype(jnp.float16)  # scores of order ±1e4 after scaling
         k = (k * 25).astype(jnp.float16)
         out, lse = self.attention(q, k, v, return_lse=True, is_causal=True)
@@ -164,8 +178,9 @@ class AttentionSuite:
         self.check(q, k, v, is_causal=True, grads=False)
 
     def test_dropout(self):
-        q, k, v = testing.random_qkv(_key(13), seq_q=33, seq_k=47, num_heads=N, num_kv_heads=K,
-                                     head_dim=H)
+        q, k, v = testing.random_qkv(
+            _key(13), seq_q=33, seq_k=47, num_heads=N, num_kv_heads=K, head_dim=H
+        )
         kw = dict(dropout_rate=0.25, is_causal=True, q_offset=14)
         a = self.attention(q, k, v, dropout_rng=_key(1), **kw)
         b = self.attention(q, k, v, dropout_rng=_key(1), **kw)
@@ -176,8 +191,9 @@ class AttentionSuite:
             self.check(q, k, v, dropout_rng=_key(1), broadcast_dropout=broadcast, **kw)
 
     def test_3d_inputs(self):
-        q, k, v = testing.random_qkv(_key(14), batch=None, seq_q=18, seq_k=26, num_heads=N,
-                                     num_kv_heads=K, head_dim=H)
+        q, k, v = testing.random_qkv(
+            _key(14), batch=None, seq_q=18, seq_k=26, num_heads=N, num_kv_heads=K, head_dim=H
+        )
         out, lse = self.attention(q, k, v, return_lse=True, is_causal=True)
         assert out.shape == (18, N, H) and lse.shape == (N, 18)
         ref, ref_lse = chunkattn.reference_attention(q, k, v, return_lse=True, is_causal=True)
@@ -185,8 +201,9 @@ class AttentionSuite:
         assert testing.relative_error(lse, ref_lse) <= testing.tolerance(q.dtype) * self.tol_scale
 
     def test_vmap(self):
-        q, k, v = testing.random_qkv(_key(15), seq_q=20, seq_k=20, num_heads=N, num_kv_heads=K,
-                                     head_dim=H)
+        q, k, v = testing.random_qkv(
+            _key(15), seq_q=20, seq_k=20, num_heads=N, num_kv_heads=K, head_dim=H
+        )
         stacked = [jnp.stack([x, x[::-1]]) for x in (q, k, v)]  # (2, B, T, N, H)
         fn = lambda q, k, v: self.attention(q, k, v, is_causal=True)
         got = jax.vmap(fn)(*stacked)
@@ -197,8 +214,9 @@ class AttentionSuite:
     def test_no_retrace(self):
         import chex
 
-        q, k, v = testing.random_qkv(_key(16), seq_q=24, seq_k=24, num_heads=N, num_kv_heads=K,
-                                     head_dim=H)
+        q, k, v = testing.random_qkv(
+            _key(16), seq_q=24, seq_k=24, num_heads=N, num_kv_heads=K, head_dim=H
+        )
 
         chex.clear_trace_counter()
 
@@ -209,3 +227,23 @@ class AttentionSuite:
 
         f(q, k, v).block_until_ready()
         f(q + 1, k, v * 2).block_until_ready()  # new values, same shapes: no retrace
+
+    def test_score_fn_closure_gets_gradients(self):
+        """Arrays a score_fn closes over (learned slopes, a position table) are differentiated."""
+        q, k, v = testing.random_qkv(
+            _key(17), seq_q=21, seq_k=21, num_heads=N, num_kv_heads=K, head_dim=H
+        )
+        table = jax.random.normal(_key(18), (41,))
+
+        def loss(params, fn):
+            slope, table = params
+            score_fn = lambda s, b, h, qp, kp: (
+                s - slope * jnp.abs(qp - kp) + table[jnp.clip(qp - kp + 20, 0, 40)]
+            )
+            out = fn(q, k, v, score_fn=score_fn, is_causal=True)
+            return jnp.sum(out.astype(jnp.float32) ** 2)
+
+        got = jax.jit(jax.grad(lambda p: loss(p, self.attention)))((jnp.float32(0.3), table))
+        want = jax.grad(lambda p: loss(p, chunkattn.reference_attention))((jnp.float32(0.3), table))
+        for g, w in zip(got, want, strict=True):
+            assert testing.relative_error(g, w) <= testing.tolerance(q.dtype, grad=True)

@@ -10,8 +10,9 @@ import pytest
 import chunkattn
 from chunkattn import testing
 
-q, k, v = testing.random_qkv(jax.random.PRNGKey(0), batch=2, seq_q=8, seq_k=12, num_heads=4,
-                             num_kv_heads=2, head_dim=16)
+q, k, v = testing.random_qkv(
+    jax.random.PRNGKey(0), batch=2, seq_q=8, seq_k=12, num_heads=4, num_kv_heads=2, head_dim=16
+)
 
 
 @pytest.mark.parametrize(
@@ -26,17 +27,27 @@ q, k, v = testing.random_qkv(jax.random.PRNGKey(0), batch=2, seq_q=8, seq_k=12, 
         ((q, k, v[:, :, :1]), {}, r"number of kv heads.*value.shape=\(2, 12, 1, 16\)"),
         ((q, k.astype(jnp.bfloat16), v), {}, r"share a dtype"),
         ((q.astype(jnp.int32), k.astype(jnp.int32), v.astype(jnp.int32)), {}, r"floating point"),
-        ((q, k, v, jnp.zeros((2, 4, 8, 5))), {}, r"bias must be broadcastable.*bias.shape=\(2, 4, 8, 5\)"),
+        (
+            (q, k, v, jnp.zeros((2, 4, 8, 5))),
+            {},
+            r"bias must be broadcastable.*bias.shape=\(2, 4, 8, 5\)",
+        ),
         ((q, k, v, jnp.zeros((3, 1, 1, 1))), {}, r"bias must be broadcastable.*\(3, 1, 1, 1\)"),
         ((q, k, v, jnp.zeros((1, 2, 4, 8, 12))), {}, r"bias must be broadcastable"),
         ((q, k, v, None, jnp.ones((8, 11), bool)), {}, r"mask must be broadcastable.*\(8, 11\)"),
         ((q, k, v, None, jnp.ones((8, 12))), {}, r"mask must be bool.*float32"),
         ((q, k, v), {"segment_ids": jnp.zeros((2, 8), jnp.int32)}, r"T == S.*\(2, 8\)"),
-        ((q, k, v), {"segment_ids": (jnp.zeros((2, 8), jnp.int32), jnp.zeros((2, 11), jnp.int32))},
-         r"kv_segment_ids must have shape \(2, 12\), got \(2, 11\)"),
+        (
+            (q, k, v),
+            {"segment_ids": (jnp.zeros((2, 8), jnp.int32), jnp.zeros((2, 11), jnp.int32))},
+            r"kv_segment_ids must have shape \(2, 12\), got \(2, 11\)",
+        ),
         ((q, k, v), {"segment_ids": (jnp.zeros((2, 8)), jnp.zeros((2, 12)))}, r"integer"),
-        ((q, k, v), {"query_seq_lengths": jnp.array([3, 4, 5])},
-         r"query_seq_lengths must be \[B\]=\(2,\).*\(3,\)"),
+        (
+            (q, k, v),
+            {"query_seq_lengths": jnp.array([3, 4, 5])},
+            r"query_seq_lengths must be \[B\]=\(2,\).*\(3,\)",
+        ),
         ((q, k, v), {"key_value_seq_lengths": jnp.array(4)}, r"key_value_seq_lengths must be"),
         ((q, k, v), {"key_value_seq_lengths": jnp.array([1.0, 2.0])}, r"must be integer"),
         ((q, k, v), {"q_offset": jnp.array([1, 2, 3])}, r"q_offset must be.*\(3,\)"),
@@ -58,8 +69,12 @@ def test_bad_input_raises_value_error(args, kwargs, match):
 
 @pytest.mark.parametrize(
     "kwargs,field",
-    [({"q_chunk_size": 0}, "q_chunk_size"), ({"kv_chunk_size": -4}, "kv_chunk_size"),
-     ({"kv_chunk_size": 2.5}, "kv_chunk_size"), ({"q_chunk_size": True}, "q_chunk_size")],
+    [
+        ({"q_chunk_size": 0}, "q_chunk_size"),
+        ({"kv_chunk_size": -4}, "kv_chunk_size"),
+        ({"kv_chunk_size": 2.5}, "kv_chunk_size"),
+        ({"q_chunk_size": True}, "q_chunk_size"),
+    ],
 )
 def test_chunk_config_is_validated(kwargs, field):
     with pytest.raises(ValueError, match=f"ChunkConfig.{field}"):
@@ -92,24 +107,33 @@ def test_mask_is_sliced_not_broadcast():
 
 
 def test_tracing_under_jit_with_traced_offsets_and_lengths():
-    f = jax.jit(lambda q, k, v, off, lens: chunkattn.dot_product_attention(
-        q, k, v, is_causal=True, q_offset=off, key_value_seq_lengths=lens))
+    f = jax.jit(
+        lambda q, k, v, off, lens: chunkattn.dot_product_attention(
+            q, k, v, is_causal=True, q_offset=off, key_value_seq_lengths=lens
+        )
+    )
     off, lens = jnp.array([4, 0]), jnp.array([12, 5])
     got = f(q, k, v, off, lens)
-    want = chunkattn.reference_attention(q, k, v, is_causal=True, q_offset=off,
-                                         key_value_seq_lengths=lens)
+    want = chunkattn.reference_attention(
+        q, k, v, is_causal=True, q_offset=off, key_value_seq_lengths=lens
+    )
     assert testing.relative_error(got, want) < 1e-5
 
 
 def test_reference_agrees_with_jax_nn_where_defined():
     """The oracle's mask semantics equal jax.nn.dot_product_attention's (rows that see a key)."""
-    qq, kk, vv = testing.random_qkv(jax.random.PRNGKey(3), seq_q=12, seq_k=12, num_heads=4,
-                                    num_kv_heads=2, head_dim=16)
+    qq, kk, vv = testing.random_qkv(
+        jax.random.PRNGKey(3), seq_q=12, seq_k=12, num_heads=4, num_kv_heads=2, head_dim=16
+    )
     bias = jax.random.normal(jax.random.PRNGKey(4), (1, 4, 12, 12))
     mask = jax.random.bernoulli(jax.random.PRNGKey(5), 0.8, (2, 1, 12, 12))
     lens = jnp.array([12, 7])
-    for kw in [dict(is_causal=True), dict(local_window_size=(2, 1)), dict(bias=bias, mask=mask),
-               dict(query_seq_lengths=lens, key_value_seq_lengths=lens, is_causal=True)]:
+    for kw in [
+        dict(is_causal=True),
+        dict(local_window_size=(2, 1)),
+        dict(bias=bias, mask=mask),
+        dict(query_seq_lengths=lens, key_value_seq_lengths=lens, is_causal=True),
+    ]:
         want = jax.nn.dot_product_attention(qq, kk, vv, implementation="xla", **kw)
         got = chunkattn.reference_attention(qq, kk, vv, **kw)
         rows = np.asarray(jnp.any(jnp.asarray(got) != 0, axis=(-1, -2)))  # rows that saw a key

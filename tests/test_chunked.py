@@ -47,8 +47,9 @@ class ChunkedVariantsTest(chex.TestCase):
         T, S = 19, 41
         kwargs = dict(mask_cases(T, S)[name])
         bias = kwargs.pop("bias", None)
-        q, k, v = testing.random_qkv(jax.random.PRNGKey(0), seq_q=T, seq_k=S, num_heads=4,
-                                     num_kv_heads=2, head_dim=16)
+        q, k, v = testing.random_qkv(
+            jax.random.PRNGKey(0), seq_q=T, seq_k=S, num_heads=4, num_kv_heads=2, head_dim=16
+        )
         cfg = chunkattn.ChunkConfig(8, 16)
 
         @self.variant
@@ -62,8 +63,9 @@ class ChunkedVariantsTest(chex.TestCase):
 
 
 def test_chunking_does_not_change_the_result():
-    q, k, v = testing.random_qkv(jax.random.PRNGKey(1), seq_q=50, seq_k=61, num_heads=4,
-                                 num_kv_heads=1, head_dim=16)
+    q, k, v = testing.random_qkv(
+        jax.random.PRNGKey(1), seq_q=50, seq_k=61, num_heads=4, num_kv_heads=1, head_dim=16
+    )
     kw = dict(is_causal=True, q_offset=11, dropout_rate=0.3, dropout_rng=jax.random.PRNGKey(3))
     outs = [
         chunkattn.dot_product_attention(q, k, v, config=chunkattn.ChunkConfig(tq, tk), **kw)
@@ -80,7 +82,11 @@ def test_dropout_rate_statistics():
     v = jnp.ones((1, S, 1, 1))
     for rate in (0.1, 0.5):
         out = chunkattn.dot_product_attention(
-            q, q, v, dropout_rate=rate, dropout_rng=jax.random.PRNGKey(0),
+            q,
+            q,
+            v,
+            dropout_rate=rate,
+            dropout_rng=jax.random.PRNGKey(0),
             config=chunkattn.ChunkConfig(64, 64),
         )
         kept = float(jnp.mean(out)) * (1 - rate)
@@ -88,8 +94,9 @@ def test_dropout_rate_statistics():
 
 
 def test_summarize_and_merge_equal_full_attention():
-    q, k, v = testing.random_qkv(jax.random.PRNGKey(2), seq_q=12, seq_k=40, num_heads=4,
-                                 num_kv_heads=2, head_dim=8)
+    q, k, v = testing.random_qkv(
+        jax.random.PRNGKey(2), seq_q=12, seq_k=40, num_heads=4, num_kv_heads=2, head_dim=8
+    )
     parts = [chunkattn.summarize(q, k[:, a:b], v[:, a:b]) for a, b in [(0, 7), (7, 30), (30, 40)]]
     merged = chunkattn.merge(chunkattn.merge(parts[0], parts[1]), parts[2])
     full = chunkattn.summarize(q, k, v)
@@ -111,11 +118,13 @@ def _temp_bytes(fn, *args) -> int:
 @pytest.mark.parametrize("causal", [True, False])
 def test_memory_grows_linearly(causal):
     """Compiled temp memory of forward and forward+backward grows linearly in T; dense grows T²."""
+
     def measure(impl, T):
         q = jax.ShapeDtypeStruct((1, T, 4, 64), jnp.float32)
         cfg = chunkattn.ChunkConfig(128, 128) if impl == "chunked" else None
         fwd = lambda q, k, v: chunkattn.dot_product_attention(
-            q, k, v, is_causal=causal, implementation=impl, config=cfg)
+            q, k, v, is_causal=causal, implementation=impl, config=cfg
+        )
         loss = lambda q, k, v: jnp.sum(fwd(q, k, v))
         return _temp_bytes(fwd, q, q, q), _temp_bytes(jax.grad(loss, argnums=(0, 1, 2)), q, q, q)
 
@@ -151,8 +160,15 @@ def test_random_shapes_and_masks(T, S, kv_heads, tq, tk, masks):
     if "q_offset" in kwargs and not isinstance(kwargs["q_offset"], int):
         kwargs["q_offset"] = 0
     bias = kwargs.pop("bias", None)
-    q, k, v = testing.random_qkv(jax.random.PRNGKey(T * 41 + S), seq_q=T, seq_k=S, num_heads=4,
-                                 num_kv_heads=kv_heads, head_dim=8)
+    q, k, v = testing.random_qkv(
+        jax.random.PRNGKey(T * 41 + S),
+        seq_q=T,
+        seq_k=S,
+        num_heads=4,
+        num_kv_heads=kv_heads,
+        head_dim=8,
+    )
     fn = lambda *a, **kw: chunkattn.dot_product_attention(
-        *a, config=chunkattn.ChunkConfig(tq, tk), **kw)
+        *a, config=chunkattn.ChunkConfig(tq, tk), **kw
+    )
     testing.assert_matches_reference(fn, q, k, v, bias, **kwargs)
