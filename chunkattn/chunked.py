@@ -115,11 +115,13 @@ def _block_scores(
     score_params: tuple[Array, ...],
     marr: masks.MaskArrays,
     blk: _Block,
+    full: bool = False,
 ) -> tuple[Array, Array, Array]:
     """Scores of one block in the documented order: scale·q·kᵀ → cap → + bias → score_fn → mask.
 
     Returns (raw, biased, masked), all float32 [B, N, tq, tk]: raw is scale·q·kᵀ, biased is the
     input of score_fn, masked the final scores with −inf where a key may not be attended.
+    A `full` block (classified from the mask's index structure) skips the mask arithmetic.
     """
     batch, tq, num_heads, _ = q.shape
     tk = k.shape[1]
@@ -134,6 +136,8 @@ def _block_scores(
         b_idx, h_idx, _, qpos, kpos = _index_grids(batch, num_heads, blk, tq, tk, marr.q_offset)
         s = jnp.broadcast_to(st.score_fn(s, b_idx, h_idx, qpos, kpos, *score_params), s.shape)
         s = s.astype(jnp.float32)
+    if full:
+        return raw, biased, s
     allowed = masks.block_mask(
         st.spec,
         marr,
@@ -154,6 +158,29 @@ def _dropout_keep(st: Static, seed: Array, q_offset: Array, blk: _Block, batch, 
     return masks.dropout_keep(seed, b_idx, h_idx, rows, kpos, st.dropout_rate, st.broadcast_dropout)
 
 
+def _masked_then_full(
+    lo: Array,
+    hi: Array,
+    full_range: tuple[Array, Array] | None,
+    body: Callable[[Array, bool, Any], Any],
+    init: Any,
+) -> Any:
+    """Run body(j, full, carry) for j in [lo, hi): full=True on `full_range`, False elsewhere.
+
+    Two loops, so the mask arithmetic is compiled only into the loop over partial blocks.
+    """
+    if full_range is None:
+        return jax.lax.fori_loop(lo, hi, lambda j, c: body(j, False, c), init)
+    flo, fhi = full_range
+    n_before = flo - lo
+
+    def partial(t, c):
+        return body(jnp.where(t < n_before, lo + t, fhi + t - n_before), False, c)
+
+    carry = jax.lax.fori_loop(0, n_before + (hi - fhi), partial, init)
+    return jax.lax.fori_loop(flo, fhi, lambda j, c: body(j, True, c), carry)
+
+
 def _forward(
     st: Static,
     q: Array,
@@ -170,27 +197,31 @@ def _forward(
     tq, tk = st.tq, st.tk
     nq, nk = seq_q // tq, seq_k // tk
     keep_scale = 1.0 / (1.0 - st.dropout_rate) if st.dropout_rate > 0 else 1.0
+    index_only = masks.index_only(st.spec, marr)
 
     def q_step(i, carry):
         out, lse = carry
         q_start = i * tq
         qc = jax.lax.dynamic_slice_in_dim(q, q_start, tq, axis=1)  # (B, tq, N, H)
         lo, hi = masks.kv_chunk_range(st.spec, marr, q_start, tq, tk, nk)
+        full = None
+        if index_only:
+            full = masks.kv_full_range(st.spec, marr, q_start, tq, tk, lo, hi, seq_k != st.seq_k)
 
-        def kv_step(j, acc: ChunkSummary) -> ChunkSummary:
+        def kv_step(j, is_full: bool, acc: ChunkSummary) -> ChunkSummary:
             k_start = j * tk
             blk = _Block(q_start, k_start, seq_k)
             kc = jax.lax.dynamic_slice_in_dim(k, k_start, tk, axis=1)  # (B, tk, K, H)
             vc = jax.lax.dynamic_slice_in_dim(v, k_start, tk, axis=1)  # (B, tk, K, Hv)
-            _, _, s = _block_scores(st, qc, kc, bias, score_params, marr, blk)
+            _, _, s = _block_scores(st, qc, kc, bias, score_params, marr, blk, is_full)
             keep = None
             if st.dropout_rate > 0:
                 keep = _dropout_keep(st, seed, marr.q_offset, blk, batch, num_heads, tq, tk)
             part = summarize_scores(s, vc, keep=keep, keep_scale=keep_scale, precision=st.precision)
             return merge(acc, part)
 
-        acc = jax.lax.fori_loop(
-            lo, hi, kv_step, ChunkSummary.empty(batch, num_heads, tq, head_dim_v)
+        acc = _masked_then_full(
+            lo, hi, full, kv_step, ChunkSummary.empty(batch, num_heads, tq, head_dim_v)
         )
         out = jax.lax.dynamic_update_slice_in_dim(out, acc.output(out.dtype), q_start, axis=1)
         lse = jax.lax.dynamic_update_slice_in_dim(lse, acc.lse(), q_start, axis=2)
@@ -235,8 +266,13 @@ def _backward(
         kc = jax.lax.dynamic_slice_in_dim(k, k_start, tk, axis=1)  # (B, tk, K, H)
         vc = jax.lax.dynamic_slice_in_dim(v, k_start, tk, axis=1)  # (B, tk, K, Hv)
         lo, hi = masks.q_chunk_range(st.spec, marr, k_start, tq, tk, nq)
+        full = None
+        if masks.index_only(st.spec, marr):
+            full = masks.q_full_range(
+                st.spec, marr, k_start, tq, tk, lo, hi, k_start + tk > st.seq_k
+            )
 
-        def q_step(i, c):
+        def q_step(i, is_full: bool, c):
             dq, dkc, dvc, dbias, dparams = c
             q_start = i * tq
             blk = _Block(q_start, k_start, seq_k)
@@ -244,7 +280,7 @@ def _backward(
             doc = jax.lax.dynamic_slice_in_dim(dout, q_start, tq, axis=1)  # (B, tq, N, Hv)
             lse_c = jax.lax.dynamic_slice_in_dim(lse_safe, q_start, tq, axis=2)  # (B, N, tq)
             delta_c = jax.lax.dynamic_slice_in_dim(delta, q_start, tq, axis=2)  # (B, N, tq)
-            raw, biased, s = _block_scores(st, qc, kc, bias, score_params, marr, blk)
+            raw, biased, s = _block_scores(st, qc, kc, bias, score_params, marr, blk, is_full)
             p = jnp.exp(s - lse_c[..., None])  # (B, N, tq, tk); 0 where masked
             p_drop = p
             if st.dropout_rate > 0:
@@ -314,8 +350,8 @@ def _backward(
 
         dkc = jnp.zeros((batch, tk, num_kv_heads, head_dim), jnp.float32)
         dvc = jnp.zeros((batch, tk, num_kv_heads, head_dim_v), jnp.float32)
-        dq, dkc, dvc, dbias, dparams = jax.lax.fori_loop(
-            lo, hi, q_step, (dq, dkc, dvc, dbias, dparams)
+        dq, dkc, dvc, dbias, dparams = _masked_then_full(
+            lo, hi, full, q_step, (dq, dkc, dvc, dbias, dparams)
         )
         dk = jax.lax.dynamic_update_slice_in_dim(dk, dkc.astype(dk.dtype), k_start, axis=1)
         dv = jax.lax.dynamic_update_slice_in_dim(dv, dvc.astype(dv.dtype), k_start, axis=1)

@@ -195,6 +195,82 @@ def q_chunk_range(
     return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
 
+def index_only(spec: MaskSpec, arrays: MaskArrays) -> bool:
+    """True when the mask is a function of positions alone (causal, window, key padding).
+
+    Then a block can be classified as full from its bounds, and full blocks skip the mask.
+    """
+    return (
+        spec.mask_fn is None
+        and arrays.q_lengths is None
+        and arrays.kv_lengths is None
+        and arrays.q_segment_ids is None
+        and arrays.mask is None
+    )
+
+
+def _clip_range(flo: Array, fhi: Array, lo: Array, hi: Array) -> tuple[Array, Array]:
+    flo = jnp.clip(flo, lo, hi)
+    return flo.astype(jnp.int32), jnp.clip(fhi, flo, hi).astype(jnp.int32)
+
+
+def kv_full_range(
+    spec: MaskSpec,
+    arrays: MaskArrays,
+    q_start: Array | int,
+    tq: int,
+    tk: int,
+    lo: Array,
+    hi: Array,
+    last_chunk_padded: bool,
+) -> tuple[Array, Array]:
+    """[flo, fhi) within [lo, hi): key chunks every query row of the chunk sees entirely.
+
+    Only meaningful when `index_only(spec, arrays)`; the last key chunk holds padding keys
+    when `last_chunk_padded` and is never full.
+    """
+    first_pos = q_start + jnp.min(arrays.q_offset)
+    last_pos = q_start + tq - 1 + jnp.max(arrays.q_offset)
+    flo, fhi = lo, hi
+    if last_chunk_padded:
+        fhi = jnp.minimum(fhi, hi - 1)
+    if spec.is_causal:  # (j + 1)·tk − 1 <= first_pos
+        fhi = jnp.minimum(fhi, jnp.floor_divide(first_pos + 1, tk))
+    if spec.window is not None:
+        left, right = spec.window
+        flo = jnp.maximum(flo, _ceil_div(last_pos - left, tk))  # j·tk >= last_pos − left
+        fhi = jnp.minimum(fhi, jnp.floor_divide(first_pos + right + 1, tk))
+    return _clip_range(flo, fhi, lo, hi)
+
+
+def q_full_range(
+    spec: MaskSpec,
+    arrays: MaskArrays,
+    k_start: Array | int,
+    tq: int,
+    tk: int,
+    lo: Array,
+    hi: Array,
+    chunk_padded: Array | bool,
+) -> tuple[Array, Array]:
+    """[flo, fhi) within [lo, hi): query chunks that see key chunk [k_start, k_start + tk) whole.
+
+    Only meaningful when `index_only(spec, arrays)`; a key chunk holding padding keys
+    (`chunk_padded`) has no full blocks.
+    """
+    off_min = jnp.min(arrays.q_offset)
+    off_max = jnp.max(arrays.q_offset)
+    k_last = k_start + tk - 1
+    flo, fhi = lo, jnp.where(chunk_padded, lo, hi)
+    if spec.is_causal:  # i·tq + off_min >= k_last
+        flo = jnp.maximum(flo, _ceil_div(k_last - off_min, tq))
+    if spec.window is not None:
+        left, right = spec.window
+        flo = jnp.maximum(flo, _ceil_div(k_last - right - off_min, tq))
+        fhi = jnp.minimum(fhi, jnp.floor_divide(k_start + left - off_max + 1, tq))
+    return _clip_range(flo, fhi, lo, hi)
+
+
 def _mix32(x: Array) -> Array:
     """A 32-bit integer finaliser (lowbias32): a bijection with full avalanche."""
     x = x ^ (x >> 16)

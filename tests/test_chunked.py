@@ -172,3 +172,29 @@ def test_random_shapes_and_masks(T, S, kv_heads, tq, tk, masks):
         *a, config=chunkattn.ChunkConfig(tq, tk), **kw
     )
     testing.assert_matches_reference(fn, q, k, v, bias, **kwargs)
+
+
+def test_block_classification_causal_and_window():
+    """Ranges of non-empty and full blocks: the loops compute exactly the blocks that matter."""
+    from chunkattn import masks
+
+    arr = masks.MaskArrays(q_offset=jnp.zeros((2,), jnp.int32))
+    causal = masks.MaskSpec(is_causal=True)
+    lo, hi = masks.kv_chunk_range(causal, arr, 24, 8, 8, 8)  # rows 24..31
+    assert (int(lo), int(hi)) == (0, 4)
+    flo, fhi = masks.kv_full_range(causal, arr, 24, 8, 8, lo, hi, False)
+    assert (int(flo), int(fhi)) == (0, 3)  # keys 0..23 seen by every row; chunk 3 is diagonal
+    lo, hi = masks.q_chunk_range(causal, arr, 16, 8, 8, 8)  # keys 16..23
+    assert (int(lo), int(hi)) == (2, 8)
+    flo, fhi = masks.q_full_range(causal, arr, 16, 8, 8, lo, hi, False)
+    assert (int(flo), int(fhi)) == (3, 8)
+    window = masks.MaskSpec(window=(8, 0))  # rows 24..31 see keys 16..31
+    lo, hi = masks.kv_chunk_range(window, arr, 24, 8, 8, 8)
+    assert (int(lo), int(hi)) == (2, 4)
+    flo, fhi = masks.kv_full_range(window, arr, 24, 8, 8, lo, hi, False)
+    assert int(fhi) <= int(flo)  # both blocks are partial
+    wide = masks.MaskSpec(window=(16, 0))  # rows 24..31 see keys 8..31: chunk 2 is full
+    lo, hi = masks.kv_chunk_range(wide, arr, 24, 8, 8, 8)
+    assert (int(lo), int(hi)) == (1, 4)
+    assert tuple(map(int, masks.kv_full_range(wide, arr, 24, 8, 8, lo, hi, False))) == (2, 3)
+    assert tuple(map(int, masks.kv_full_range(causal, arr, 24, 8, 8, 0, 4, True))) == (0, 3)
