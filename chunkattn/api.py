@@ -344,11 +344,9 @@ def _run_xla(args: Arguments, opts: _Options) -> tuple[Array, Array]:
 
 
 def _run_pallas(args: Arguments, opts: _Options) -> tuple[Array, Array]:
-    if jax.default_backend() != "gpu":
-        raise NotImplementedError("the pallas implementation needs a GPU backend")
     from chunkattn import pallas  # imported lazily: never at package import
 
-    return pallas.attention(args, opts)
+    return pallas.attention(args, opts)  # NotImplementedError off GPU unless interpreting
 
 
 @dataclasses.dataclass(frozen=True)
