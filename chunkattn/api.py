@@ -371,6 +371,8 @@ _RUNNERS: dict[str, Callable[[Arguments, _Options], tuple[Array, Array]]] = {
 
 def _auto_order() -> Sequence[str]:
     """Fastest first; each may decline with NotImplementedError."""
+    if jax.default_backend() == "gpu":
+        return ("pallas", "chunked")
     return ("chunked",)
 
 

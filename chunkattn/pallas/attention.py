@@ -52,7 +52,8 @@ class PallasConfig:
     """Block sizes and launch parameters of the Pallas kernels (None: per-shape heuristic).
 
     block_q / block_k tile the forward and dQ kernels; block_q_bwd / block_k_bwd the dK/dV
-    kernel. Blocks are powers of two ≥ 16; num_warps in {1, 2, 4, 8, 16}; num_stages 1–8.
+    kernel; the *_bwd launch parameters serve both backward kernels. Blocks are powers of two
+    ≥ 16; warps in {1, 2, 4, 8, 16}; stages 1–8.
     """
 
     block_q: int | None = None
@@ -61,20 +62,22 @@ class PallasConfig:
     block_k_bwd: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    num_warps_bwd: int | None = None
+    num_stages_bwd: int | None = None
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or not _is_pow2(v) or v < 16):
                 raise ValueError(f"PallasConfig.{name} must be a power of two >= 16, got {v!r}")
-        if self.num_warps is not None and self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(
-                f"PallasConfig.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps!r}"
-            )
-        if self.num_stages is not None and not (
-            isinstance(self.num_stages, int) and 1 <= self.num_stages <= 8
-        ):
-            raise ValueError(f"PallasConfig.num_stages must be in 1..8, got {self.num_stages!r}")
+        for name in ("num_warps", "num_warps_bwd"):
+            v = getattr(self, name)
+            if v is not None and v not in (1, 2, 4, 8, 16):
+                raise ValueError(f"PallasConfig.{name} must be 1, 2, 4, 8 or 16, got {v!r}")
+        for name in ("num_stages", "num_stages_bwd"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and 1 <= v <= 8):
+                raise ValueError(f"PallasConfig.{name} must be in 1..8, got {v!r}")
 
 
 class Static(NamedTuple):
@@ -91,6 +94,8 @@ class Static(NamedTuple):
     block_k_bwd: int
     num_warps: int
     num_stages: int
+    num_warps_bwd: int
+    num_stages_bwd: int
     groups: int  # query heads per kv head
     precision: Any
     interpret: bool
@@ -99,13 +104,13 @@ class Static(NamedTuple):
 def _heuristic(head_dim: int, dtype: Any, seq_q: int, seq_k: int, cfg: PallasConfig) -> dict:
     """Block sizes per head dim and dtype (bench/NOTES.md), clipped to the sequence."""
     wide = jnp.dtype(dtype).itemsize >= 4  # float32 tiles take twice the shared memory
+    # H=128 from bench/pallas_tune.py on the H100 (bench/NOTES.md); the others are untuned.
     if head_dim <= 64:
-        bq, bk, warps, stages = 128, 64, 4, 3
+        bq, bk, warps, stages, bq_b, bk_b = 128, 64, 4, 3, 64, 64
     elif head_dim <= 128:
-        bq, bk, warps, stages = 128, 64, 8, 2
+        bq, bk, warps, stages, bq_b, bk_b = 128, 128, 8, 2, 32, 128
     else:
-        bq, bk, warps, stages = 64, 32, 8, 2
-    bq_b, bk_b = (64, 64) if head_dim <= 128 else (32, 32)
+        bq, bk, warps, stages, bq_b, bk_b = 64, 32, 8, 2, 32, 32
     if wide:
         bq, bk, bq_b, bk_b = (
             max(bq // 2, 16),
@@ -124,6 +129,8 @@ def _heuristic(head_dim: int, dtype: Any, seq_q: int, seq_k: int, cfg: PallasCon
         block_k_bwd=clip(cfg.block_k_bwd or bk_b, seq_k),
         num_warps=cfg.num_warps or warps,
         num_stages=cfg.num_stages or stages,
+        num_warps_bwd=cfg.num_warps_bwd or warps,
+        num_stages_bwd=cfg.num_stages_bwd or 2,
     )
 
 
@@ -354,7 +361,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *res
 # ------------------------------------------------------------------------------ pallas_calls
 
 
-def _params(st: Static):
+def _params(st: Static, backward: bool = False):
+    if backward:
+        return plgpu.CompilerParams(num_warps=st.num_warps_bwd, num_stages=st.num_stages_bwd)
     return plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
 
 
@@ -428,7 +437,7 @@ def _backward(st: Static, q, k, v, meta, seg, out, lse, dout, dlse):
         ],
         out_specs=pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(st),
+        compiler_params=_params(st, backward=True),
         interpret=st.interpret,
         name="chunkattn_bwd_dq",
     )(q, k, v, dout, lse2, delta, meta, *seg)
@@ -456,7 +465,7 @@ def _backward(st: Static, q, k, v, meta, seg, out, lse, dout, dlse):
             jax.ShapeDtypeStruct((batch, seq_k, num_heads, head_dim), part_dtype),
             jax.ShapeDtypeStruct((batch, seq_k, num_heads, head_dim_v), part_dtype),
         ],
-        compiler_params=_params(st),
+        compiler_params=_params(st, backward=True),
         interpret=st.interpret,
         name="chunkattn_bwd_dkdv",
     )(q, k, v, dout, lse2, delta, meta, *seg)
