@@ -19,6 +19,7 @@ from chunkattn import testing
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--impl", default="pallas")
+    p.add_argument("--only", default="", help="run only cases whose name contains this")
     args = p.parse_args(argv)
     fn = lambda *a, **kw: chunkattn.dot_product_attention(*a, implementation=args.impl, **kw)
     seg = jnp.sort(jax.random.randint(jax.random.PRNGKey(9), (2, 1000), 0, 4), axis=1)
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
             dict(is_causal=True),
         ),
     ]
+    cases = [c for c in cases if args.only in c[0]]
     failures = 0
     for name, shape, kwargs in cases:
         shape.setdefault("dtype", jnp.bfloat16)

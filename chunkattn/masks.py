@@ -58,10 +58,10 @@ def _positions(start: Array | int, size: int) -> Array:
 
 def slice_block(x: Array, q_start: Array | int, k_start: Array | int, tq: int, tk: int) -> Array:
     """Block [b, n, tq|1, tk|1] of a [b, n, t, s] array whose t, s are each 1 or full."""
-    t_size = tq if x.shape[2] != 1 else 1
-    s_size = tk if x.shape[3] != 1 else 1
-    starts = (0, 0, q_start if t_size != 1 else 0, k_start if s_size != 1 else 0)
-    return jax.lax.dynamic_slice(x, starts, (x.shape[0], x.shape[1], t_size, s_size))
+    t_full, s_full = x.shape[2] != 1, x.shape[3] != 1  # size-1 dims broadcast: never sliced
+    starts = (0, 0, q_start if t_full else 0, k_start if s_full else 0)
+    sizes = (x.shape[0], x.shape[1], tq if t_full else 1, tk if s_full else 1)
+    return jax.lax.dynamic_slice(x, starts, sizes)
 
 
 def reduce_block(ds: Array, like_shape: tuple[int, ...]) -> Array:

@@ -198,3 +198,15 @@ def test_block_classification_causal_and_window():
     assert (int(lo), int(hi)) == (1, 4)
     assert tuple(map(int, masks.kv_full_range(wide, arr, 24, 8, 8, lo, hi, False))) == (2, 3)
     assert tuple(map(int, masks.kv_full_range(causal, arr, 24, 8, 8, 0, 4, True))) == (0, 3)
+
+
+@pytest.mark.parametrize("tq,tk", [(1, 1), (2, 1), (1, 3)])
+def test_chunks_of_one_slice_dense_masks_and_biases(tq, tk):
+    """Regression (found by hypothesis): a chunk of size 1 must still slice a full mask dim."""
+    q, k, v = testing.random_qkv(jax.random.PRNGKey(5), seq_q=5, seq_k=7, num_heads=2, head_dim=8)
+    mask = jax.random.bernoulli(jax.random.PRNGKey(3), 0.6, (5, 7))
+    bias = jax.random.normal(jax.random.PRNGKey(4), (1, 2, 5, 7))
+    fn = lambda *a, **kw: chunkattn.dot_product_attention(
+        *a, config=chunkattn.ChunkConfig(tq, tk), **kw
+    )
+    testing.assert_matches_reference(fn, q, k, v, bias, mask=mask)
