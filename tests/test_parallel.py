@@ -1,0 +1,49 @@
+"""Ring attention on 8 host CPU devices (in a subprocess, so other tests keep one device)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from chunkattn import testing
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    script = pathlib.Path(__file__).with_name("parallel_check.py")
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", ["full", "causal", "causal_gqa", "causal_segments"])
+def test_forward_and_gradients_equal_the_reference(results, case):
+    tol = testing.tolerance("float32")
+    assert results[case]["out"] <= tol and results[case]["grads"] <= 2 * tol, results[case]
+
+
+def test_kv_travel_the_ring_and_are_not_all_gathered(results):
+    assert results["collective_permute"] and not results["all_gather"]
+
+
+def test_uneven_sequence_is_rejected(results):
+    assert (
+        "divide evenly over 8 devices" in results["uneven"]
+        and "(2, 60, 4, 16)" in results["uneven"]
+    )
+
+
+def test_memory_per_device_falls_with_devices(results):
+    mem = {int(k): v for k, v in results["memory"].items()}
+    assert mem[4] < 0.6 * mem[2] and mem[8] < 0.6 * mem[4], mem
+    assert mem[8] < mem[1] / 3, mem
