@@ -1,0 +1,187 @@
+"""A small GPT in one readable file (nnx): pre-LayerNorm blocks, MLP, rotary or learned
+positions, optional tied embeddings, chunkattn attention, and `generate()` with a KV cache.
+
+Byte-level by default (vocab 256). The attention implementation is a config field:
+"chunked", "pallas", "xla" (chunkattn's dispatcher) or "cudnn" (`jax.nn.dot_product_attention`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from chunkattn.nn.layers import KVCache, MultiHeadAttention
+
+Array = jax.Array
+
+ATTENTION = ("chunked", "pallas", "xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 256  # byte-level tokens
+    max_seq_len: int = 1024  # longest sequence (cache size for generate, learned positions)
+    num_layers: int = 4  # transformer blocks
+    num_heads: int = 4  # query heads per block
+    num_kv_heads: int | None = None  # key/value heads (GQA); None = num_heads
+    dim: int = 256  # model width D
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio · D
+    rope: bool = True  # rotary positions (else learned absolute positions)
+    tie_embeddings: bool = True  # output projection = token embedding transposed
+    attention: str = "chunked"  # chunked | pallas | xla | cudnn
+    dtype: Any = jnp.float32  # computation dtype
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise ValueError(
+                f"GPTConfig.attention must be one of {ATTENTION}, got {self.attention!r}"
+            )
+        for name in ("vocab_size", "max_seq_len", "num_layers", "num_heads", "dim", "mlp_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"GPTConfig.dim={self.dim} must divide by num_heads={self.num_heads}")
+
+
+class _CudnnAttention(MultiHeadAttention):
+    """The same layer through `jax.nn.dot_product_attention(implementation="cudnn")`."""
+
+    def __call__(self, x, *, cache=None, segment_ids=None):
+        if cache is not None or segment_ids is not None:
+            raise NotImplementedError("the cudnn attention baseline has no cache or segment ids")
+        batch, seq, _ = x.shape
+        q = self.wq(x).reshape(batch, seq, self.num_heads, self.head_dim)  # (B, T, N, H)
+        k = self.wk(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)  # (B, T, K, H)
+        v = self.wv(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        if self.rope:
+            from chunkattn.nn.layers import rotary
+
+            pos = jnp.arange(seq)
+            q, k = rotary(q, pos, self.rope_base), rotary(k, pos, self.rope_base)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        return self.wo(out.reshape(batch, seq, -1))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        cudnn = cfg.attention == "cudnn"
+        layer = _CudnnAttention if cudnn else MultiHeadAttention
+        self.ln1 = nnx.LayerNorm(cfg.dim, dtype=cfg.dtype, rngs=rngs)
+        self.attn = layer(
+            cfg.dim,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            rope=cfg.rope,
+            implementation=None if cudnn else cfg.attention,
+            dtype=cfg.dtype,
+            rngs=rngs,
+        )
+        self.ln2 = nnx.LayerNorm(cfg.dim, dtype=cfg.dtype, rngs=rngs)
+        self.fc = nnx.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim, dtype=cfg.dtype, rngs=rngs)
+        self.proj = nnx.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim, dtype=cfg.dtype, rngs=rngs)
+
+    def __call__(self, x, cache=None):
+        a = self.attn(self.ln1(x), cache=cache)
+        a, cache = a if cache is not None else (a, None)
+        x = x + a  # (B, T, D)
+        x = x + self.proj(jax.nn.gelu(self.fc(self.ln2(x))))  # (B, T, D)
+        return x, cache
+
+
+class GPT(nnx.Module):
+    """Decoder-only transformer: tokens [B, T] -> logits [B, T, vocab]."""
+
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, dtype=cfg.dtype, rngs=rngs)
+        self.pos = (
+            None if cfg.rope else nnx.Embed(cfg.max_seq_len, cfg.dim, dtype=cfg.dtype, rngs=rngs)
+        )
+        blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+        self.blocks = nnx.List(blocks) if hasattr(nnx, "List") else blocks
+        self.ln_f = nnx.LayerNorm(cfg.dim, dtype=cfg.dtype, rngs=rngs)
+        self.head = (
+            None
+            if cfg.tie_embeddings
+            else nnx.Linear(cfg.dim, cfg.vocab_size, use_bias=False, dtype=cfg.dtype, rngs=rngs)
+        )
+
+    def __call__(self, tokens: Array, caches: list[KVCache] | None = None):
+        batch, seq = tokens.shape
+        if seq > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {seq} exceeds GPTConfig.max_seq_len="
+                f"{self.cfg.max_seq_len} (tokens.shape={tokens.shape})"
+            )
+        x = self.embed(tokens)  # (B, T, D)
+        if self.pos is not None:
+            start = 0 if caches is None else caches[0].length
+            x = x + self.pos(start + jnp.arange(seq))
+        new_caches = []
+        for i, block in enumerate(self.blocks):
+            x, c = block(x, None if caches is None else caches[i])
+            new_caches.append(c)
+        x = self.ln_f(x)
+        logits = self.embed.attend(x) if self.head is None else self.head(x)  # (B, T, V)
+        return (
+            logits.astype(jnp.float32)
+            if caches is None
+            else (logits.astype(jnp.float32), new_caches)
+        )
+
+    def empty_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
+        cfg = self.cfg
+        kv = cfg.num_kv_heads or cfg.num_heads
+        return [
+            KVCache.empty(
+                batch, max_len or cfg.max_seq_len, kv, cfg.dim // cfg.num_heads, cfg.dtype
+            )
+            for _ in range(cfg.num_layers)
+        ]
+
+
+def generate(
+    model: GPT,
+    prompt: Array,
+    max_new_tokens: int,
+    *,
+    rng: Array,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+) -> Array:
+    """Sample continuations of prompt [B, T0] with the KV cache: one prefill, then one token a step.
+
+    temperature 0 is greedy; top_k keeps the k most likely tokens. Returns [B, T0 + new].
+    """
+    batch, t0 = prompt.shape
+    if t0 + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(
+            f"prompt length {t0} + max_new_tokens {max_new_tokens} exceeds "
+            f"max_seq_len={model.cfg.max_seq_len}"
+        )
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, tokens, caches, key):
+        logits, caches = nnx.merge(graphdef, state)(tokens, caches)
+        logits = logits[:, -1]  # (B, V)
+        if temperature == 0:
+            return jnp.argmax(logits, -1), caches
+        logits = logits / temperature
+        if top_k is not None:
+            kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        return jax.random.categorical(key, logits, axis=-1), caches
+
+    caches = model.empty_caches(batch, t0 + max_new_tokens)
+    out = [prompt]
+    tokens = prompt
+    for i in range(max_new_tokens):
+        nxt, caches = step(state, tokens, caches, jax.random.fold_in(rng, i))
+        tokens = nxt[:, None].astype(prompt.dtype)
+        out.append(tokens)
+    return jnp.concatenate(out, axis=1)

@@ -1,0 +1,132 @@
+"""An nnx multi-head attention layer on chunkattn: grouped-query heads, rotary positions, masks
+computed per chunk, and a KV cache for decoding.
+
+The cache is a value (`KVCache`), passed in and returned, so a decode step is a pure function
+that jits once: `y, cache = layer(x, cache=cache)`. A call with a cache writes its keys and
+values at `cache.length` (a multi-token prefill or a single token) and attends with
+`q_offset = length` and `key_value_seq_lengths = length + T`, so the chunked core reads only the
+filled part of the cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from chunkattn.api import dot_product_attention
+
+Array = jax.Array
+
+
+class KVCache(NamedTuple):
+    """Keys and values of the tokens seen so far, and how many there are."""
+
+    key: Array  # [B, L, K, H]
+    value: Array  # [B, L, K, H]
+    length: Array  # int32 scalar: filled positions
+
+    @classmethod
+    def empty(
+        cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype: Any = jnp.float32
+    ) -> KVCache:
+        shape = (batch, max_len, num_kv_heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+def rotary(x: Array, positions: Array, base: float = 10000.0) -> Array:
+    """Rotary position embedding (RoFormer) of x [B, T, N, H] at positions [T] or [B, T]."""
+    half = x.shape[-1] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (H/2,)
+    angles = positions.astype(jnp.float32)[..., None] * freqs  # (..., T, H/2)
+    cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]  # (..., T, 1, H/2)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Causal (by default) multi-head attention with GQA, optional RoPE and a KV cache.
+
+    Args:
+      dim: model width D. num_heads: query heads N. num_kv_heads: K (divides N; default N).
+      rope: rotary position embedding on queries and keys.
+      is_causal, local_window_size: masks computed per chunk, never materialised.
+      implementation, config: passed to `chunkattn.dot_product_attention`.
+
+    Example:
+        >>> layer = MultiHeadAttention(512, 8, num_kv_heads=2, rope=True, rngs=nnx.Rngs(0))
+        >>> y = layer(x)                                     # (B, T, D)
+        >>> cache = KVCache.empty(B, 1024, 2, 64)
+        >>> y, cache = layer(prompt, cache=cache)            # prefill
+        >>> y, cache = layer(next_token, cache=cache)        # one step
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        *,
+        rope: bool = True,
+        rope_base: float = 10000.0,
+        is_causal: bool = True,
+        local_window_size: int | tuple[int, int] | None = None,
+        implementation: str | None = None,
+        config: Any = None,
+        dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        num_kv_heads = num_kv_heads or num_heads
+        if dim % num_heads or num_heads % num_kv_heads:
+            raise ValueError(
+                f"dim={dim} must divide by num_heads={num_heads}, which must divide by "
+                f"num_kv_heads={num_kv_heads}"
+            )
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
+        self.rope, self.rope_base, self.is_causal = rope, rope_base, is_causal
+        self.local_window_size, self.implementation, self.config = (
+            local_window_size,
+            implementation,
+            config,
+        )
+        hd = self.head_dim
+        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)
+        self.wq, self.wk = lin(dim, num_heads * hd), lin(dim, num_kv_heads * hd)
+        self.wv, self.wo = lin(dim, num_kv_heads * hd), lin(num_heads * hd, dim)
+
+    def __call__(
+        self, x: Array, *, cache: KVCache | None = None, segment_ids: Array | None = None
+    ) -> Array | tuple[Array, KVCache]:
+        batch, seq, _ = x.shape
+        q = self.wq(x).reshape(batch, seq, self.num_heads, self.head_dim)  # (B, T, N, H)
+        k = self.wk(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)  # (B, T, K, H)
+        v = self.wv(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)  # (B, T, K, H)
+        start = jnp.zeros((), jnp.int32) if cache is None else cache.length
+        if self.rope:
+            positions = start + jnp.arange(seq, dtype=jnp.int32)
+            q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
+        kwargs: dict[str, Any] = dict(
+            is_causal=self.is_causal,
+            local_window_size=self.local_window_size,
+            implementation=self.implementation,
+            config=self.config,
+        )
+        if cache is not None:
+            if segment_ids is not None:
+                raise NotImplementedError("segment_ids with a KV cache")
+            keys = jax.lax.dynamic_update_slice_in_dim(
+                cache.key, k.astype(cache.key.dtype), start, axis=1
+            )
+            values = jax.lax.dynamic_update_slice_in_dim(
+                cache.value, v.astype(cache.value.dtype), start, axis=1
+            )
+            cache = KVCache(keys, values, start + seq)
+            k, v = keys.astype(q.dtype), values.astype(q.dtype)
+            kwargs.update(q_offset=start, key_value_seq_lengths=jnp.full((batch,), start + seq))
+        elif segment_ids is not None:
+            kwargs["segment_ids"] = segment_ids
+        out = dot_product_attention(q, k, v, **kwargs)  # (B, T, N, H)
+        y = self.wo(out.reshape(batch, seq, self.num_heads * self.head_dim))
+        return y if cache is None else (y, cache)

@@ -1,0 +1,60 @@
+"""The attention layer's KV cache and the GPT: decoding equals the full causal pass."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from chunkattn.models.gpt import GPT, GPTConfig, generate
+from chunkattn.nn.layers import KVCache, MultiHeadAttention
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_token_by_token_and_prefill_decode_equal_the_full_pass(rope):
+    layer = MultiHeadAttention(32, 4, num_kv_heads=2, rope=rope, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 11, 32))
+    full = layer(x)
+    cache = KVCache.empty(2, 16, 2, 8)
+    steps = []
+    for t in range(11):
+        y, cache = layer(x[:, t : t + 1], cache=cache)
+        steps.append(y)
+    np.testing.assert_allclose(np.concatenate(steps, 1), np.asarray(full), atol=1e-5)
+    cache = KVCache.empty(2, 16, 2, 8)
+    y0, cache = layer(x[:, :7], cache=cache)  # multi-token prefill
+    y1, cache = layer(x[:, 7:9], cache=cache)  # two more
+    y2, cache = layer(x[:, 9:], cache=cache)
+    np.testing.assert_allclose(np.concatenate([y0, y1, y2], 1), np.asarray(full), atol=1e-5)
+    assert int(cache.length) == 11
+
+
+def test_gpt_xla_and_chunked_agree_and_cache_decoding_matches():
+    base = dict(max_seq_len=32, num_layers=2, num_heads=4, num_kv_heads=2, dim=32)
+    chunked = GPT(GPTConfig(**base, attention="chunked"), rngs=nnx.Rngs(0))
+    xla = GPT(GPTConfig(**base, attention="xla"), rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 20), 0, 256)
+    a, b = chunked(tokens), xla(tokens)
+    assert a.shape == (2, 20, 256)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4)
+    logits, caches = chunked(tokens[:, :12], chunked.empty_caches(2, 32))
+    nxt, caches = chunked(tokens[:, 12:13], caches)
+    np.testing.assert_allclose(np.asarray(nxt[:, 0]), np.asarray(a[:, 12]), atol=2e-4)
+    out = generate(chunked, tokens[:, :5], 6, rng=jax.random.PRNGKey(0), temperature=0.0)
+    assert out.shape == (2, 11)
+    # greedy decoding with the cache equals argmax of the full pass, token by token
+    for t in range(5, 11):
+        want = jnp.argmax(chunked(out[:, :t])[:, -1], -1)
+        np.testing.assert_array_equal(np.asarray(out[:, t]), np.asarray(want))
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="attention"):
+        GPTConfig(attention="flash")
+    with pytest.raises(ValueError, match="dim"):
+        GPTConfig(dim=30, num_heads=4)
+    model = GPT(GPTConfig(max_seq_len=8, num_layers=1, dim=16, num_heads=2), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(jnp.zeros((1, 9), jnp.int32))
