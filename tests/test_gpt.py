@@ -58,3 +58,19 @@ def test_config_is_validated():
     model = GPT(GPTConfig(max_seq_len=8, num_layers=1, dim=16, num_heads=2), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="max_seq_len"):
         model(jnp.zeros((1, 9), jnp.int32))
+
+
+def test_linen_layer_decodes_like_its_full_pass():
+    from chunkattn.nn.layers import LinenMultiHeadAttention
+
+    layer = LinenMultiHeadAttention(dim=32, num_heads=4, num_kv_heads=2)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 32))
+    params = layer.init(jax.random.PRNGKey(0), x)
+    full = layer.apply(params, x)
+    cache = KVCache.empty(2, 12, 2, 8)
+    y0, cache = layer.apply(params, x[:, :5], cache=cache)
+    ys = [y0]
+    for t in range(5, 9):
+        y, cache = layer.apply(params, x[:, t : t + 1], cache=cache)
+        ys.append(y)
+    np.testing.assert_allclose(np.concatenate(ys, 1), np.asarray(full), atol=1e-5)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import flax.linen as linen
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -44,6 +45,40 @@ def rotary(x: Array, positions: Array, base: float = 10000.0) -> Array:
     cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]  # (..., T, 1, H/2)
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+def _attend(
+    layer: Any, q: Array, k: Array, v: Array, cache: KVCache | None, segment_ids: Array | None
+) -> tuple[Array, KVCache | None]:
+    """Shared by both layers: RoPE, the cache update and the chunkattn call.
+
+    q [B, T, N, H], k and v [B, T, K, H]; `layer` supplies rope, rope_base, is_causal,
+    local_window_size, implementation and config.
+    """
+    batch, seq = q.shape[:2]
+    start = jnp.zeros((), jnp.int32) if cache is None else cache.length
+    if layer.rope:
+        positions = start + jnp.arange(seq, dtype=jnp.int32)
+        q, k = rotary(q, positions, layer.rope_base), rotary(k, positions, layer.rope_base)
+    kwargs: dict[str, Any] = dict(
+        is_causal=layer.is_causal,
+        local_window_size=layer.local_window_size,
+        implementation=layer.implementation,
+        config=layer.config,
+    )
+    if cache is not None:
+        if segment_ids is not None:
+            raise NotImplementedError("segment_ids with a KV cache")
+        keys = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), start, 1)
+        values = jax.lax.dynamic_update_slice_in_dim(
+            cache.value, v.astype(cache.value.dtype), start, 1
+        )
+        cache = KVCache(keys, values, start + seq)
+        k, v = keys.astype(q.dtype), values.astype(q.dtype)
+        kwargs.update(q_offset=start, key_value_seq_lengths=jnp.full((batch,), start + seq))
+    elif segment_ids is not None:
+        kwargs["segment_ids"] = segment_ids
+    return dot_product_attention(q, k, v, **kwargs), cache  # (B, T, N, H)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -103,30 +138,38 @@ class MultiHeadAttention(nnx.Module):
         q = self.wq(x).reshape(batch, seq, self.num_heads, self.head_dim)  # (B, T, N, H)
         k = self.wk(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)  # (B, T, K, H)
         v = self.wv(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)  # (B, T, K, H)
-        start = jnp.zeros((), jnp.int32) if cache is None else cache.length
-        if self.rope:
-            positions = start + jnp.arange(seq, dtype=jnp.int32)
-            q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
-        kwargs: dict[str, Any] = dict(
-            is_causal=self.is_causal,
-            local_window_size=self.local_window_size,
-            implementation=self.implementation,
-            config=self.config,
-        )
-        if cache is not None:
-            if segment_ids is not None:
-                raise NotImplementedError("segment_ids with a KV cache")
-            keys = jax.lax.dynamic_update_slice_in_dim(
-                cache.key, k.astype(cache.key.dtype), start, axis=1
-            )
-            values = jax.lax.dynamic_update_slice_in_dim(
-                cache.value, v.astype(cache.value.dtype), start, axis=1
-            )
-            cache = KVCache(keys, values, start + seq)
-            k, v = keys.astype(q.dtype), values.astype(q.dtype)
-            kwargs.update(q_offset=start, key_value_seq_lengths=jnp.full((batch,), start + seq))
-        elif segment_ids is not None:
-            kwargs["segment_ids"] = segment_ids
-        out = dot_product_attention(q, k, v, **kwargs)  # (B, T, N, H)
+        out, cache = _attend(self, q, k, v, cache, segment_ids)
         y = self.wo(out.reshape(batch, seq, self.num_heads * self.head_dim))
+        return y if cache is None else (y, cache)
+
+
+class LinenMultiHeadAttention(linen.Module):
+    """The linen counterpart of `MultiHeadAttention` (same parameters' roles, same masks).
+
+    Call as `y = layer(x)` or, decoding, `y, cache = layer(x, cache=cache)` with a `KVCache`.
+    """
+
+    dim: int
+    num_heads: int
+    num_kv_heads: int | None = None
+    rope: bool = True
+    rope_base: float = 10000.0
+    is_causal: bool = True
+    local_window_size: int | tuple[int, int] | None = None
+    implementation: str | None = None
+    config: Any = None
+
+    @linen.compact
+    def __call__(
+        self, x: Array, *, cache: KVCache | None = None, segment_ids: Array | None = None
+    ) -> Array | tuple[Array, KVCache]:
+        kv_heads = self.num_kv_heads or self.num_heads
+        hd = self.dim // self.num_heads
+        batch, seq, _ = x.shape
+        dense = lambda n, name: linen.Dense(n, use_bias=False, name=name)
+        q = dense(self.num_heads * hd, "wq")(x).reshape(batch, seq, self.num_heads, hd)
+        k = dense(kv_heads * hd, "wk")(x).reshape(batch, seq, kv_heads, hd)  # (B, T, K, H)
+        v = dense(kv_heads * hd, "wv")(x).reshape(batch, seq, kv_heads, hd)
+        out, cache = _attend(self, q, k, v, cache, segment_ids)
+        y = dense(self.dim, "wo")(out.reshape(batch, seq, self.num_heads * hd))
         return y if cache is None else (y, cache)
