@@ -13,38 +13,16 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import statistics
+import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
-import chunkattn
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
 
-
-def dense_xla(q, k, v, is_causal):
-    s = (
-        jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
-        * q.shape[-1] ** -0.5
-    )
-    if is_causal:
-        T, S = s.shape[-2:]
-        s = jnp.where(jnp.tril(jnp.ones((T, S), bool)), s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum("bnts,bsnh->btnh", p, v)
-
-
-def timed(fn, args_sets, reps):
-    jax.block_until_ready(fn(*args_sets[0]))  # compile + warm-up
-    jax.block_until_ready(fn(*args_sets[1 % len(args_sets)]))
-    times = []
-    for i in range(reps):
-        a = args_sets[i % len(args_sets)]
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*a))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+import chunkattn  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -73,7 +51,7 @@ def main(argv=None) -> int:
             sets.append((q, k, v, do))
         for causal in (True, False):
             flops = 4 * batch * heads * T * T * head_dim / (2 if causal else 1)
-            impls = {"dense_xla": lambda q, k, v, c=causal: dense_xla(q, k, v, c)}
+            impls = {"dense_xla": lambda q, k, v, c=causal: common.dense_xla(q, k, v, c)}
             for tq, tk in chunks:
                 cfg = chunkattn.ChunkConfig(tq, tk)
                 impls[f"chunked_{tq}x{tk}"] = lambda q, k, v, c=causal, cfg=cfg: (
@@ -97,7 +75,8 @@ def main(argv=None) -> int:
                     causal=causal,
                 )
                 try:
-                    tf, tfb = timed(fwd, sets, args.reps), timed(fb, sets, args.reps)
+                    tf = common.median_seconds(fwd, sets, args.reps)
+                    tfb = common.median_seconds(fb, sets, args.reps)
                     row.update(
                         fwd_ms=tf * 1e3,
                         fwdbwd_ms=tfb * 1e3,

@@ -39,16 +39,7 @@ def measure(impl: str, seq_len: int, causal: bool, args, run: bool) -> dict:
     """One row: compiled temp bytes, and (run=True) peak bytes of actually running it."""
     fn = common.available()[impl]
     dtype = jnp.dtype(args.dtype)
-    row = dict(
-        common.environment(),
-        impl=impl,
-        seq_len=seq_len,
-        batch=args.batch,
-        heads=args.heads,
-        head_dim=args.head_dim,
-        dtype=dtype.name,
-        causal=causal,
-    )
+    row = _row(impl, seq_len, causal, args)
     shape = jax.ShapeDtypeStruct((args.batch, seq_len, args.heads, args.head_dim), dtype)
     fwd, fwdbwd = common.programs(fn, causal)
     status = "ok" if run else "compiled"
@@ -93,6 +84,11 @@ def measure_in_subprocess(impl: str, seq_len: int, causal: bool, args) -> dict:
             return json.loads(line)
     text = (proc.stderr or "")[-2000:]
     status = "OOM" if common.is_oom(RuntimeError(text)) else f"error: exit {proc.returncode}"
+    return dict(_row(impl, seq_len, causal, args), status=status)
+
+
+def _row(impl: str, seq_len: int, causal: bool, args) -> dict:
+    """The identifying columns of one result row."""
     return dict(
         common.environment(),
         impl=impl,
@@ -100,9 +96,8 @@ def measure_in_subprocess(impl: str, seq_len: int, causal: bool, args) -> dict:
         batch=args.batch,
         heads=args.heads,
         head_dim=args.head_dim,
-        dtype=args.dtype,
+        dtype=jnp.dtype(args.dtype).name,
         causal=causal,
-        status=status,
     )
 
 
