@@ -152,6 +152,7 @@ def ring_attention(
     scale: float | None = None,
     segment_ids: Array | tuple[Array, Array] | None = None,
     config: chunked.ChunkConfig | None = None,
+    batch_axis: str | None = None,
 ) -> Array:
     """Exact attention with the sequence sharded over `mesh` axis `axis_name` (ring attention).
 
@@ -162,6 +163,7 @@ def ring_attention(
       is_causal: causal masking (T == S); the striped order balances it over devices.
       scale: default 1/√H. segment_ids: [B, T] (T == S) or ([B, T], [B, S]).
       config: a ChunkConfig for the per-device chunked computation.
+      batch_axis: a mesh axis the batch is sharded over too (data parallelism), or None.
 
     Returns:
       [B, T, N, Hv], sharded along T over `axis_name`.
@@ -180,6 +182,13 @@ def ring_attention(
     n = mesh.shape[axis_name]
     batch, seq_q, num_heads, head_dim = query.shape
     seq_k, num_kv_heads = key.shape[1], key.shape[2]
+    if batch_axis is not None and (
+        batch_axis not in mesh.shape or batch_axis == axis_name or batch % mesh.shape[batch_axis]
+    ):
+        raise ValueError(
+            f"batch_axis={batch_axis!r} must be another axis of the mesh {dict(mesh.shape)} "
+            f"whose size divides the batch of query.shape={query.shape}"
+        )
     if seq_q % n or seq_k % n:
         raise ValueError(
             f"sequence lengths must divide evenly over {n} devices of axis {axis_name!r}: "
@@ -227,7 +236,7 @@ def ring_attention(
             precision=jax.lax.Precision.HIGHEST if query.dtype == jnp.float32 else None,
         ),
     )
-    seq = P(None, axis_name)
+    seq = P(batch_axis, axis_name)
     sharding = NamedSharding(mesh, seq)
     explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
     place = (

@@ -102,7 +102,11 @@ def parse_args(argv):
     p.add_argument(
         "--dry-run", action="store_true", help="print the train step's compiled memory and exit"
     )
+    p.add_argument(
+        "--mesh", default=None, help="data + sequence parallelism over the devices, e.g. dp=2,sp=4"
+    )
     a = p.parse_args(argv)
+    a.mesh_shape = parse_mesh(a.mesh)
     if a.attention not in ATTENTION:
         raise UsageError(
             f"--attention {a.attention!r}: unknown, choose from {', '.join(ATTENTION)}"
@@ -120,6 +124,33 @@ def parse_args(argv):
     return a
 
 
+def parse_mesh(text: str | None) -> dict[str, int] | None:
+    """'dp=2,sp=4' -> {'dp': 2, 'sp': 4}; checked against the devices present."""
+    if not text:
+        return None
+    try:
+        shape = {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise UsageError(f"--mesh {text!r}: expected axis=size pairs such as dp=2,sp=4") from None
+    if set(shape) - {"dp", "sp"} or any(v < 1 for v in shape.values()):
+        raise UsageError(f"--mesh {text!r}: axes are dp and sp, sizes positive")
+    if math.prod(shape.values()) != jax.device_count():
+        raise UsageError(
+            f"--mesh {text!r} needs {math.prod(shape.values())} devices, "
+            f"{jax.device_count()} present"
+        )
+    return shape
+
+
+def make_mesh(shape: dict[str, int] | None):
+    if shape is None:
+        return None
+    names = tuple(shape)
+    return jax.make_mesh(
+        tuple(shape.values()), names, axis_types=(jax.sharding.AxisType.Auto,) * len(names)
+    )
+
+
 def build(a):
     cfg = GPTConfig(
         max_seq_len=a.max_seq_len,
@@ -128,7 +159,8 @@ def build(a):
         dim=a.dim,
         attention=a.attention,
     )
-    model = GPT(cfg, rngs=nnx.Rngs(a.seed))
+    mesh = make_mesh(a.mesh_shape)
+    model = GPT(cfg, rngs=nnx.Rngs(a.seed), mesh=mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, a.lr, max(a.warmup, 1), max(a.steps, a.warmup + 1), end_value=a.lr * 0.1
@@ -202,6 +234,12 @@ def run(a) -> int:
     train, val = load_corpus(a.data)
     model, graphdef, rest, params, tx, schedule, train_step, eval_loss = build(a)
     opt_state = tx.init(params)
+    mesh = make_mesh(a.mesh_shape)
+    if mesh is not None:
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        data_sharding = NamedSharding(mesh, P("dp" if "dp" in mesh.shape else None, None))
     if a.dry_run:
         batch = jax.ShapeDtypeStruct((a.batch_size, a.seq_len + 1), jnp.int32)
         compiled = train_step.lower(params, opt_state, batch).compile()
@@ -221,6 +259,8 @@ def run(a) -> int:
     t0, tokens = time.perf_counter(), 0
     while step < a.steps:
         batch = jnp.asarray(batch_at(train, a.seed, step, a.batch_size, a.seq_len))
+        if mesh is not None:  # batch over "dp"; the sequence is split inside the attention
+            batch = jax.device_put(batch, data_sharding)
         params, opt_state, loss = train_step(params, opt_state, batch)
         step += 1
         tokens += a.batch_size * a.seq_len
@@ -253,6 +293,9 @@ def run(a) -> int:
     plot_losses(out)
     if a.sample > 0:
         trained = nnx.merge(graphdef, params, rest)
+        if mesh is not None:  # decoding uses the KV cache, not the ring: a one-device copy
+            trained = GPT(trained.cfg, rngs=nnx.Rngs(0))
+            nnx.update(trained, params)
         prompt = jnp.asarray(val[: min(32, len(val))][None].astype(np.int32))
         n = min(a.sample, a.max_seq_len - prompt.shape[1])
         text = generate(

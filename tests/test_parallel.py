@@ -47,3 +47,19 @@ def test_memory_per_device_falls_with_devices(results):
     mem = {int(k): v for k, v in results["memory"].items()}
     assert mem[4] < 0.6 * mem[2] and mem[8] < 0.6 * mem[4], mem
     assert mem[8] < mem[1] / 3, mem
+
+
+@pytest.mark.slow
+def test_training_with_data_and_sequence_parallelism_matches_one_device():
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    script = pathlib.Path(__file__).with_name("mesh_train_check.py")
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(losses["mesh"]) == len(losses["single"]) == 4
+    for a, b in zip(losses["single"], losses["mesh"], strict=True):
+        assert abs(a - b) < 1e-4, losses

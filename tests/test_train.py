@@ -124,3 +124,10 @@ def test_dry_run_shows_chunked_fits_where_dense_grows(capsys):
         line = capsys.readouterr().out
         mem[impl] = float(line.split("compiled temp ")[1].split(" MiB")[0])
     assert mem["chunked"] * 10 < mem["xla"], mem
+
+
+def test_mesh_flag_is_checked(capsys):
+    assert train.main(["--mesh", "dp=2,sp=4", "--steps", "1"]) == 2  # one device here
+    assert "needs 8 devices" in capsys.readouterr().err
+    assert train.main(["--mesh", "tp=1", "--steps", "1"]) == 2
+    assert "axes are dp and sp" in capsys.readouterr().err

@@ -67,7 +67,7 @@ class _CudnnAttention(MultiHeadAttention):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, mesh: Any = None):
         cudnn = cfg.attention == "cudnn"
         layer = _CudnnAttention if cudnn else MultiHeadAttention
         self.ln1 = nnx.LayerNorm(cfg.dim, dtype=cfg.dtype, rngs=rngs)
@@ -79,6 +79,7 @@ class Block(nnx.Module):
             implementation=None if cudnn else cfg.attention,
             dtype=cfg.dtype,
             rngs=rngs,
+            **({} if mesh is None else {"mesh": mesh}),
         )
         self.ln2 = nnx.LayerNorm(cfg.dim, dtype=cfg.dtype, rngs=rngs)
         self.fc = nnx.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim, dtype=cfg.dtype, rngs=rngs)
@@ -95,13 +96,16 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
     """Decoder-only transformer: tokens [B, T] -> logits [B, T, vocab]."""
 
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, mesh: Any = None):
+        """`mesh`: a Mesh with axes ("dp", "sp") for data + sequence (ring) parallelism."""
+        if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
+            raise ValueError("GPTConfig.attention='cudnn' needs a GPU backend")
         self.cfg = cfg
         self.embed = nnx.Embed(cfg.vocab_size, cfg.dim, dtype=cfg.dtype, rngs=rngs)
         self.pos = (
             None if cfg.rope else nnx.Embed(cfg.max_seq_len, cfg.dim, dtype=cfg.dtype, rngs=rngs)
         )
-        blocks = [Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)]
+        blocks = [Block(cfg, rngs=rngs, mesh=mesh) for _ in range(cfg.num_layers)]
         self.blocks = nnx.List(blocks) if hasattr(nnx, "List") else blocks
         self.ln_f = nnx.LayerNorm(cfg.dim, dtype=cfg.dtype, rngs=rngs)
         self.head = (

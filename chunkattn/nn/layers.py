@@ -60,6 +60,24 @@ def _attend(
     if layer.rope:
         positions = start + jnp.arange(seq, dtype=jnp.int32)
         q, k = rotary(q, positions, layer.rope_base), rotary(k, positions, layer.rope_base)
+    mesh = getattr(layer, "mesh", None)
+    if mesh is not None:  # context parallelism: the sequence is sharded over mesh axis "sp"
+        if cache is not None or segment_ids is not None or layer.local_window_size is not None:
+            raise NotImplementedError("a KV cache, segment_ids or a window with ring attention")
+        from chunkattn.parallel import ring_attention
+
+        batch_axis = "dp" if "dp" in mesh.shape else None
+        out = ring_attention(
+            q,
+            k,
+            v,
+            mesh=mesh,
+            axis_name="sp",
+            is_causal=layer.is_causal,
+            config=layer.config,
+            batch_axis=batch_axis,
+        )
+        return out, None
     kwargs: dict[str, Any] = dict(
         is_causal=layer.is_causal,
         local_window_size=layer.local_window_size,
@@ -89,6 +107,8 @@ class MultiHeadAttention(nnx.Module):
       rope: rotary position embedding on queries and keys.
       is_causal, local_window_size: masks computed per chunk, never materialised.
       implementation, config: passed to `chunkattn.dot_product_attention`.
+      mesh: a `jax.sharding.Mesh` with an axis "sp" (and optionally "dp"): attention runs as
+        `chunkattn.parallel.ring_attention` with the sequence sharded over "sp".
 
     Example:
         >>> layer = MultiHeadAttention(512, 8, num_kv_heads=2, rope=True, rngs=nnx.Rngs(0))
@@ -111,9 +131,11 @@ class MultiHeadAttention(nnx.Module):
         implementation: str | None = None,
         config: Any = None,
         dtype: Any = jnp.float32,
+        mesh: Any = None,
         rngs: nnx.Rngs,
     ):
         num_kv_heads = num_kv_heads or num_heads
+        self.mesh = mesh  # a Mesh with axis "sp" (and optionally "dp"): ring attention
         if dim % num_heads or num_heads % num_kv_heads:
             raise ValueError(
                 f"dim={dim} must divide by num_heads={num_heads}, which must divide by "
