@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chunkattn.variants import dpfp, linear_attention
+from chunkattn.variants import caterpillar, delta_rule, dpfp, linear_attention
 
 
 def linear_recurrence(q, k, v, phi, normalize):
@@ -81,3 +81,98 @@ def test_bad_input():
         linear_attention(q, q, q, feature_map="relu2")
     with pytest.raises(ValueError, match="chunk_size"):
         linear_attention(q, q, q, chunk_size=0)
+
+
+def delta_recurrence(q, k, v, beta):
+    """W_t = W_{t−1} + β_t (v_t − W_{t−1} k_t) k_tᵀ, y_t = W_t q_t, one token at a time."""
+
+    def step(w, x):
+        qt, kt, vt, bt = x  # (B, N, H), (B, N, H), (B, N, Hv), (B, N)
+        err = vt - jnp.einsum("bnvh,bnh->bnv", w, kt)
+        w = w + bt[..., None, None] * jnp.einsum("bnv,bnh->bnvh", err, kt)
+        return w, jnp.einsum("bnvh,bnh->bnv", w, qt)
+
+    b, t, n, h = q.shape
+    w0 = jnp.zeros((b, n, v.shape[-1], h))
+    xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v, beta))
+    _, ys = jax.lax.scan(step, w0, xs)
+    return jnp.swapaxes(ys, 0, 1)
+
+
+def _dqkvb(t, seed=0, n=2, h=4, hv=3):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(ks[0], (2, t, n, h))
+    k = jax.random.normal(ks[1], (2, t, n, h))
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    v = jax.random.normal(ks[2], (2, t, n, hv))
+    beta = jax.nn.sigmoid(jax.random.normal(ks[3], (2, t, n)))
+    return q, k, v, beta
+
+
+@pytest.mark.parametrize("chunk,t", [(1, 7), (4, 13), (16, 37), (64, 20)])
+def test_delta_rule_matches_recurrence(chunk, t):
+    args = _dqkvb(t)
+    got = delta_rule(*args, chunk_size=chunk)
+    want = delta_recurrence(*args)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    f = lambda fn, **kw: lambda *a: jnp.sum(jnp.sin(fn(*a, **kw)))
+    g1 = jax.grad(f(delta_rule, chunk_size=chunk), argnums=(0, 1, 2, 3))(*args)
+    g2 = jax.grad(f(delta_recurrence), argnums=(0, 1, 2, 3))(*args)
+    for a, b in zip(g1, g2, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_delta_rule_bf16_and_errors():
+    q, k, v, beta = _dqkvb(19)
+    got = delta_rule(*(x.astype(jnp.bfloat16) for x in (q, k, v, beta)), chunk_size=8)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), delta_recurrence(q, k, v, beta), atol=0.1)
+    with pytest.raises(ValueError, match="beta"):
+        delta_rule(q, k, v, beta[..., 0])
+    with pytest.raises(ValueError, match="chunk_size"):
+        delta_rule(q, k, v, beta, chunk_size=0)
+
+
+def caterpillar_recurrence(q, k, v, gates, cl, init_k, init_v):
+    """The definition with a Python loop over t (small T only)."""
+    b, t, n, h = q.shape
+    a = 1.0 - gates.sum(2)  # (B, T, CH)
+    kt = jnp.einsum("btnr,btnh->btrh", gates, k)
+    vt = jnp.einsum("btnr,btnh->btrh", gates, v)
+    rk = [jnp.broadcast_to(init_k[:, i], (b,) + init_k[:, i].shape) for i in range(cl)]
+    rv = [jnp.broadcast_to(init_v[:, i], (b,) + init_v[:, i].shape) for i in range(cl)]
+    ys = []
+    for s in range(t):
+        rk.append(a[:, s, :, None] * rk[s] + kt[:, s])  # index cl+s holds position s
+        rv.append(a[:, s, :, None] * rv[s] + vt[:, s])
+        wk = jnp.stack(rk[s + 1 : s + 1 + cl], 1)  # (B, CL, CH, H)
+        wv = jnp.stack(rv[s + 1 : s + 1 + cl], 1)
+        sc = jnp.einsum("bnh,blrh->bnlr", q[:, s], wk) / np.sqrt(h)
+        p = jax.nn.softmax(sc.reshape(b, n, -1), -1).reshape(sc.shape)
+        ys.append(jnp.einsum("bnlr,blrv->bnv", p, wv))
+    return jnp.stack(ys, 1)
+
+
+@pytest.mark.parametrize("cl,t", [(1, 4), (3, 8)])
+def test_caterpillar_matches_recurrence(cl, t):
+    ks = jax.random.split(jax.random.PRNGKey(cl), 6)
+    n, h, hv, ch = 2, 4, 3, 3
+    q = jax.random.normal(ks[0], (2, t, n, h))
+    k = jax.random.normal(ks[1], (2, t, n, h))
+    v = jax.random.normal(ks[2], (2, t, n, hv))
+    gates = jax.nn.sigmoid(jax.random.normal(ks[3], (2, t, n, ch))) / n
+    ik = jax.random.normal(ks[4], (ch, cl, h))
+    iv = jax.random.normal(ks[5], (ch, cl, hv))
+    args = (q, k, v, gates, ik, iv)
+    fast = lambda q, k, v, g, ik, iv: caterpillar(q, k, v, g, length=cl, init_k=ik, init_v=iv)
+    slow = lambda q, k, v, g, ik, iv: caterpillar_recurrence(q, k, v, g, cl, ik, iv)
+    np.testing.assert_allclose(fast(*args), slow(*args), rtol=1e-4, atol=1e-5)
+    loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
+    g1 = jax.grad(loss(fast), argnums=tuple(range(6)))(*args)
+    g2 = jax.grad(loss(slow), argnums=tuple(range(6)))(*args)
+    for a, b in zip(g1, g2, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="init_k"):
+        caterpillar(q, k, v, gates, length=cl, init_k=ik[:, :1] if cl > 1 else ik[:1, :, :1])
+    with pytest.raises(ValueError, match="length"):
+        caterpillar(q, k, v, gates, length=0)

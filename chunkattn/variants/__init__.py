@@ -1,5 +1,7 @@
 """Linear-time relatives of softmax attention, each a chunked scan (issue: variants)."""
 
+from chunkattn.variants.caterpillar import caterpillar
+from chunkattn.variants.delta import delta_rule
 from chunkattn.variants.linear import dpfp, linear_attention
 
-__all__ = ["dpfp", "linear_attention"]
+__all__ = ["caterpillar", "delta_rule", "dpfp", "linear_attention"]
