@@ -176,3 +176,23 @@ def test_caterpillar_matches_recurrence(cl, t):
         caterpillar(q, k, v, gates, length=cl, init_k=ik[:, :1] if cl > 1 else ik[:1, :, :1])
     with pytest.raises(ValueError, match="length"):
         caterpillar(q, k, v, gates, length=0)
+
+
+@pytest.mark.parametrize("name", ["linear", "delta", "caterpillar"])
+def test_layers_are_causal_and_differentiable(name):
+    from flax import nnx
+
+    from chunkattn.variants.layers import LAYERS
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 21, 16))
+    layer = LAYERS[name](16, 2, rngs=nnx.Rngs(0))
+    y = layer(x)
+    assert y.shape == x.shape
+    y2 = layer(x.at[:, 11:].set(0.0))  # changing the future leaves the past unchanged
+    np.testing.assert_allclose(y[:, :11], y2[:, :11], atol=1e-6)
+    assert not np.allclose(y[:, 11:], y2[:, 11:])
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+    leaves = jax.tree_util.tree_leaves(grads)
+    assert leaves and all(bool(jnp.isfinite(g).all()) for g in leaves)
+    with pytest.raises(NotImplementedError, match="cache"):
+        layer(x, cache=object())
