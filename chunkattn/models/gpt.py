@@ -18,7 +18,7 @@ from chunkattn.nn.layers import KVCache, MultiHeadAttention
 
 Array = jax.Array
 
-ATTENTION = ("chunked", "pallas", "xla", "cudnn")
+ATTENTION = ("chunked", "pallas", "xla", "cudnn", "linear", "delta", "caterpillar")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,10 @@ class Block(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, mesh: Any = None):
         cudnn = cfg.attention == "cudnn"
         layer = _CudnnAttention if cudnn else MultiHeadAttention
+        if cfg.attention in ("linear", "delta", "caterpillar"):  # chunkattn.variants
+            from chunkattn.variants.layers import LAYERS
+
+            layer = LAYERS[cfg.attention]
         self.ln1 = nnx.LayerNorm(cfg.dim, dtype=cfg.dtype, rngs=rngs)
         self.attn = layer(
             cfg.dim,
