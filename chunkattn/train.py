@@ -291,7 +291,11 @@ def run(a) -> int:
     print(file=sys.stderr)
     metrics.close()
     plot_losses(out)
-    if a.sample > 0:
+    if a.sample > 0 and a.attention in ("linear", "delta", "caterpillar"):
+        print(
+            f"no sample: --attention {a.attention} has no KV cache for generate()", file=sys.stderr
+        )
+    elif a.sample > 0:
         trained = nnx.merge(graphdef, params, rest)
         if mesh is not None:  # decoding uses the KV cache, not the ring: a one-device copy
             trained = GPT(trained.cfg, rngs=nnx.Rngs(0))
