@@ -11,6 +11,8 @@ Bad input gives a one-line error and exit status 2.
     chunkattn-train --steps 300 --seq-len 256 --out runs/gpt
     chunkattn-train --steps 600 --out runs/gpt --resume
     chunkattn-train --seq-len 16384 --dry-run --attention xla   # compiled memory of the step
+    chunkattn-train --attention delta --dpfp-nu 2               # a linear-time variant
+    chunkattn-train --attention caterpillar --caterpillar-heads 4 --caterpillar-length 32
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ from flax import nnx
 from chunkattn.models.gpt import ATTENTION, GPT, GPTConfig, generate
 
 MAX_CORPUS_BYTES = 32 * 2**20
+_DEFAULTS = GPTConfig()
+# CLI knobs of the linear-time variants (GPTConfig fields) -> the --attention they belong to.
+VARIANT_KNOBS = {
+    "dpfp_nu": "delta",
+    "caterpillar_heads": "caterpillar",
+    "caterpillar_length": "caterpillar",
+}
 
 
 class UsageError(Exception):
@@ -92,6 +101,25 @@ def parse_args(argv):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--attention", default="chunked", help=f"one of {ATTENTION}")
+    p.add_argument(
+        "--dpfp-nu",
+        type=int,
+        default=None,
+        help=f"--attention delta: DPFP ν, keys get 2·H·ν features (default {_DEFAULTS.dpfp_nu})",
+    )
+    p.add_argument(
+        "--caterpillar-heads",
+        type=int,
+        default=None,
+        help=f"--attention caterpillar: CH recurrent rows (default {_DEFAULTS.caterpillar_heads})",
+    )
+    p.add_argument(
+        "--caterpillar-length",
+        type=int,
+        default=None,
+        help="--attention caterpillar: CL, period and window "
+        f"(default {_DEFAULTS.caterpillar_length})",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/gpt")
     p.add_argument("--resume", action="store_true")
@@ -121,6 +149,14 @@ def parse_args(argv):
             raise UsageError(f"--{name.replace('_', '-')} must be positive")
     if a.dim % a.heads:
         raise UsageError(f"--dim {a.dim} must be divisible by --heads {a.heads}")
+    for name, owner in VARIANT_KNOBS.items():
+        value, flag = getattr(a, name), f"--{name.replace('_', '-')}"
+        if value is None:
+            setattr(a, name, getattr(_DEFAULTS, name))
+        elif a.attention != owner:  # a knob that would be silently ignored is a mistake
+            raise UsageError(f"{flag} applies to --attention {owner}, not {a.attention}")
+        elif value < 1:
+            raise UsageError(f"{flag} must be positive, got {value}")
     return a
 
 
@@ -158,6 +194,7 @@ def build(a):
         num_heads=a.heads,
         dim=a.dim,
         attention=a.attention,
+        **{name: getattr(a, name) for name in VARIANT_KNOBS},
     )
     mesh = make_mesh(a.mesh_shape)
     model = GPT(cfg, rngs=nnx.Rngs(a.seed), mesh=mesh)

@@ -77,6 +77,11 @@ def test_xla_and_chunked_give_the_same_losses(corpus, tmp_path):
         (["--seq-len", "64", "--max-seq-len", "32"], "larger than the model allows"),
         (["--attention", "flash"], "unknown"),
         (["--resume", "--out", "{empty}"], "no checkpoint"),
+        (["--attention", "delta", "--dpfp-nu", "0"], "--dpfp-nu must be positive"),
+        (["--attention", "caterpillar", "--caterpillar-heads", "-1"], "must be positive"),
+        (["--attention", "caterpillar", "--caterpillar-length", "0"], "must be positive"),
+        (["--dpfp-nu", "2"], "--dpfp-nu applies to --attention delta, not chunked"),
+        (["--attention", "delta", "--caterpillar-length", "8"], "applies to --attention cater"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
@@ -131,3 +136,23 @@ def test_mesh_flag_is_checked(capsys):
     assert "needs 8 devices" in capsys.readouterr().err
     assert train.main(["--mesh", "tp=1", "--steps", "1"]) == 2
     assert "axes are dp and sp" in capsys.readouterr().err
+
+
+def test_variant_knobs_reach_the_layers():
+    """--dpfp-nu and --caterpillar-heads/-length end up in GPTConfig and every block's layer."""
+    model_args = ["--layers", "2", "--dim", "32", "--heads", "2"]
+    a = train.parse_args(
+        ["--attention", "caterpillar", "--caterpillar-heads", "3", "--caterpillar-length", "8"]
+        + model_args
+    )
+    model = train.build(a)[0]
+    assert (model.cfg.caterpillar_heads, model.cfg.caterpillar_length) == (3, 8)
+    for block in model.blocks:
+        assert (block.attn.height, block.attn.length) == (3, 8)
+        assert block.attn.init_k.shape == (3, 8, 16)  # (CH, CL, H)
+    model = train.build(train.parse_args(["--attention", "delta", "--dpfp-nu", "3", *model_args]))[
+        0
+    ]
+    assert model.cfg.dpfp_nu == 3 and [b.attn.nu for b in model.blocks] == [3, 3]
+    default = train.build(train.parse_args(["--attention", "delta", *model_args]))[0]
+    assert default.cfg.dpfp_nu == 1

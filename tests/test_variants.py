@@ -196,3 +196,27 @@ def test_layers_are_causal_and_differentiable(name):
     assert leaves and all(bool(jnp.isfinite(g).all()) for g in leaves)
     with pytest.raises(NotImplementedError, match="cache"):
         layer(x, cache=object())
+
+
+def test_layer_knobs_change_the_computation_and_are_checked():
+    """FastWeightAttention(nu) is delta_rule on DPFP(ν) features; bad knobs are ValueErrors."""
+    from flax import nnx
+
+    from chunkattn.models.gpt import GPTConfig
+    from chunkattn.variants.layers import CaterpillarAttention, FastWeightAttention
+
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 9, 16))
+    layer = FastWeightAttention(16, 2, nu=2, rngs=nnx.Rngs(0))
+    q, k, v = layer._split(x)  # 3 × (B, T, N, H)
+    beta = jax.nn.sigmoid(layer.beta(x))  # (B, T, N)
+    want = layer._out(delta_rule(dpfp(q, 2), dpfp(k, 2), v, beta))
+    np.testing.assert_allclose(layer(x), want, rtol=1e-5, atol=1e-6)
+    layer.nu = 1
+    assert not np.allclose(layer(x), want, atol=1e-4)
+    with pytest.raises(ValueError, match="nu"):
+        FastWeightAttention(16, 2, nu=0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="length=0"):
+        CaterpillarAttention(16, 2, height=2, length=0, rngs=nnx.Rngs(0))
+    for field in ("dpfp_nu", "caterpillar_heads", "caterpillar_length"):
+        with pytest.raises(ValueError, match=field):
+            GPTConfig(**{field: 0})

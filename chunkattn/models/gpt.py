@@ -2,7 +2,8 @@
 positions, optional tied embeddings, chunkattn attention, and `generate()` with a KV cache.
 
 Byte-level by default (vocab 256). The attention implementation is a config field:
-"chunked", "pallas", "xla" (chunkattn's dispatcher) or "cudnn" (`jax.nn.dot_product_attention`).
+"chunked", "pallas", "xla" (chunkattn's dispatcher), "cudnn" (`jax.nn.dot_product_attention`), or
+a linear-time variant "linear", "delta", "caterpillar" (`chunkattn.variants.layers`, no KV cache).
 """
 
 from __future__ import annotations
@@ -32,15 +33,28 @@ class GPTConfig:
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio · D
     rope: bool = True  # rotary positions (else learned absolute positions)
     tie_embeddings: bool = True  # output projection = token embedding transposed
-    attention: str = "chunked"  # chunked | pallas | xla | cudnn
+    attention: str = "chunked"  # chunked | pallas | xla | cudnn | linear | delta | caterpillar
     dtype: Any = jnp.float32  # computation dtype
+    dpfp_nu: int = 1  # attention="delta": DPFP ν, key features 2·H·ν (capacity of the fast weights)
+    caterpillar_heads: int = 4  # attention="caterpillar": CH, recurrent rows mixed by the gates
+    caterpillar_length: int = 16  # attention="caterpillar": CL, the period and softmax window
 
     def __post_init__(self):
         if self.attention not in ATTENTION:
             raise ValueError(
                 f"GPTConfig.attention must be one of {ATTENTION}, got {self.attention!r}"
             )
-        for name in ("vocab_size", "max_seq_len", "num_layers", "num_heads", "dim", "mlp_ratio"):
+        for name in (
+            "vocab_size",
+            "max_seq_len",
+            "num_layers",
+            "num_heads",
+            "dim",
+            "mlp_ratio",
+            "dpfp_nu",
+            "caterpillar_heads",
+            "caterpillar_length",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
         if self.dim % self.num_heads:
@@ -70,10 +84,15 @@ class Block(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, mesh: Any = None):
         cudnn = cfg.attention == "cudnn"
         layer = _CudnnAttention if cudnn else MultiHeadAttention
-        if cfg.attention in ("linear", "delta", "caterpillar"):  # chunkattn.variants
+        variant = {}  # the knobs of a chunkattn.variants layer (they ignore the softmax ones)
+        if cfg.attention in ("linear", "delta", "caterpillar"):
             from chunkattn.variants.layers import LAYERS
 
             layer = LAYERS[cfg.attention]
+            variant = {
+                "delta": {"nu": cfg.dpfp_nu},
+                "caterpillar": {"height": cfg.caterpillar_heads, "length": cfg.caterpillar_length},
+            }.get(cfg.attention, {})
         self.ln1 = nnx.LayerNorm(cfg.dim, dtype=cfg.dtype, rngs=rngs)
         self.attn = layer(
             cfg.dim,
@@ -84,6 +103,7 @@ class Block(nnx.Module):
             dtype=cfg.dtype,
             rngs=rngs,
             **({} if mesh is None else {"mesh": mesh}),
+            **variant,
         )
         self.ln2 = nnx.LayerNorm(cfg.dim, dtype=cfg.dtype, rngs=rngs)
         self.fc = nnx.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim, dtype=cfg.dtype, rngs=rngs)

@@ -86,6 +86,8 @@ class FastWeightAttention(_Base):
         rngs: nnx.Rngs,
         **_: Any,
     ):
+        if nu < 1:
+            raise ValueError(f"FastWeightAttention: nu (DPFP ν) must be >= 1, got {nu}")
         super().__init__(dim, num_heads, dtype=dtype, rngs=rngs)
         self.nu, self.chunk_size = nu, chunk_size
         self.beta = nnx.Linear(dim, num_heads, dtype=dtype, rngs=rngs)
@@ -117,6 +119,11 @@ class CaterpillarAttention(_Base):
         rngs: nnx.Rngs,
         **_: Any,
     ):
+        if height < 1 or length < 1:
+            raise ValueError(
+                f"CaterpillarAttention: height (CH) and length (CL) must be >= 1, got "
+                f"height={height}, length={length}"
+            )
         super().__init__(dim, num_heads, dtype=dtype, rngs=rngs)
         self.height, self.length = height, length
         self.gate = nnx.Linear(
