@@ -2,12 +2,14 @@
 
 Every implementation is a function `fn(q, k, v, causal) -> out` on [B, T, N, H] arrays.
 `available(backend)` lists those that exist on this backend (peers such as tokamax only when
-importable). Memory comes from the compiled program (`memory_analysis().temp_size_in_bytes`)
+importable), and the linear-time variants of `chunkattn.variants` (causal only) as
+`variant_*`. Memory comes from the compiled program (`memory_analysis().temp_size_in_bytes`)
 and, on GPU, from the device's peak allocation; an out-of-memory is a result, not a crash.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import statistics
 import time
@@ -17,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 import chunkattn
+from chunkattn.variants import caterpillar, delta_rule, dpfp, linear_attention
 
 Fn = Callable[[jax.Array, jax.Array, jax.Array, bool], jax.Array]
 
@@ -57,8 +60,64 @@ def _tokamax(impl: str) -> Fn:
     return fn
 
 
+# The linear-time variants (chunkattn.variants) take extra inputs that plain attention lacks.
+# The adapters derive them from q and k, cheaply and deterministically, so every implementation
+# still sees the same (q, k, v) and the memory/time measured is that of the variant itself.
+CATERPILLAR_HEIGHT = 4  # CH: the GPT layer's default (chunkattn.variants.layers)
+CATERPILLAR_LENGTH = 16  # CL: the GPT layer's default, so bench and training measure one model
+VARIANT_CHUNK = 64  # chunk size of linear_attention and delta_rule (their default)
+
+
+def _causal_only(name: str, causal: bool) -> None:
+    if not causal:
+        raise NotImplementedError(f"{name} is causal only (a recurrence over the sequence)")
+
+
+def variant_linear(q, k, v, causal):
+    """Causal linear attention, elu(x)+1 features, normalized (`linear_attention` defaults)."""
+    _causal_only("variant_linear", causal)
+    return linear_attention(q, k, v, chunk_size=VARIANT_CHUNK)
+
+
+def variant_delta(q, k, v, causal):
+    """Delta-rule fast weights on DPFP(ν=1) features of q and k, β = sigmoid(mean_h k).
+
+    ν=1 doubles the key dimension (2·H), as the GPT layer's default does; β depends on the input
+    (like the layer's learned β) so the backward pass includes its gradient.
+    """
+    _causal_only("variant_delta", causal)
+    beta = jax.nn.sigmoid(jnp.mean(k.astype(jnp.float32), axis=-1))  # (B, T, N)
+    return delta_rule(dpfp(q, 1), dpfp(k, 1), v, beta, chunk_size=VARIANT_CHUNK)
+
+
+def variant_caterpillar(q, k, v, causal):
+    """Caterpillar with CH=4, CL=16 (the GPT layer's defaults) and no initial state.
+
+    Gates G = sigmoid(q[..., :CH]) clipped as the layer does, G / max(1, Σ_heads G), so the
+    recurrence stays contractive; H must be at least CH.
+    """
+    _causal_only("variant_caterpillar", causal)
+    ch = CATERPILLAR_HEIGHT
+    if q.shape[-1] < ch:
+        raise ValueError(f"variant_caterpillar needs head dim >= CH={ch}, got q.shape={q.shape}")
+    g = jax.nn.sigmoid(q[..., :ch].astype(jnp.float32))  # (B, T, N, CH)
+    g = g / jnp.maximum(1.0, jnp.sum(g, axis=2, keepdims=True))
+    return caterpillar(q, k, v, g, length=CATERPILLAR_LENGTH)
+
+
+VARIANTS: dict[str, Fn] = {
+    "variant_linear": variant_linear,
+    "variant_delta": variant_delta,
+    "variant_caterpillar": variant_caterpillar,
+}
+
+
 def available(backend: str | None = None) -> dict[str, Fn]:
-    """Implementations to compare on `backend`, by the names used in the results' impl column."""
+    """Implementations to compare on `backend`, by the names used in the results' impl column.
+
+    The softmax implementations come first, then the linear-time variants (causal only: they
+    report "unsupported" for full attention).
+    """
     backend = backend or jax.default_backend()
     impls: dict[str, Fn] = {"chunkattn_chunked": _chunkattn("chunked")}
     if backend == "gpu":
@@ -75,6 +134,7 @@ def available(backend: str | None = None) -> dict[str, Fn]:
             impls[f"tokamax_{name}"] = _tokamax(name)
     except ImportError:
         pass
+    impls.update(VARIANTS)
     return impls
 
 
@@ -144,3 +204,15 @@ def environment() -> dict[str, str]:
         "jax_version": jax.__version__,
         "date": datetime.date.today().isoformat(),
     }
+
+
+def tag_arg(text: str) -> str:
+    """argparse type of --tag: it becomes part of a file name, so letters, digits, - and _ only."""
+    if text and not text.replace("-", "").replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(f"letters, digits, '-' or '_' only, got {text!r}")
+    return text
+
+
+def result_stem(bench: str, tag: str, env: dict[str, str]) -> str:
+    """`<bench>_[<tag>_]<backend>_<date>`: a tag keeps a focused run beside the main one."""
+    return "_".join(x for x in (bench, tag, env["backend"], env["date"]) if x)

@@ -8,8 +8,11 @@ out-of-memory is recorded as status OOM; larger T for that implementation are th
     python bench/memory_vs_seqlen.py --quick        # CPU, T = 1k..16k, compile only, ~1 min
     python bench/memory_vs_seqlen.py                # GPU: T = 1k..64k, compiled and run
     python bench/memory_vs_seqlen.py --seq-lens 1048576 --impls chunkattn_chunked
+    python bench/memory_vs_seqlen.py --quick --tag variants \
+        --impls chunkattn_chunked variant_linear variant_delta variant_caterpillar
 
-Writes memory_vs_seqlen_<backend>_<date>.csv and .png into --out (default bench/results/).
+Writes memory_vs_seqlen_[<tag>_]<backend>_<date>.csv and .png into --out (default
+bench/results/). The linear-time variants (`variant_*`, causal only) are included by default.
 """
 
 from __future__ import annotations
@@ -174,6 +177,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="default float32 (CPU) / bfloat16 (GPU)")
     p.add_argument("--mask", choices=["causal", "full", "both"], default="causal")
     p.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results"))
+    p.add_argument(
+        "--tag", type=common.tag_arg, default="", help="inserted in the file names, e.g. 'variants'"
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     gpu = jax.default_backend() == "gpu"
@@ -226,7 +232,7 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = common.environment()
-    stem = out / f"memory_vs_seqlen_{env['backend']}_{env['date']}"
+    stem = out / common.result_stem("memory_vs_seqlen", args.tag, env)
     with open(f"{stem}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()

@@ -7,8 +7,12 @@ same run.
 
     python bench/speed.py             # GPU: bf16, N=16, H=128, B·T=16384, T in 1k, 4k, 16k
     python bench/speed.py --quick     # CPU-sized
+    python bench/speed.py --quick --mask causal --tag variants \
+        --impls chunkattn_chunked dense_xla variant_linear variant_delta variant_caterpillar
 
-Writes speed_<backend>_<date>.csv and .png into --out (default bench/results/).
+Writes speed_[<tag>_]<backend>_<date>.csv and .png into --out (default bench/results/). The
+linear-time variants (`variant_*`) are causal only: "unsupported" for full attention; their
+TFLOP/s use the softmax FLOP count too, so they compare as times (they do less work).
 """
 
 from __future__ import annotations
@@ -82,6 +86,9 @@ def main(argv=None) -> int:
     p.add_argument("--mask", choices=["causal", "full", "both"], default="both")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results"))
+    p.add_argument(
+        "--tag", type=common.tag_arg, default="", help="inserted in the file names, e.g. 'variants'"
+    )
     args = p.parse_args(argv)
     gpu = jax.default_backend() == "gpu"
     quick = args.quick or not gpu
@@ -93,6 +100,9 @@ def main(argv=None) -> int:
     reps = min(args.reps, 3) if quick else args.reps
     impls = common.available()
     if args.impls:
+        unknown = set(args.impls) - set(impls)
+        if unknown:
+            p.error(f"unknown --impls {sorted(unknown)}; available here: {list(impls)}")
         impls = {k: v for k, v in impls.items() if k in args.impls}
     masks = {"causal": [True], "full": [False], "both": [True, False]}[args.mask]
     rows = []
@@ -148,7 +158,7 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = common.environment()
-    stem = out / f"speed_{env['backend']}_{env['date']}"
+    stem = out / common.result_stem("speed", args.tag, env)
     with open(f"{stem}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()

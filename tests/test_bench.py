@@ -9,7 +9,10 @@ import sys
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import common  # noqa: E402
+import jax  # noqa: E402
 import memory_vs_seqlen  # noqa: E402
+import pytest  # noqa: E402
 import speed  # noqa: E402
 
 REQUIRED = (
@@ -85,3 +88,64 @@ def test_speed_writes_ratios(tmp_path):
         assert r["status"] == "ok" and float(r["fwdbwd_ms"]) > 0 and float(r["fwd_tflops"]) > 0
     dense = next(r for r in rows if r["impl"] == "dense_xla")
     assert abs(float(dense["fwdbwd_vs_dense_xla"]) - 1.0) < 1e-9
+
+
+VARIANTS = ("variant_linear", "variant_delta", "variant_caterpillar")
+
+
+def test_variants_are_registered_causal_and_linear_in_memory(tmp_path):
+    """The variant adapters run, see only the past, refuse full attention, and stay O(T)."""
+    impls = common.available()
+    q, k, v, _ = common.inputs(jax.random.PRNGKey(0), 1, 40, 2, 8, "float32")[0]
+    for name in VARIANTS:
+        fn = impls[name]
+        out = fn(q, k, v, True)
+        assert out.shape == v.shape and bool(jax.numpy.isfinite(out).all()), name
+        # Changing the future (t >= 25) leaves the past unchanged; the present changes.
+        late = [x.at[:, 25:].multiply(-2.0) for x in (q, k, v)]
+        out2 = fn(*late, True)
+        assert float(abs(out2[:, :25] - out[:, :25]).max()) < 1e-5, name
+        assert float(abs(out2[:, 25:] - out[:, 25:]).max()) > 1e-3, name
+        with pytest.raises(NotImplementedError, match="causal"):
+            fn(q, k, v, False)
+    assert (
+        memory_vs_seqlen.main(
+            ["--seq-lens", "1024", "2048", "--heads", "2", "--head-dim", "16", "--mask", "both"]
+            + ["--impls", *VARIANTS, "--tag", "variants", "--out", str(tmp_path)]
+        )
+        == 0
+    )
+    (csv_path,) = tmp_path.glob("memory_vs_seqlen_variants_*.csv")
+    rows = _rows(csv_path)
+    assert {r["impl"] for r in rows} == set(VARIANTS)
+    assert {r["status"] for r in rows if r["causal"] == "False"} == {"unsupported"}
+    temp = {
+        (r["impl"], int(r["seq_len"])): int(r["fwdbwd_temp_bytes"])
+        for r in rows
+        if r["causal"] == "True"
+    }
+    for name in VARIANTS:
+        assert {r["status"] for r in rows if r["impl"] == name and r["causal"] == "True"} == {
+            "compiled"
+        }
+        # Linear in T up to XLA's layout slack at these tiny sizes; [T, T] scores would be 4×.
+        assert temp[name, 2048] <= 2.5 * temp[name, 1024], (name, temp)
+
+
+def test_speed_times_variants_and_marks_full_unsupported(tmp_path):
+    args = ["--quick", "--seq-lens", "64", "--tokens", "64", "--heads", "2", "--head-dim", "8"]
+    args += ["--reps", "1", "--impls", "dense_xla", *VARIANTS, "--tag", "v", "--out", str(tmp_path)]
+    assert speed.main(args) == 0
+    (csv_path,) = tmp_path.glob("speed_v_*.csv")
+    rows = _rows(csv_path)
+    for r in rows:
+        if r["impl"].startswith("variant_"):
+            want = "ok" if r["causal"] == "True" else "unsupported"
+            assert r["status"] == want, r
+            if want == "ok":
+                assert float(r["fwdbwd_ms"]) > 0 and float(r["fwdbwd_vs_dense_xla"]) > 0
+    assert {r["impl"] for r in rows} == {"dense_xla", *VARIANTS}
+    with pytest.raises(SystemExit):
+        speed.main(["--impls", "no_such_impl", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        memory_vs_seqlen.main(["--tag", "a/b", "--out", str(tmp_path)])
