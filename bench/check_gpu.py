@@ -23,6 +23,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     fn = lambda *a, **kw: chunkattn.dot_product_attention(*a, implementation=args.impl, **kw)
     seg = jnp.sort(jax.random.randint(jax.random.PRNGKey(9), (2, 1000), 0, 4), axis=1)
+    bias = jax.random.normal(jax.random.PRNGKey(10), (1, 4, 1, 700), jnp.bfloat16)
+    full_bias = jax.random.normal(jax.random.PRNGKey(11), (2, 4, 500, 700), jnp.float32)
+    dense_mask = jax.random.uniform(jax.random.PRNGKey(12), (2, 1, 500, 700)) < 0.8
+    alibi = lambda s, b, h, i, j: s - 2.0 ** (-(h + 1.0)) * jnp.abs(i - j).astype(s.dtype)
+    stripes = lambda b, h, i, j: (j % 3 != 1) | (h % 2 == 0) | (i == j)
     cases = [
         ("bf16 causal T=1000 H=128", dict(seq_q=1000, head_dim=128), dict(is_causal=True)),
         (
@@ -47,6 +52,16 @@ def main(argv=None) -> int:
         ),
         ("f16 causal H=96", dict(seq_q=600, head_dim=96, dtype=jnp.float16), dict(is_causal=True)),
         (
+            "bf16 bias [1, N, 1, S] + score_fn (ALiBi) + mask_fn",
+            dict(seq_q=500, seq_k=700, head_dim=128),
+            dict(bias=bias, score_fn=alibi, mask_fn=stripes, is_causal=True, q_offset=200),
+        ),
+        (
+            "bf16 full bias (f32) + dense mask [B, 1, T, S] + soft cap",
+            dict(seq_q=500, seq_k=700, head_dim=64),
+            dict(bias=full_bias, mask=dense_mask, logits_soft_cap=30.0),
+        ),
+        (
             "f32 causal H=128",
             dict(seq_q=500, head_dim=128, dtype=jnp.float32),
             dict(is_causal=True),
@@ -57,8 +72,10 @@ def main(argv=None) -> int:
     for name, shape, kwargs in cases:
         shape.setdefault("dtype", jnp.bfloat16)
         q, k, v = testing.random_qkv(jax.random.PRNGKey(len(name)), **shape)
+        kwargs = dict(kwargs)
+        b = kwargs.pop("bias", None)
         try:
-            testing.assert_matches_reference(fn, q, k, v, **kwargs)
+            testing.assert_matches_reference(fn, q, k, v, b, **kwargs)
             print(f"ok    {name}", flush=True)
         except Exception as e:  # noqa: BLE001 - report every case
             failures += 1

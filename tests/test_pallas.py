@@ -2,13 +2,14 @@
 
 On CPU the kernels run with CHUNKATTN_PALLAS_INTERPRET=1 (the Pallas interpreter) at small
 sizes and small blocks, so tails, multiple blocks and every phase of the loops are exercised.
-Requests the kernels do not implement (dense bias/mask, mask_fn, score_fn, dropout) raise
+Requests the kernels do not implement (dropout, a mask_fn/score_fn closing over arrays) raise
 NotImplementedError naming the feature; the suite skips those cases with that reason.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import pytest
 from attention_suite import AttentionSuite
 
@@ -55,13 +56,41 @@ def test_config_is_validated():
             PallasConfig(**kwargs)
 
 
-def test_declines_what_it_does_not_implement_and_auto_falls_back():
+def test_declines_what_it_does_not_implement():
     q, k, v = testing.random_qkv(jax.random.PRNGKey(0), seq_q=16, seq_k=16, head_dim=16)
-    with pytest.raises(NotImplementedError, match="mask_fn"):
-        chunkattn.dot_product_attention(
-            q, k, v, implementation="pallas", mask_fn=lambda b, h, i, j: i >= j
-        )
-    with pytest.raises(NotImplementedError, match="PallasConfig"):
-        chunkattn.dot_product_attention(
-            q, k, v, implementation="pallas", config=chunkattn.ChunkConfig(8, 8)
-        )
+    table = jnp.linspace(0.0, 1.0, 16)
+    declined = [
+        ("dropout", dict(dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(1))),
+        ("mask_fn that closes over arrays", dict(mask_fn=lambda b, h, i, j: table[j] > 0.5)),
+        ("score_fn operations round", dict(score_fn=lambda s, b, h, i, j: jax.lax.round(s))),
+        ("PallasConfig", dict(config=chunkattn.ChunkConfig(8, 8))),
+    ]
+    for feature, kwargs in declined:
+        with pytest.raises(NotImplementedError, match=feature):
+            chunkattn.dot_product_attention(q, k, v, implementation="pallas", **kwargs)
+
+
+def _while_loops(fn, *args) -> int:
+    return jax.jit(fn).lower(*args).compile().as_text().count(" while(")
+
+
+def test_bias_gradient_runs_only_when_the_bias_is_differentiated():
+    """The bias gradient comes from the chunked backward, which XLA drops when unused."""
+    cfg = PallasConfig(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
+
+    def loss(q, k, v, bias):
+        out = chunkattn.dot_product_attention(q, k, v, bias, implementation="pallas", config=cfg)
+        return jnp.sum(out)
+
+    # Compiled only, long enough that the chunked backward (512-token chunks) keeps its loops.
+    qkv = [jax.ShapeDtypeStruct((1, 1024, 2, 16), jnp.float32)] * 3
+    bias = jax.ShapeDtypeStruct((1, 2, 1024, 1024), jnp.float32)
+    with_bias = _while_loops(jax.grad(loss, argnums=(0, 3)), *qkv, bias)
+    without = _while_loops(jax.grad(loss, argnums=0), *qkv, bias)
+    assert without < with_bias, (without, with_bias)
+
+    q, k, v = testing.random_qkv(jax.random.PRNGKey(0), seq_q=32, seq_k=32, head_dim=16)
+    bias = jax.random.normal(jax.random.PRNGKey(1), (1, q.shape[2], 32, 32))
+    got = jax.grad(loss, argnums=3)(q, k, v, bias)
+    want = jax.grad(lambda b: jnp.sum(chunkattn.reference_attention(q, k, v, b)))(bias)
+    assert testing.relative_error(got, want) <= testing.tolerance(q.dtype, grad=True)

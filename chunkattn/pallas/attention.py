@@ -10,9 +10,16 @@ Masks are computed in the kernel from indices (causal, window, q_offset, lengths
 tail padding); the loop over blocks runs in three phases — partial blocks before, full blocks
 (no mask arithmetic), partial blocks after — with bounds from the mask, so blocks a causal or
 windowed mask rules out are never loaded. GQA maps query head n to kv head n // G in the
-BlockSpec index map: K and V are never repeated. Dense masks/biases, mask_fn, score_fn and
-dropout are not implemented here: `attention` raises NotImplementedError naming them, and
-`dot_product_attention(implementation=None)` falls back to the chunked path.
+BlockSpec index map: K and V are never repeated.
+
+A user's `mask_fn` and `score_fn` are traced into the kernel bodies (the backward kernels
+differentiate `score_fn` by a forward-mode derivative of the traced function, exact for an
+elementwise function); a dense bias or mask is read block by block in its own broadcast shape.
+What the kernels cannot do raises NotImplementedError naming the feature, and
+`dot_product_attention(implementation=None)` falls back to the chunked path: dropout, a
+`mask_fn`/`score_fn` that closes over arrays or uses an operation the Triton lowering lacks.
+The gradient of a dense bias is computed by the chunked path's backward from the kernels'
+residuals (XLA drops that computation when the bias is not differentiated).
 
 Set CHUNKATTN_PALLAS_INTERPRET=1 to run the kernels in the Pallas interpreter (CPU tests).
 """
@@ -23,6 +30,7 @@ import dataclasses
 import functools
 import math
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -30,7 +38,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from chunkattn import chunked, masks
+
 Array = jax.Array
+Dims = tuple[bool, bool, bool, bool]  # which of a dense operand's (B, N, T, S) dims are full
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -88,6 +99,11 @@ class Static(NamedTuple):
     window: tuple[int, int] | None
     soft_cap: float | None
     has_segments: bool
+    mask_fn: Callable[..., Array] | None  # (batch, head, q_pos, k_pos) -> bool, elementwise
+    score_fn: Callable[..., Array] | None  # (score, batch, head, q_pos, k_pos) -> score
+    bias_dims: Dims | None  # a dense bias, read block by block
+    mask_dims: Dims | None  # a dense mask (as int8), read block by block
+    bias_grad: chunked.Static | None  # the chunked backward that computes the bias gradient
     block_q: int
     block_k: int
     block_q_bwd: int
@@ -99,6 +115,11 @@ class Static(NamedTuple):
     groups: int  # query heads per kv head
     precision: Any
     interpret: bool
+
+    @property
+    def index_masks_only(self) -> bool:
+        """True when masking is a function of positions alone: full blocks can be found."""
+        return not (self.has_segments or self.mask_fn or self.mask_dims)
 
 
 def _heuristic(head_dim: int, dtype: Any, seq_q: int, seq_k: int, cfg: PallasConfig) -> dict:
@@ -154,26 +175,114 @@ def _meta(meta_ref):
     return tuple(jnp.sum(jnp.where(idx == i, m, 0)) for i in range(3))
 
 
-def _scores(st: Static, s):
-    """scale·q·kᵀ (→ soft cap), in the log2 domain."""
-    if st.soft_cap is None:
-        return s * (st.scale * LOG2E)
-    return (st.soft_cap * LOG2E) * jnp.tanh(s * (st.scale / st.soft_cap))
+class _Refs(NamedTuple):
+    """The optional input refs after q, k, v, meta (None when the request has none)."""
+
+    segq: Any
+    segk: Any
+    bias: Any
+    mask: Any
 
 
-def _mask(st: Static, qpos, cols, kv_len, segq, segk):
-    """Predicate [bq, bk]: key may be attended (tail keys are beyond kv_len)."""
-    allowed = cols[None, :] < kv_len
+def _split_refs(st: Static, refs) -> tuple[_Refs, list]:
+    """(optional inputs, outputs) from a kernel's trailing refs, in `_extra_inputs` order."""
+    refs = list(refs)
+    has = (st.has_segments, st.has_segments, st.bias_dims is not None, st.mask_dims is not None)
+    return _Refs(*(refs.pop(0) if h else None for h in has)), refs
+
+
+class _Pos(NamedTuple):
+    """Where a block sits, in the shapes user functions get (broadcastable to [bq, bk])."""
+
+    batch: Array  # (1, 1) int32
+    head: Array  # (1, 1) int32, the query head
+    qpos: Array  # (bq,) query positions: row + q_offset
+    kpos: Array  # (bk,) key positions
+
+
+def _grid_position(st: Static):
+    """(batch, head) of this program as (1, 1) int32 arrays, when a user function needs them."""
+    if st.mask_fn is None and st.score_fn is None:
+        return None, None
+    full = lambda i: jnp.full((1, 1), pl.program_id(i), jnp.int32)
+    return full(1), full(2)
+
+
+def _dense(ref, dims: Dims | None, q_sl, k_sl):
+    """A dense operand's block, broadcastable to [bq, bk] (None without the operand).
+
+    `q_sl` / `k_sl` slice the rows / columns the ref holds; None when the ref holds exactly this
+    block's (its BlockSpec already selected them). A broadcast T or S dim is absent from the ref.
+    """
+    if dims is None:
+        return None
+    t_full, s_full = dims[2], dims[3]
+    whole = slice(None)
+    if t_full and s_full:
+        return ref[whole if q_sl is None else q_sl, whole if k_sl is None else k_sl]
+    if t_full:
+        return (ref[...] if q_sl is None else ref[q_sl])[:, None]
+    return (ref[...] if k_sl is None else ref[k_sl])[None, :]
+
+
+def _apply_score_fn(st: Static, s, pos: _Pos):
+    out = st.score_fn(s, pos.batch, pos.head, pos.qpos[:, None], pos.kpos[None, :])
+    return jnp.broadcast_to(out, s.shape).astype(jnp.float32)
+
+
+def _block_scores(st: Static, raw, pos: _Pos, bias):
+    """(biased, s₂) of a block from raw = q·kᵀ: score_fn's input and the final log2 scores.
+
+    Order (as everywhere): scale·q·kᵀ → soft cap → + bias → score_fn. Without bias and
+    score_fn the scale and log₂e fold into one multiply and `biased` is None.
+    """
+    if bias is None and st.score_fn is None:
+        if st.soft_cap is None:
+            return None, raw * (st.scale * LOG2E)
+        return None, (st.soft_cap * LOG2E) * jnp.tanh(raw * (st.scale / st.soft_cap))
+    s = raw * st.scale
+    if st.soft_cap is not None:
+        s = st.soft_cap * jnp.tanh(s / st.soft_cap)
+    if bias is not None:
+        s = s + bias.astype(jnp.float32)
+    biased = s
+    if st.score_fn is not None:
+        s = _apply_score_fn(st, s, pos)
+    return biased, s * LOG2E
+
+
+def _allowed(st: Static, pos: _Pos, kv_len, segq, segk, mask):
+    """Predicate [bq, bk]: the key may be attended (tail keys lie at or past kv_len)."""
+    qpos, cols = pos.qpos[:, None], pos.kpos[None, :]
+    allowed = jnp.broadcast_to(cols < kv_len, (qpos.shape[0], cols.shape[1]))
     if st.is_causal:
-        allowed &= cols[None, :] <= qpos[:, None]
+        allowed &= cols <= qpos
     if st.window is not None:
         left, right = st.window
-        allowed &= (cols[None, :] >= qpos[:, None] - left) & (
-            cols[None, :] <= qpos[:, None] + right
-        )
+        allowed &= (cols >= qpos - left) & (cols <= qpos + right)
     if st.has_segments:
         allowed &= segq[:, None] == segk[None, :]
+    if mask is not None:
+        allowed &= mask != 0
+    if st.mask_fn is not None:
+        allowed &= st.mask_fn(pos.batch, pos.head, qpos, cols)
     return allowed
+
+
+def _dscore(st: Static, ds, raw, biased, pos: _Pos):
+    """d loss/d(scale·q·kᵀ) from d loss/d(final scores): chain rule through score_fn, soft cap.
+
+    score_fn is elementwise, so its derivative is the forward-mode derivative along ones.
+    """
+    if st.score_fn is not None:
+        _, slope = jax.jvp(
+            lambda x: _apply_score_fn(st, x, pos), (biased,), (jnp.ones_like(biased),)
+        )
+        ds = ds * slope
+    if st.soft_cap is not None:  # d/dx cap·tanh(x/cap) = 1 − tanh²
+        t = jnp.tanh(raw * (st.scale / st.soft_cap))
+        ds = ds * (1.0 - t * t)
+    return ds
 
 
 def _kv_ranges(st: Static, q_start, bq: int, bk: int, nk: int, off, q_len, kv_len):
@@ -193,7 +302,7 @@ def _kv_ranges(st: Static, q_start, bq: int, bk: int, nk: int, off, q_len, kv_le
         flo = _cdiv(jnp.maximum(last - left, 0), bk)
         fhi = jnp.minimum(fhi, _fdiv(first + right + 1, bk))
     hi = jnp.where(q_start < q_len, jnp.maximum(hi, lo), lo)  # padding queries need no keys
-    if st.has_segments:
+    if not st.index_masks_only:
         flo = fhi = lo
     flo = jnp.clip(flo, lo, hi)
     fhi = jnp.clip(fhi, flo, hi)
@@ -217,7 +326,7 @@ def _q_ranges(st: Static, k_start, bq: int, bk: int, nq: int, off, q_len, kv_len
         flo = jnp.maximum(flo, _cdiv(jnp.maximum(k_last - off - right, 0), bq))
         fhi = jnp.minimum(fhi, _fdiv(k_start + left - off + 1, bq))
     hi = jnp.where(k_start < kv_len, jnp.maximum(hi, lo), lo)  # padding keys are seen by none
-    if st.has_segments:
+    if not st.index_masks_only:
         flo = fhi = lo
     flo = jnp.clip(flo, lo, hi)
     fhi = jnp.clip(fhi, flo, hi)
@@ -234,29 +343,29 @@ def _three_phase(lo, flo, fhi, hi, body, carry):
 # ------------------------------------------------------------------------------------ kernels
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, meta_ref, *rest, st: Static, nk: int):
-    if st.has_segments:
-        segq_ref, segk_ref, o_ref, lse_ref = rest
-    else:
-        (o_ref, lse_ref), segq_ref, segk_ref = rest, None, None
+def _fwd_kernel(q_ref, k_ref, v_ref, meta_ref, *refs, st: Static, nk: int):
+    ops, (o_ref, lse_ref) = _split_refs(st, refs)
     bq, bk = st.block_q, st.block_k
     q_start = pl.program_id(0) * bq
+    batch, head = _grid_position(st)
     off, q_len, kv_len = _meta(meta_ref)
     q = q_ref[...]  # (bq, H)
     rows = q_start + jnp.arange(bq, dtype=jnp.int32)
     qpos = rows + off
-    segq = segq_ref[pl.ds(q_start, bq)] if st.has_segments else None
+    segq = ops.segq[pl.ds(q_start, bq)] if st.has_segments else None
 
     def body(j, carry, masked):
         acc, m, l = carry
         k_start = j * bk
-        k = k_ref[pl.ds(k_start, bk), :]  # (bk, H)
-        v = v_ref[pl.ds(k_start, bk), :]  # (bk, Hv)
-        s = _scores(st, plgpu.dot(q, k, trans_b=True, precision=st.precision))  # (bq, bk)
+        ks = pl.ds(k_start, bk)
+        k, v = k_ref[ks, :], v_ref[ks, :]  # (bk, H), (bk, Hv)
+        pos = _Pos(batch, head, qpos, k_start + jnp.arange(bk, dtype=jnp.int32))
+        raw = plgpu.dot(q, k, trans_b=True, precision=st.precision)  # (bq, bk)
+        _, s = _block_scores(st, raw, pos, _dense(ops.bias, st.bias_dims, None, ks))
         if masked:
-            cols = k_start + jnp.arange(bk, dtype=jnp.int32)
-            segk = segk_ref[pl.ds(k_start, bk)] if st.has_segments else None
-            s = jnp.where(_mask(st, qpos, cols, kv_len, segq, segk), s, MASKED)
+            segk = ops.segk[ks] if st.has_segments else None
+            mask = _dense(ops.mask, st.mask_dims, None, ks)
+            s = jnp.where(_allowed(st, pos, kv_len, segq, segk, mask), s, MASKED)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
@@ -277,35 +386,31 @@ def _fwd_kernel(q_ref, k_ref, v_ref, meta_ref, *rest, st: Static, nk: int):
     lse_ref[...] = jnp.where(valid, (m + jnp.log2(safe_l)) * LN2, -jnp.inf)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *rest, st, nk):
-    if st.has_segments:
-        segq_ref, segk_ref, dq_ref = rest
-    else:
-        (dq_ref,), segq_ref, segk_ref = rest, None, None
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs, st, nk):
+    ops, (dq_ref,) = _split_refs(st, refs)
     bq, bk = st.block_q, st.block_k
     q_start = pl.program_id(0) * bq
+    batch, head = _grid_position(st)
     off, q_len, kv_len = _meta(meta_ref)
     q, do = q_ref[...], do_ref[...]  # (bq, H), (bq, Hv)
     lse2, delta = lse_ref[...], delta_ref[...]  # (bq,) log2-domain lse (+inf: no key), D
     qpos = q_start + jnp.arange(bq, dtype=jnp.int32) + off
-    segq = segq_ref[pl.ds(q_start, bq)] if st.has_segments else None
+    segq = ops.segq[pl.ds(q_start, bq)] if st.has_segments else None
 
     def body(j, dq, masked):
         k_start = j * bk
-        k = k_ref[pl.ds(k_start, bk), :]
-        v = v_ref[pl.ds(k_start, bk), :]
+        ks = pl.ds(k_start, bk)
+        k, v = k_ref[ks, :], v_ref[ks, :]
+        pos = _Pos(batch, head, qpos, k_start + jnp.arange(bk, dtype=jnp.int32))
         raw = plgpu.dot(q, k, trans_b=True, precision=st.precision)
-        s = _scores(st, raw)
+        biased, s = _block_scores(st, raw, pos, _dense(ops.bias, st.bias_dims, None, ks))
         if masked:
-            cols = k_start + jnp.arange(bk, dtype=jnp.int32)
-            segk = segk_ref[pl.ds(k_start, bk)] if st.has_segments else None
-            s = jnp.where(_mask(st, qpos, cols, kv_len, segq, segk), s, MASKED)
+            segk = ops.segk[ks] if st.has_segments else None
+            mask = _dense(ops.mask, st.mask_dims, None, ks)
+            s = jnp.where(_allowed(st, pos, kv_len, segq, segk, mask), s, MASKED)
         p = jnp.exp2(s - lse2[:, None])  # P = exp(s − lse); 0 where masked
         dp = plgpu.dot(do, v, trans_b=True, precision=st.precision)  # dO·Vᵀ
-        ds = p * (dp - delta[:, None])  # dS = P ∘ (dP − D)
-        if st.soft_cap is not None:  # d/dx cap·tanh(x/cap) = 1 − tanh²
-            t = jnp.tanh(raw * (st.scale / st.soft_cap))
-            ds = ds * (1.0 - t * t)
+        ds = _dscore(st, p * (dp - delta[:, None]), raw, biased, pos)  # dS = P ∘ (dP − D)
         return dq + plgpu.dot(ds.astype(k.dtype), k, precision=st.precision)
 
     lo, flo, fhi, hi = _kv_ranges(st, q_start, bq, bk, nk, off, q_len, kv_len)
@@ -313,38 +418,33 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *rest,
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *rest, st, nq):
-    if st.has_segments:
-        segq_ref, segk_ref, dk_ref, dv_ref = rest
-    else:
-        (dk_ref, dv_ref), segq_ref, segk_ref = rest, None, None
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs, st, nq):
+    ops, (dk_ref, dv_ref) = _split_refs(st, refs)
     bq, bk = st.block_q_bwd, st.block_k_bwd
     k_start = pl.program_id(0) * bk
+    batch, head = _grid_position(st)
     off, q_len, kv_len = _meta(meta_ref)
     k, v = k_ref[...], v_ref[...]  # (bk, H), (bk, Hv)
     cols = k_start + jnp.arange(bk, dtype=jnp.int32)
-    segk = segk_ref[pl.ds(k_start, bk)] if st.has_segments else None
+    segk = ops.segk[pl.ds(k_start, bk)] if st.has_segments else None
 
     def body(i, carry, masked):
         dk, dv = carry
         q_start = i * bq
-        q = q_ref[pl.ds(q_start, bq), :]
-        do = do_ref[pl.ds(q_start, bq), :]
-        lse2 = lse_ref[pl.ds(q_start, bq)]
-        delta = delta_ref[pl.ds(q_start, bq)]
+        qs = pl.ds(q_start, bq)
+        q, do = q_ref[qs, :], do_ref[qs, :]
+        lse2, delta = lse_ref[qs], delta_ref[qs]
+        pos = _Pos(batch, head, q_start + jnp.arange(bq, dtype=jnp.int32) + off, cols)
         raw = plgpu.dot(q, k, trans_b=True, precision=st.precision)  # (bq, bk)
-        s = _scores(st, raw)
+        biased, s = _block_scores(st, raw, pos, _dense(ops.bias, st.bias_dims, qs, None))
         if masked:
-            qpos = q_start + jnp.arange(bq, dtype=jnp.int32) + off
-            segq = segq_ref[pl.ds(q_start, bq)] if st.has_segments else None
-            s = jnp.where(_mask(st, qpos, cols, kv_len, segq, segk), s, MASKED)
+            segq = ops.segq[qs] if st.has_segments else None
+            mask = _dense(ops.mask, st.mask_dims, qs, None)
+            s = jnp.where(_allowed(st, pos, kv_len, segq, segk, mask), s, MASKED)
         p = jnp.exp2(s - lse2[:, None])
         dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True, precision=st.precision)
         dp = plgpu.dot(do, v, trans_b=True, precision=st.precision)
-        ds = p * (dp - delta[:, None])
-        if st.soft_cap is not None:
-            t = jnp.tanh(raw * (st.scale / st.soft_cap))
-            ds = ds * (1.0 - t * t)
+        ds = _dscore(st, p * (dp - delta[:, None]), raw, biased, pos)
         dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True, precision=st.precision)
         return dk, dv
 
@@ -367,17 +467,57 @@ def _params(st: Static, backward: bool = False):
     return plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
 
 
-def _seq_specs(st: Static, which: str):
-    """BlockSpecs for the (optional) segment-id rows, whole per batch entry."""
-    if not st.has_segments:
-        return []
-    return [
-        pl.BlockSpec((None, which[0]), lambda *g: (g[1], 0)),
-        pl.BlockSpec((None, which[1]), lambda *g: (g[1], 0)),
-    ]
+def _extra_inputs(st: Static, bias, marr: masks.MaskArrays, padded_seq_k: int) -> list[Array]:
+    """The optional kernel inputs, in `_split_refs` order: segment ids, bias, mask (int8).
+
+    A dense operand broadcast over both T and S is widened to S (B·N·S elements) so that every
+    operand the kernels read has its key dim, or its query dim, or both.
+    """
+    out = []
+    if st.has_segments:
+        out += [marr.q_segment_ids, marr.kv_segment_ids]
+    for x, dims in ((bias, st.bias_dims), (marr.mask, st.mask_dims)):
+        if dims is None:
+            continue
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.int8)
+        if x.shape[2] == 1 and x.shape[3] == 1:
+            x = jnp.broadcast_to(x, (*x.shape[:3], padded_seq_k))
+        out.append(x)
+    return out
 
 
-def _forward(st: Static, q, k, v, meta, seg):
+def _extra_specs(st: Static, *, rows: int, cols: int, blocked: str) -> list[pl.BlockSpec]:
+    """BlockSpecs of `_extra_inputs` for a grid (i, b, n) blocked over queries or keys.
+
+    `blocked` is "q" (forward, dQ: program i holds query rows i·rows…) or "k" (dK/dV: program i
+    holds key columns i·cols…); the other sequence dim is whole (rows or cols elements).
+    """
+    specs = []
+    if st.has_segments:
+        q_block, k_block = (rows, None) if blocked == "q" else (None, cols)
+        specs += [
+            pl.BlockSpec((None, rows), lambda i, b, n: (b, i if q_block else 0)),
+            pl.BlockSpec((None, cols), lambda i, b, n: (b, 0 if q_block else i)),
+        ]
+    for dims in (st.bias_dims, st.mask_dims):
+        if dims is None:
+            continue
+        shape = (None, None, rows if dims[2] else None, cols if dims[3] else None)
+
+        def index(i, b, n, dims=dims):
+            return (
+                b if dims[0] else 0,
+                n if dims[1] else 0,
+                i if blocked == "q" and dims[2] else 0,
+                i if blocked == "k" and dims[3] else 0,
+            )
+
+        specs.append(pl.BlockSpec(shape, index))
+    return specs
+
+
+def _forward(st: Static, q, k, v, bias, meta, marr):
     batch, seq_q, num_heads, head_dim = q.shape
     seq_k, head_dim_v = k.shape[1], v.shape[-1]
     bq, g = st.block_q, st.groups
@@ -387,7 +527,7 @@ def _forward(st: Static, q, k, v, meta, seg):
         pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, n: (b, 0, n // g, 0)),
         pl.BlockSpec((None, seq_k, None, head_dim_v), lambda i, b, n: (b, 0, n // g, 0)),
         pl.BlockSpec((None, 4), lambda i, b, n: (b, 0)),
-        *_seq_specs(st, (seq_q, seq_k)),
+        *_extra_specs(st, rows=bq, cols=seq_k, blocked="q"),
     ]
     out_specs = [
         pl.BlockSpec((None, bq, None, head_dim_v), lambda i, b, n: (b, i, n, 0)),
@@ -407,10 +547,10 @@ def _forward(st: Static, q, k, v, meta, seg):
         compiler_params=_params(st),
         interpret=st.interpret,
         name="chunkattn_fwd",
-    )(q, k, v, meta, *seg)
+    )(q, k, v, meta, *_extra_inputs(st, bias, marr, seq_k))
 
 
-def _backward(st: Static, q, k, v, meta, seg, out, lse, dout, dlse):
+def _backward(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
     batch, seq_q, num_heads, head_dim = q.shape
     seq_k, num_kv_heads, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
     g = st.groups
@@ -418,6 +558,7 @@ def _backward(st: Static, q, k, v, meta, seg, out, lse, dout, dlse):
     delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
     delta = delta - dlse.astype(jnp.float32)
     lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf)  # no key: P = 2^(s − ∞) = 0
+    extra = _extra_inputs(st, bias, marr, seq_k)
     row_spec = lambda blk: pl.BlockSpec((None, None, blk), lambda i, b, n: (b, n, i))
     full_row = pl.BlockSpec((None, None, seq_q), lambda j, b, n: (b, n, 0))
 
@@ -433,14 +574,14 @@ def _backward(st: Static, q, k, v, meta, seg, out, lse, dout, dlse):
             row_spec(bq),
             row_spec(bq),
             pl.BlockSpec((None, 4), lambda i, b, n: (b, 0)),
-            *_seq_specs(st, (seq_q, seq_k)),
+            *_extra_specs(st, rows=bq, cols=seq_k, blocked="q"),
         ],
         out_specs=pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_params(st, backward=True),
         interpret=st.interpret,
         name="chunkattn_bwd_dq",
-    )(q, k, v, dout, lse2, delta, meta, *seg)
+    )(q, k, v, dout, lse2, delta, meta, *extra)
 
     bk = st.block_k_bwd
     part_dtype = k.dtype if g == 1 else jnp.float32  # per-query-head partials, summed below
@@ -455,7 +596,7 @@ def _backward(st: Static, q, k, v, meta, seg, out, lse, dout, dlse):
             full_row,
             full_row,
             pl.BlockSpec((None, 4), lambda j, b, n: (b, 0)),
-            *_seq_specs(st, (seq_q, seq_k)),
+            *_extra_specs(st, rows=seq_q, cols=bk, blocked="k"),
         ],
         out_specs=[
             pl.BlockSpec((None, bk, None, head_dim), lambda j, b, n: (b, j, n, 0)),
@@ -468,29 +609,45 @@ def _backward(st: Static, q, k, v, meta, seg, out, lse, dout, dlse):
         compiler_params=_params(st, backward=True),
         interpret=st.interpret,
         name="chunkattn_bwd_dkdv",
-    )(q, k, v, dout, lse2, delta, meta, *seg)
+    )(q, k, v, dout, lse2, delta, meta, *extra)
     if g > 1:  # (B, S, K, G, H) summed over the group's query heads
         dk = dk.reshape(batch, seq_k, num_kv_heads, g, head_dim).sum(3).astype(k.dtype)
         dv = dv.reshape(batch, seq_k, num_kv_heads, g, head_dim_v).sum(3).astype(v.dtype)
     return dq, dk, dv
 
 
+def _bias_grad(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
+    """dS reduced to the bias's own (broadcast) shape, by the chunked backward.
+
+    The kernels would have to sum dS over the bias's broadcast dims across programs; the
+    chunked backward does exactly that from the same residuals. Query rows the kernels treat as
+    padding (lse −inf) are masked there too. When the bias is not differentiated XLA removes
+    this computation as dead code.
+    """
+    marr = marr._replace(q_lengths=meta[:, 1], kv_lengths=meta[:, 2])
+    grads = chunked._backward(st.bias_grad, q, k, v, bias, (), marr, None, out, lse, dout, dlse)
+    return grads[3]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def flash_attention(st: Static, q, k, v, meta, seg):
+def flash_attention(st: Static, q, k, v, bias, meta, marr):
     """Fused attention on padded inputs: (out [B, Tp, N, Hvp], lse f32 [B, N, Tp])."""
-    return _forward(st, q, k, v, meta, seg)
+    return _forward(st, q, k, v, bias, meta, marr)
 
 
-def _flash_fwd(st, q, k, v, meta, seg):
-    out, lse = _forward(st, q, k, v, meta, seg)
-    return (out, lse), (q, k, v, meta, seg, out, lse)
+def _flash_fwd(st, q, k, v, bias, meta, marr):
+    out, lse = _forward(st, q, k, v, bias, meta, marr)
+    return (out, lse), (q, k, v, bias, meta, marr, out, lse)
 
 
 def _flash_bwd(st, res, cotangents):
-    q, k, v, meta, seg, out, lse = res
+    q, k, v, bias, meta, marr, out, lse = res
     dout, dlse = cotangents
-    dq, dk, dv = _backward(st, q, k, v, meta, seg, out, lse, dout, dlse)
-    return dq, dk, dv, None, jax.tree_util.tree_map(lambda _: None, seg)
+    dq, dk, dv = _backward(st, q, k, v, bias, meta, marr, out, lse, dout, dlse)
+    dbias = None
+    if bias is not None:
+        dbias = _bias_grad(st, q, k, v, bias, meta, marr, out, lse, dout, dlse)
+    return dq, dk, dv, dbias, None, jax.tree_util.tree_map(lambda _: None, marr)
 
 
 flash_attention.defvjp(_flash_fwd, _flash_bwd)
@@ -499,12 +656,88 @@ flash_attention.defvjp(_flash_fwd, _flash_bwd)
 # ---------------------------------------------------------------------------------- entry
 
 
-def _pad_to(x: Array, axis: int, size: int) -> Array:
+def _pad_to(x: Array, axis: int, size: int, value: Any = 0) -> Array:
     if x.shape[axis] == size:
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _pad_dense(x: Array, pq: int, pk: int, value: Any) -> Array:
+    """A [b, n, t, s] bias/mask padded to (pq, pk) on its full dims; broadcast dims stay 1."""
+    if x.shape[2] != 1:
+        x = _pad_to(x, 2, pq, value)
+    return x if x.shape[3] == 1 else _pad_to(x, 3, pk, value)
+
+
+def _lowerable_primitives() -> set[str] | None:
+    """Names of the primitives the Triton lowering implements (None: unknown, assume all)."""
+    try:
+        from jax._src.pallas.triton import lowering
+    except ImportError:  # pragma: no cover - private module moved
+        return None
+    return {str(p) for p in lowering.triton_lowering_rules}
+
+
+def _primitives(jaxpr) -> set[str]:
+    """Every primitive in a jaxpr, including those of its sub-jaxprs (jit, custom_jvp, cond)."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(str(eqn.primitive))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    names |= _primitives(inner)
+    return names
+
+
+def _check_user_fn(name: str, fn: Callable[..., Array], *example: Any) -> None:
+    """Raise NotImplementedError unless `fn` can be traced into a kernel body.
+
+    A kernel cannot capture arrays (a function closing over a table, or over a traced value,
+    must run in the chunked path), and the Triton lowering implements a fixed set of
+    primitives; both are checked on the function's jaxpr at the kernel's block shapes.
+    """
+    closed = jax.make_jaxpr(fn)(*example)
+    if closed.consts:
+        shapes = ", ".join(str(getattr(c, "shape", ())) for c in closed.consts)
+        raise NotImplementedError(
+            f"the pallas kernels do not implement a {name} that closes over arrays (shapes "
+            f"{shapes}); pass implementation='chunked' or compute them from the indices"
+        )
+    known = _lowerable_primitives()
+    if known is not None:
+        missing = sorted(_primitives(closed.jaxpr) - known)
+        if missing:
+            raise NotImplementedError(
+                f"the pallas kernels cannot lower the {name} operations {', '.join(missing)}"
+            )
+
+
+def _check_user_fns(opts: Any, bq: int, bk: int) -> None:
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    where = (i32(1, 1), i32(1, 1), i32(bq, 1), i32(1, bk))
+    if opts.mask_fn is not None:
+        _check_user_fn("mask_fn", opts.mask_fn, *where)
+    if opts.score_fn is not None:
+        score = jax.ShapeDtypeStruct((bq, bk), jnp.float32)
+
+        def with_derivative(s, *idx):  # the backward kernels trace its derivative too
+            f = lambda x: jnp.broadcast_to(opts.score_fn(x, *idx), x.shape).astype(jnp.float32)
+            return jax.jvp(f, (s,), (jnp.ones_like(s),))
+
+        _check_user_fn("score_fn", with_derivative, score, *where)
+
+
+def _dims(x: Array | None) -> Dims | None:
+    """Which of a dense [b, n, t, s] operand's dims the kernels index (S also when T and S are
+    both broadcast: `_extra_inputs` widens it)."""
+    if x is None:
+        return None
+    b, n, t, s = (d != 1 for d in x.shape)
+    return b, n, t, s or not t
 
 
 def attention(args: Any, opts: Any) -> tuple[Array, Array]:
@@ -516,10 +749,6 @@ def attention(args: Any, opts: Any) -> tuple[Array, Array]:
     if jax.default_backend() != "gpu" and not interpret:
         raise NotImplementedError("the pallas implementation needs a GPU backend")
     unsupported = [
-        ("a dense bias", args.bias is not None),
-        ("a dense mask", args.mask is not None),
-        ("mask_fn", opts.mask_fn is not None),
-        ("score_fn", opts.score_fn is not None),
         ("dropout", opts.dropout_rate > 0),
         ("float64", args.query.dtype == jnp.float64),
         ("head dims above 256", max(args.query.shape[-1], args.value.shape[-1]) > 256),
@@ -537,18 +766,46 @@ def attention(args: Any, opts: Any) -> tuple[Array, Array]:
     seq_k, num_kv_heads, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
     hp, hvp = max(16, pl.next_power_of_2(head_dim)), max(16, pl.next_power_of_2(head_dim_v))
     blocks = _heuristic(max(hp, hvp), q.dtype, seq_q, seq_k, cfg)
+    _check_user_fns(opts, blocks["block_q"], blocks["block_k"])
     tq = max(blocks["block_q"], blocks["block_q_bwd"])
     tk = max(blocks["block_k"], blocks["block_k_bwd"])
     pq, pk = -(-seq_q // tq) * tq, -(-seq_k // tk) * tk
-    precision = opts.precision
+    bias = args.bias
+    bias_grad = None
+    if bias is not None:
+        bias = _pad_dense(bias, pq, pk, 0.0)
+        cq, ck = chunked.ChunkConfig().resolve(pq, pk, batch * num_heads)
+        bias_grad = chunked.Static(
+            spec=masks.MaskSpec(opts.is_causal, args.local_window_size, opts.mask_fn),
+            scale=args.scale,
+            soft_cap=args.logits_soft_cap,
+            score_fn=opts.score_fn,
+            dropout_rate=0.0,
+            broadcast_dropout=True,
+            tq=math.gcd(pq, cq),
+            tk=math.gcd(pk, ck),
+            seq_k=seq_k,
+            precision=opts.precision,
+        )
+    marr = args.mask_arrays()
+    marr = marr._replace(
+        q_segment_ids=None if marr.q_segment_ids is None else _pad_to(marr.q_segment_ids, 1, pq),
+        kv_segment_ids=None if marr.kv_segment_ids is None else _pad_to(marr.kv_segment_ids, 1, pk),
+        mask=None if marr.mask is None else _pad_dense(marr.mask, pq, pk, False),
+    )
     st = Static(
         scale=args.scale,
         is_causal=opts.is_causal,
         window=args.local_window_size,
         soft_cap=args.logits_soft_cap,
         has_segments=args.segment_ids is not None,
+        mask_fn=opts.mask_fn,
+        score_fn=opts.score_fn,
+        bias_dims=_dims(bias),
+        mask_dims=_dims(marr.mask),
+        bias_grad=bias_grad,
         groups=num_heads // num_kv_heads,
-        precision=precision,
+        precision=opts.precision,
         interpret=interpret,
         **blocks,
     )
@@ -563,11 +820,8 @@ def attention(args: Any, opts: Any) -> tuple[Array, Array]:
         ],
         axis=1,
     ).astype(jnp.int32)  # (B, 4)
-    seg = ()
-    if args.segment_ids is not None:
-        seg = (_pad_to(args.segment_ids[0], 1, pq), _pad_to(args.segment_ids[1], 1, pk))
     qp = _pad_to(_pad_to(q, 1, pq), 3, hp)
     kp = _pad_to(_pad_to(k, 1, pk), 3, hp)
     vp = _pad_to(_pad_to(v, 1, pk), 3, hvp)
-    out, lse = flash_attention(st, qp, kp, vp, meta, seg)
+    out, lse = flash_attention(st, qp, kp, vp, bias, meta, marr)
     return out[:, :seq_q, :, :head_dim_v], lse[:, :, :seq_q]
