@@ -62,6 +62,17 @@ def main(argv=None) -> int:
             dict(bias=full_bias, mask=dense_mask, logits_soft_cap=30.0),
         ),
         (
+            "bf16 dropout 0.1 (per head) + [1, N, 1, S] bias, causal",
+            dict(seq_q=500, seq_k=700, head_dim=128),
+            dict(
+                bias=bias,
+                dropout_rate=0.1,
+                dropout_rng=jax.random.PRNGKey(13),
+                broadcast_dropout=False,
+                is_causal=True,
+            ),
+        ),
+        (
             "f32 causal H=128",
             dict(seq_q=500, head_dim=128, dtype=jnp.float32),
             dict(is_causal=True),

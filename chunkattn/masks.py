@@ -296,16 +296,17 @@ def dropout_keep(
 ) -> Array:
     """Keep-mask of dropout at (batch, head, query row, key column): a pure function of them.
 
-    `seed` is a uint32 [2] array (from `jax.random.bits(dropout_rng, (2,), jnp.uint32)`).
-    With `broadcast`, the mask is shared by all batch entries and heads (as in Flax).
-    Index arrays broadcast against each other; the result is their broadcast shape.
+    `seed` is a uint32 [2] array (from `jax.random.bits(dropout_rng, (2,), jnp.uint32)`) or a
+    pair of uint32 scalars (inside a kernel). With `broadcast`, the mask is shared by all batch
+    entries and heads (as in Flax). Index arrays broadcast against each other; the result is
+    their broadcast shape.
     """
-    seed = seed.astype(jnp.uint32)
+    seed0, seed1 = (jnp.asarray(s).astype(jnp.uint32) for s in (seed[0], seed[1]))
     if broadcast:
         bh = jnp.zeros((), jnp.uint32)
     else:
         bh = batch_idx.astype(jnp.uint32) * jnp.uint32(0x01000193) + head_idx.astype(jnp.uint32)
-    t = _mix32(bh ^ seed[1])
+    t = _mix32(bh ^ seed1)
     t = _mix32(rows.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + t)
-    x = _mix32((cols.astype(jnp.uint32) * jnp.uint32(0x85EBCA6B)) ^ t ^ seed[0])
+    x = _mix32((cols.astype(jnp.uint32) * jnp.uint32(0x85EBCA6B)) ^ t ^ seed0)
     return x >= dropout_threshold(rate)

@@ -2,7 +2,7 @@
 
 On CPU the kernels run with CHUNKATTN_PALLAS_INTERPRET=1 (the Pallas interpreter) at small
 sizes and small blocks, so tails, multiple blocks and every phase of the loops are exercised.
-Requests the kernels do not implement (dropout, a mask_fn/score_fn closing over arrays) raise
+Requests the kernels do not implement (a mask_fn/score_fn closing over arrays) raise
 NotImplementedError naming the feature; the suite skips those cases with that reason.
 """
 
@@ -60,7 +60,6 @@ def test_declines_what_it_does_not_implement():
     q, k, v = testing.random_qkv(jax.random.PRNGKey(0), seq_q=16, seq_k=16, head_dim=16)
     table = jnp.linspace(0.0, 1.0, 16)
     declined = [
-        ("dropout", dict(dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(1))),
         ("mask_fn that closes over arrays", dict(mask_fn=lambda b, h, i, j: table[j] > 0.5)),
         ("score_fn operations round", dict(score_fn=lambda s, b, h, i, j: jax.lax.round(s))),
         ("PallasConfig", dict(config=chunkattn.ChunkConfig(8, 8))),
@@ -94,3 +93,23 @@ def test_bias_gradient_runs_only_when_the_bias_is_differentiated():
     got = jax.grad(loss, argnums=3)(q, k, v, bias)
     want = jax.grad(lambda b: jnp.sum(chunkattn.reference_attention(q, k, v, b)))(bias)
     assert testing.relative_error(got, want) <= testing.tolerance(q.dtype, grad=True)
+
+
+def test_dropout_with_bias_and_score_fn():
+    """Dropout inside the kernels and in the bias gradient's chunked backward draw one mask."""
+    q, k, v = testing.random_qkv(jax.random.PRNGKey(0), seq_q=33, seq_k=40, head_dim=16)
+    bias = jax.random.normal(jax.random.PRNGKey(1), (1, q.shape[2], 1, 40))
+    testing.assert_matches_reference(
+        lambda *a, **kw: chunkattn.dot_product_attention(
+            *a, implementation="pallas", config=TestPallasInterpret.config, **kw
+        ),
+        q,
+        k,
+        v,
+        bias,
+        dropout_rate=0.3,
+        dropout_rng=jax.random.PRNGKey(3),
+        broadcast_dropout=False,
+        is_causal=True,
+        score_fn=lambda s, b, h, i, j: s - 0.1 * jnp.abs(i - j),
+    )

@@ -15,8 +15,10 @@ BlockSpec index map: K and V are never repeated.
 A user's `mask_fn` and `score_fn` are traced into the kernel bodies (the backward kernels
 differentiate `score_fn` by a forward-mode derivative of the traced function, exact for an
 elementwise function); a dense bias or mask is read block by block in its own broadcast shape.
-What the kernels cannot do raises NotImplementedError naming the feature, and
-`dot_product_attention(implementation=None)` falls back to the chunked path: dropout, a
+Dropout draws its keep-mask from the same position hash as the chunked path
+(`masks.dropout_keep`), so forward, backward and every implementation agree. What the kernels
+cannot do raises NotImplementedError naming the feature, and
+`dot_product_attention(implementation=None)` falls back to the chunked path: a
 `mask_fn`/`score_fn` that closes over arrays or uses an operation the Triton lowering lacks.
 The gradient of a dense bias is computed by the chunked path's backward from the kernels'
 residuals (XLA drops that computation when the bias is not differentiated).
@@ -103,6 +105,8 @@ class Static(NamedTuple):
     score_fn: Callable[..., Array] | None  # (score, batch, head, q_pos, k_pos) -> score
     bias_dims: Dims | None  # a dense bias, read block by block
     mask_dims: Dims | None  # a dense mask (as int8), read block by block
+    dropout_rate: float  # 0: no dropout
+    broadcast_dropout: bool
     bias_grad: chunked.Static | None  # the chunked backward that computes the bias gradient
     block_q: int
     block_k: int
@@ -168,11 +172,41 @@ def _fdiv(a, b: int):
     return jax.lax.div(jnp.maximum(a, 0), b)
 
 
+META = ("q_offset", "q_len", "kv_len", "seed0", "seed1", "unused", "unused", "unused")
+
+
 def _meta(meta_ref):
-    """(q_offset, q_len, kv_len) of this batch entry, as int32 scalars."""
+    """(q_offset, q_len, kv_len) of this batch entry, as int32 scalars (see `META`)."""
     m = meta_ref[...]
-    idx = jnp.arange(4, dtype=jnp.int32)
+    idx = jnp.arange(len(META), dtype=jnp.int32)
     return tuple(jnp.sum(jnp.where(idx == i, m, 0)) for i in range(3))
+
+
+def _seed(st: Static, meta_ref):
+    """The dropout seed as a pair of uint32 scalars (None without dropout)."""
+    if st.dropout_rate == 0:
+        return None
+    m = meta_ref[...]
+    idx = jnp.arange(len(META), dtype=jnp.int32)
+    pick = lambda i: jax.lax.bitcast_convert_type(jnp.sum(jnp.where(idx == i, m, 0)), jnp.uint32)
+    return pick(3), pick(4)
+
+
+def _keep_scale(st: Static) -> float:
+    return 1.0 / (1.0 - st.dropout_rate)
+
+
+def _keep(st: Static, seed, pos: _Pos, rows):
+    """Dropout's keep-mask of a block: the position hash shared with the chunked path."""
+    return masks.dropout_keep(
+        seed,
+        pos.batch,
+        pos.head,
+        rows[:, None],
+        pos.kpos[None, :],
+        st.dropout_rate,
+        st.broadcast_dropout,
+    )
 
 
 class _Refs(NamedTuple):
@@ -202,7 +236,7 @@ class _Pos(NamedTuple):
 
 def _grid_position(st: Static):
     """(batch, head) of this program as (1, 1) int32 arrays, when a user function needs them."""
-    if st.mask_fn is None and st.score_fn is None:
+    if st.mask_fn is None and st.score_fn is None and st.dropout_rate == 0:
         return None, None
     full = lambda i: jnp.full((1, 1), pl.program_id(i), jnp.int32)
     return full(1), full(2)
@@ -349,6 +383,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, meta_ref, *refs, st: Static, nk: int):
     q_start = pl.program_id(0) * bq
     batch, head = _grid_position(st)
     off, q_len, kv_len = _meta(meta_ref)
+    seed = _seed(st, meta_ref)
     q = q_ref[...]  # (bq, H)
     rows = q_start + jnp.arange(bq, dtype=jnp.int32)
     qpos = rows + off
@@ -369,7 +404,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, meta_ref, *refs, st: Static, nk: int):
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
-        l = l * alpha + jnp.sum(p, axis=1)
+        l = l * alpha + jnp.sum(p, axis=1)  # the normaliser counts dropped weights too
+        if st.dropout_rate:
+            p = jnp.where(_keep(st, seed, pos, rows), p * _keep_scale(st), 0.0)
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=st.precision)
         return acc, m_new, l
 
@@ -392,9 +429,11 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs,
     q_start = pl.program_id(0) * bq
     batch, head = _grid_position(st)
     off, q_len, kv_len = _meta(meta_ref)
+    seed = _seed(st, meta_ref)
     q, do = q_ref[...], do_ref[...]  # (bq, H), (bq, Hv)
     lse2, delta = lse_ref[...], delta_ref[...]  # (bq,) log2-domain lse (+inf: no key), D
-    qpos = q_start + jnp.arange(bq, dtype=jnp.int32) + off
+    rows = q_start + jnp.arange(bq, dtype=jnp.int32)
+    qpos = rows + off
     segq = ops.segq[pl.ds(q_start, bq)] if st.has_segments else None
 
     def body(j, dq, masked):
@@ -410,6 +449,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs,
             s = jnp.where(_allowed(st, pos, kv_len, segq, segk, mask), s, MASKED)
         p = jnp.exp2(s - lse2[:, None])  # P = exp(s − lse); 0 where masked
         dp = plgpu.dot(do, v, trans_b=True, precision=st.precision)  # dO·Vᵀ
+        if st.dropout_rate:
+            dp = jnp.where(_keep(st, seed, pos, rows), dp * _keep_scale(st), 0.0)
         ds = _dscore(st, p * (dp - delta[:, None]), raw, biased, pos)  # dS = P ∘ (dP − D)
         return dq + plgpu.dot(ds.astype(k.dtype), k, precision=st.precision)
 
@@ -424,6 +465,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *ref
     k_start = pl.program_id(0) * bk
     batch, head = _grid_position(st)
     off, q_len, kv_len = _meta(meta_ref)
+    seed = _seed(st, meta_ref)
     k, v = k_ref[...], v_ref[...]  # (bk, H), (bk, Hv)
     cols = k_start + jnp.arange(bk, dtype=jnp.int32)
     segk = ops.segk[pl.ds(k_start, bk)] if st.has_segments else None
@@ -434,7 +476,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *ref
         qs = pl.ds(q_start, bq)
         q, do = q_ref[qs, :], do_ref[qs, :]
         lse2, delta = lse_ref[qs], delta_ref[qs]
-        pos = _Pos(batch, head, q_start + jnp.arange(bq, dtype=jnp.int32) + off, cols)
+        rows = q_start + jnp.arange(bq, dtype=jnp.int32)
+        pos = _Pos(batch, head, rows + off, cols)
         raw = plgpu.dot(q, k, trans_b=True, precision=st.precision)  # (bq, bk)
         biased, s = _block_scores(st, raw, pos, _dense(ops.bias, st.bias_dims, qs, None))
         if masked:
@@ -442,8 +485,13 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *ref
             mask = _dense(ops.mask, st.mask_dims, qs, None)
             s = jnp.where(_allowed(st, pos, kv_len, segq, segk, mask), s, MASKED)
         p = jnp.exp2(s - lse2[:, None])
-        dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True, precision=st.precision)
         dp = plgpu.dot(do, v, trans_b=True, precision=st.precision)
+        p_drop = p
+        if st.dropout_rate:
+            keep = _keep(st, seed, pos, rows)
+            p_drop = jnp.where(keep, p * _keep_scale(st), 0.0)
+            dp = jnp.where(keep, dp * _keep_scale(st), 0.0)
+        dv = dv + plgpu.dot(p_drop.astype(do.dtype), do, trans_a=True, precision=st.precision)
         ds = _dscore(st, p * (dp - delta[:, None]), raw, biased, pos)
         dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True, precision=st.precision)
         return dk, dv
@@ -526,7 +574,7 @@ def _forward(st: Static, q, k, v, bias, meta, marr):
         pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
         pl.BlockSpec((None, seq_k, None, head_dim), lambda i, b, n: (b, 0, n // g, 0)),
         pl.BlockSpec((None, seq_k, None, head_dim_v), lambda i, b, n: (b, 0, n // g, 0)),
-        pl.BlockSpec((None, 4), lambda i, b, n: (b, 0)),
+        pl.BlockSpec((None, len(META)), lambda i, b, n: (b, 0)),
         *_extra_specs(st, rows=bq, cols=seq_k, blocked="q"),
     ]
     out_specs = [
@@ -573,7 +621,7 @@ def _backward(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
             pl.BlockSpec((None, bq, None, head_dim_v), lambda i, b, n: (b, i, n, 0)),
             row_spec(bq),
             row_spec(bq),
-            pl.BlockSpec((None, 4), lambda i, b, n: (b, 0)),
+            pl.BlockSpec((None, len(META)), lambda i, b, n: (b, 0)),
             *_extra_specs(st, rows=bq, cols=seq_k, blocked="q"),
         ],
         out_specs=pl.BlockSpec((None, bq, None, head_dim), lambda i, b, n: (b, i, n, 0)),
@@ -595,7 +643,7 @@ def _backward(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
             pl.BlockSpec((None, seq_q, None, head_dim_v), lambda j, b, n: (b, 0, n, 0)),
             full_row,
             full_row,
-            pl.BlockSpec((None, 4), lambda j, b, n: (b, 0)),
+            pl.BlockSpec((None, len(META)), lambda j, b, n: (b, 0)),
             *_extra_specs(st, rows=seq_q, cols=bk, blocked="k"),
         ],
         out_specs=[
@@ -616,7 +664,7 @@ def _backward(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
     return dq, dk, dv
 
 
-def _bias_grad(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
+def _bias_grad(st: Static, q, k, v, bias, meta, marr, seed, out, lse, dout, dlse):
     """dS reduced to the bias's own (broadcast) shape, by the chunked backward.
 
     The kernels would have to sum dS over the bias's broadcast dims across programs; the
@@ -625,29 +673,34 @@ def _bias_grad(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
     this computation as dead code.
     """
     marr = marr._replace(q_lengths=meta[:, 1], kv_lengths=meta[:, 2])
-    grads = chunked._backward(st.bias_grad, q, k, v, bias, (), marr, None, out, lse, dout, dlse)
+    grads = chunked._backward(st.bias_grad, q, k, v, bias, (), marr, seed, out, lse, dout, dlse)
     return grads[3]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def flash_attention(st: Static, q, k, v, bias, meta, marr):
-    """Fused attention on padded inputs: (out [B, Tp, N, Hvp], lse f32 [B, N, Tp])."""
+def flash_attention(st: Static, q, k, v, bias, meta, marr, seed):
+    """Fused attention on padded inputs: (out [B, Tp, N, Hvp], lse f32 [B, N, Tp]).
+
+    `meta` is int32 [B, 8] (`META`); `seed` (uint32 [2], or None) is also in meta's columns 3–4
+    for the kernels and is passed whole for the bias gradient's chunked backward.
+    """
     return _forward(st, q, k, v, bias, meta, marr)
 
 
-def _flash_fwd(st, q, k, v, bias, meta, marr):
+def _flash_fwd(st, q, k, v, bias, meta, marr, seed):
     out, lse = _forward(st, q, k, v, bias, meta, marr)
-    return (out, lse), (q, k, v, bias, meta, marr, out, lse)
+    return (out, lse), (q, k, v, bias, meta, marr, seed, out, lse)
 
 
 def _flash_bwd(st, res, cotangents):
-    q, k, v, bias, meta, marr, out, lse = res
+    q, k, v, bias, meta, marr, seed, out, lse = res
     dout, dlse = cotangents
     dq, dk, dv = _backward(st, q, k, v, bias, meta, marr, out, lse, dout, dlse)
     dbias = None
     if bias is not None:
-        dbias = _bias_grad(st, q, k, v, bias, meta, marr, out, lse, dout, dlse)
-    return dq, dk, dv, dbias, None, jax.tree_util.tree_map(lambda _: None, marr)
+        dbias = _bias_grad(st, q, k, v, bias, meta, marr, seed, out, lse, dout, dlse)
+    no_grad = jax.tree_util.tree_map(lambda _: None, (marr, seed))
+    return dq, dk, dv, dbias, None, *no_grad
 
 
 flash_attention.defvjp(_flash_fwd, _flash_bwd)
@@ -749,7 +802,6 @@ def attention(args: Any, opts: Any) -> tuple[Array, Array]:
     if jax.default_backend() != "gpu" and not interpret:
         raise NotImplementedError("the pallas implementation needs a GPU backend")
     unsupported = [
-        ("dropout", opts.dropout_rate > 0),
         ("float64", args.query.dtype == jnp.float64),
         ("head dims above 256", max(args.query.shape[-1], args.value.shape[-1]) > 256),
     ]
@@ -780,8 +832,8 @@ def attention(args: Any, opts: Any) -> tuple[Array, Array]:
             scale=args.scale,
             soft_cap=args.logits_soft_cap,
             score_fn=opts.score_fn,
-            dropout_rate=0.0,
-            broadcast_dropout=True,
+            dropout_rate=opts.dropout_rate,
+            broadcast_dropout=opts.broadcast_dropout,
             tq=math.gcd(pq, cq),
             tk=math.gcd(pk, ck),
             seq_k=seq_k,
@@ -803,6 +855,8 @@ def attention(args: Any, opts: Any) -> tuple[Array, Array]:
         score_fn=opts.score_fn,
         bias_dims=_dims(bias),
         mask_dims=_dims(marr.mask),
+        dropout_rate=opts.dropout_rate,
+        broadcast_dropout=opts.broadcast_dropout,
         bias_grad=bias_grad,
         groups=num_heads // num_kv_heads,
         precision=opts.precision,
@@ -811,17 +865,23 @@ def attention(args: Any, opts: Any) -> tuple[Array, Array]:
     )
     q_len = args.query_seq_lengths if args.query_seq_lengths is not None else seq_q
     kv_len = args.key_value_seq_lengths if args.key_value_seq_lengths is not None else seq_k
+    seed = args.dropout_seed
+    seed_cols = [jnp.zeros((batch,), jnp.int32)] * 2
+    if seed is not None:  # the uint32 bits, carried as int32
+        bits = jax.lax.bitcast_convert_type(seed.astype(jnp.uint32), jnp.int32)
+        seed_cols = [jnp.broadcast_to(bits[0], (batch,)), jnp.broadcast_to(bits[1], (batch,))]
     meta = jnp.stack(
         [
             args.q_offset,
             jnp.minimum(jnp.broadcast_to(q_len, (batch,)), seq_q),
             jnp.minimum(jnp.broadcast_to(kv_len, (batch,)), seq_k),
-            jnp.zeros((batch,), jnp.int32),
+            *seed_cols,
+            *[jnp.zeros((batch,), jnp.int32)] * 3,
         ],
         axis=1,
-    ).astype(jnp.int32)  # (B, 4)
+    ).astype(jnp.int32)  # (B, 8): `META`
     qp = _pad_to(_pad_to(q, 1, pq), 3, hp)
     kp = _pad_to(_pad_to(k, 1, pk), 3, hp)
     vp = _pad_to(_pad_to(v, 1, pk), 3, hvp)
-    out, lse = flash_attention(st, qp, kp, vp, bias, meta, marr)
+    out, lse = flash_attention(st, qp, kp, vp, bias, meta, marr, seed)
     return out[:, :seq_q, :, :head_dim_v], lse[:, :, :seq_q]
