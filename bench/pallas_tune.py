@@ -37,6 +37,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq-len", type=int, default=16384)
     p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument(
+        "--backward",
+        nargs="*",
+        default=["split", "atomic"],
+        choices=["split", "atomic"],
+        help="PallasConfig.backward modes to time (each with every BWD block config)",
+    )
     args = p.parse_args(argv)
     T, H = args.seq_len, args.head_dim
     B, N = max(16384 // T, 1), 16 if H == 128 else 32
@@ -44,7 +51,11 @@ def main(argv=None) -> int:
     print(common.environment())
     for causal in (True, False):
         flops = common.attention_flops(B, N, T, H, causal)
-        variants = [(f, BWD[0]) for f in FWD] + [(FWD[0], b) for b in BWD[1:]]
+        variants = []
+        if "split" in args.backward:
+            variants += [(f, BWD[0]) for f in FWD] + [(FWD[0], b) for b in BWD[1:]]
+        if "atomic" in args.backward:
+            variants += [(FWD[1], dict(b, backward="atomic")) for b in BWD]
         for fcfg, bcfg in variants:
             cfg = PallasConfig(**fcfg, **bcfg)
             fn = lambda q, k, v, c, cfg=cfg: chunkattn.dot_product_attention(

@@ -8,6 +8,8 @@ NotImplementedError naming the feature; the suite skips those cases with that re
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -51,6 +53,7 @@ def test_config_is_validated():
         ({"block_k_bwd": 8}, "block_k_bwd"),
         ({"num_warps": 3}, "num_warps"),
         ({"num_stages": 0}, "num_stages"),
+        ({"backward": "fused"}, "backward"),
     ]:
         with pytest.raises(ValueError, match=f"PallasConfig.{field}"):
             PallasConfig(**kwargs)
@@ -112,4 +115,41 @@ def test_dropout_with_bias_and_score_fn():
         broadcast_dropout=False,
         is_causal=True,
         score_fn=lambda s, b, h, i, j: s - 0.1 * jnp.abs(i - j),
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(is_causal=True, q_offset=8),
+        dict(local_window_size=(5, 3), query_seq_lengths=jnp.array([37, 20])),
+        dict(
+            segment_ids=(
+                jnp.arange(37)[None].repeat(2, 0) // 10,
+                jnp.arange(45)[None].repeat(2, 0) // 12,
+            ),
+            mask_fn=lambda b, h, i, j: (i + j) % 5 != 0,
+        ),
+        dict(
+            dropout_rate=0.2,
+            dropout_rng=jax.random.PRNGKey(2),
+            score_fn=lambda s, b, h, i, j: 2 * s,
+        ),
+    ],
+    ids=["causal_offset", "window_lengths", "segments_mask_fn", "dropout_score_fn"],
+)
+def test_atomic_backward(kwargs):
+    """PallasConfig(backward="atomic"): dQ added with atomics inside the dK/dV kernel."""
+    cfg = dataclasses.replace(TestPallasInterpret.config, backward="atomic")
+    q, k, v = testing.random_qkv(
+        jax.random.PRNGKey(0), seq_q=37, seq_k=45, num_kv_heads=2, head_dim=16
+    )
+    testing.assert_matches_reference(
+        lambda *a, **kw: chunkattn.dot_product_attention(
+            *a, implementation="pallas", config=cfg, **kw
+        ),
+        q,
+        k,
+        v,
+        **kwargs,
     )

@@ -77,8 +77,15 @@ class PallasConfig:
     num_stages: int | None = None
     num_warps_bwd: int | None = None
     num_stages_bwd: int | None = None
+    # "split": dQ in its own kernel (recomputes P and dP: 7 matmuls per block pair in all);
+    # "atomic": the dK/dV kernel also adds dS·K into a float32 dQ with atomics (5 matmuls).
+    backward: str = "split"
 
     def __post_init__(self):
+        if self.backward not in ("split", "atomic"):
+            raise ValueError(
+                f"PallasConfig.backward must be 'split' or 'atomic', got {self.backward!r}"
+            )
         for name in ("block_q", "block_k", "block_q_bwd", "block_k_bwd"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or not _is_pow2(v) or v < 16):
@@ -117,6 +124,7 @@ class Static(NamedTuple):
     num_warps_bwd: int
     num_stages_bwd: int
     groups: int  # query heads per kv head
+    atomic_dq: bool  # PallasConfig.backward == "atomic"
     precision: Any
     interpret: bool
 
@@ -460,7 +468,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs,
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs, st, nq):
-    ops, (dk_ref, dv_ref) = _split_refs(st, refs)
+    ops, outs = _split_refs(st, refs)
+    dq_ref = None
+    if st.atomic_dq:  # dQ (float32, zeroed) is aliased in and out; the output ref is used
+        _, dk_ref, dv_ref, dq_ref = outs
+    else:
+        dk_ref, dv_ref = outs
     bq, bk = st.block_q_bwd, st.block_k_bwd
     k_start = pl.program_id(0) * bk
     batch, head = _grid_position(st)
@@ -494,6 +507,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *ref
         dv = dv + plgpu.dot(p_drop.astype(do.dtype), do, trans_a=True, precision=st.precision)
         ds = _dscore(st, p * (dp - delta[:, None]), raw, biased, pos)
         dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True, precision=st.precision)
+        if dq_ref is not None:
+            dq = plgpu.dot(ds.astype(k.dtype), k, precision=st.precision) * st.scale
+            plgpu.atomic_add(dq_ref, (qs, slice(None)), dq)
         return dk, dv
 
     lo, flo, fhi, hi = _q_ranges(st, k_start, bq, bk, nq, off, q_len, kv_len)
@@ -607,11 +623,67 @@ def _backward(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
     delta = delta - dlse.astype(jnp.float32)
     lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf)  # no key: P = 2^(s − ∞) = 0
     extra = _extra_inputs(st, bias, marr, seq_k)
-    row_spec = lambda blk: pl.BlockSpec((None, None, blk), lambda i, b, n: (b, n, i))
     full_row = pl.BlockSpec((None, None, seq_q), lambda j, b, n: (b, n, 0))
+    dq = None
+    if not st.atomic_dq:
+        dq = _dq_call(st, q, k, v, dout, lse2, delta, meta, extra)
 
-    bq = st.block_q
-    dq = pl.pallas_call(
+    bk = st.block_k_bwd
+    part_dtype = k.dtype if g == 1 else jnp.float32  # per-query-head partials, summed below
+    whole_q = pl.BlockSpec((None, seq_q, None, head_dim), lambda j, b, n: (b, 0, n, 0))
+    in_specs = [
+        whole_q,
+        pl.BlockSpec((None, bk, None, head_dim), lambda j, b, n: (b, j, n // g, 0)),
+        pl.BlockSpec((None, bk, None, head_dim_v), lambda j, b, n: (b, j, n // g, 0)),
+        pl.BlockSpec((None, seq_q, None, head_dim_v), lambda j, b, n: (b, 0, n, 0)),
+        full_row,
+        full_row,
+        pl.BlockSpec((None, len(META)), lambda j, b, n: (b, 0)),
+        *_extra_specs(st, rows=seq_q, cols=bk, blocked="k"),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, bk, None, head_dim), lambda j, b, n: (b, j, n, 0)),
+        pl.BlockSpec((None, bk, None, head_dim_v), lambda j, b, n: (b, j, n, 0)),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((batch, seq_k, num_heads, head_dim), part_dtype),
+        jax.ShapeDtypeStruct((batch, seq_k, num_heads, head_dim_v), part_dtype),
+    ]
+    operands = [q, k, v, dout, lse2, delta, meta, *extra]
+    aliases = {}
+    if st.atomic_dq:
+        aliases = {len(operands): 2}
+        operands.append(jnp.zeros(q.shape, jnp.float32))
+        in_specs.append(whole_q)
+        out_specs.append(whole_q)
+        out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    grads = pl.pallas_call(
+        functools.partial(_dkdv_kernel, st=st, nq=seq_q // st.block_q_bwd),
+        grid=(seq_k // bk, batch, num_heads),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
+        compiler_params=_params(st, backward=True),
+        interpret=st.interpret,
+        name="chunkattn_bwd_dkdv",
+    )(*operands)
+    dk, dv = grads[:2]
+    if st.atomic_dq:
+        dq = grads[2].astype(q.dtype)
+    if g > 1:  # (B, S, K, G, H) summed over the group's query heads
+        dk = dk.reshape(batch, seq_k, num_kv_heads, g, head_dim).sum(3).astype(k.dtype)
+        dv = dv.reshape(batch, seq_k, num_kv_heads, g, head_dim_v).sum(3).astype(v.dtype)
+    return dq, dk, dv
+
+
+def _dq_call(st: Static, q, k, v, dout, lse2, delta, meta, extra):
+    """The dQ kernel's pallas_call: grid over query blocks, each looping over key blocks."""
+    batch, seq_q, num_heads, head_dim = q.shape
+    seq_k, head_dim_v = k.shape[1], v.shape[-1]
+    bq, g = st.block_q, st.groups
+    row_spec = lambda blk: pl.BlockSpec((None, None, blk), lambda i, b, n: (b, n, i))
+    return pl.pallas_call(
         functools.partial(_dq_kernel, st=st, nk=seq_k // st.block_k),
         grid=(seq_q // bq, batch, num_heads),
         in_specs=[
@@ -630,38 +702,6 @@ def _backward(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
         interpret=st.interpret,
         name="chunkattn_bwd_dq",
     )(q, k, v, dout, lse2, delta, meta, *extra)
-
-    bk = st.block_k_bwd
-    part_dtype = k.dtype if g == 1 else jnp.float32  # per-query-head partials, summed below
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, st=st, nq=seq_q // st.block_q_bwd),
-        grid=(seq_k // bk, batch, num_heads),
-        in_specs=[
-            pl.BlockSpec((None, seq_q, None, head_dim), lambda j, b, n: (b, 0, n, 0)),
-            pl.BlockSpec((None, bk, None, head_dim), lambda j, b, n: (b, j, n // g, 0)),
-            pl.BlockSpec((None, bk, None, head_dim_v), lambda j, b, n: (b, j, n // g, 0)),
-            pl.BlockSpec((None, seq_q, None, head_dim_v), lambda j, b, n: (b, 0, n, 0)),
-            full_row,
-            full_row,
-            pl.BlockSpec((None, len(META)), lambda j, b, n: (b, 0)),
-            *_extra_specs(st, rows=seq_q, cols=bk, blocked="k"),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, bk, None, head_dim), lambda j, b, n: (b, j, n, 0)),
-            pl.BlockSpec((None, bk, None, head_dim_v), lambda j, b, n: (b, j, n, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, seq_k, num_heads, head_dim), part_dtype),
-            jax.ShapeDtypeStruct((batch, seq_k, num_heads, head_dim_v), part_dtype),
-        ],
-        compiler_params=_params(st, backward=True),
-        interpret=st.interpret,
-        name="chunkattn_bwd_dkdv",
-    )(q, k, v, dout, lse2, delta, meta, *extra)
-    if g > 1:  # (B, S, K, G, H) summed over the group's query heads
-        dk = dk.reshape(batch, seq_k, num_kv_heads, g, head_dim).sum(3).astype(k.dtype)
-        dv = dv.reshape(batch, seq_k, num_kv_heads, g, head_dim_v).sum(3).astype(v.dtype)
-    return dq, dk, dv
 
 
 def _bias_grad(st: Static, q, k, v, bias, meta, marr, seed, out, lse, dout, dlse):
@@ -859,6 +899,7 @@ def attention(args: Any, opts: Any) -> tuple[Array, Array]:
         broadcast_dropout=opts.broadcast_dropout,
         bias_grad=bias_grad,
         groups=num_heads // num_kv_heads,
+        atomic_dq=cfg.backward == "atomic",
         precision=opts.precision,
         interpret=interpret,
         **blocks,
