@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--dtype", default=None)
     p.add_argument("--mask", choices=["causal", "full", "both"], default="both")
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--reps", type=int, default=None, help="timed runs (default 10; quick 3)")
     p.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results"))
     p.add_argument(
         "--tag", type=common.tag_arg, default="", help="inserted in the file names, e.g. 'variants'"
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     heads = args.heads or (4 if quick else 16)
     head_dim = args.head_dim or (64 if quick else 128)
     dtype = jnp.dtype(args.dtype or ("float32" if quick else "bfloat16"))
-    reps = min(args.reps, 3) if quick else args.reps
+    reps = args.reps or (3 if quick else 10)
     impls = common.available()
     if args.impls:
         unknown = set(args.impls) - set(impls)

@@ -149,3 +149,28 @@ def test_speed_times_variants_and_marks_full_unsupported(tmp_path):
         speed.main(["--impls", "no_such_impl", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         memory_vs_seqlen.main(["--tag", "a/b", "--out", str(tmp_path)])
+
+
+def test_variants_training_comparison_writes_csv_and_plot(tmp_path):
+    import variants
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"f{i}.txt").write_text(f"the quick brown fox jumps over the lazy dog {i}\n" * 40)
+    args = ["--steps", "4", "--seq-len", "16", "--batch", "2", "--layers", "1", "--dim", "16"]
+    args += ["--heads", "2", "--log-every", "2", "--eval-every", "2", "--val-batches", "1"]
+    args += ["--caterpillar-length", "4", "--seeds", "0", "--data", str(corpus)]
+    assert variants.main([*args, "--out", str(tmp_path)]) == 0
+    (csv_path,) = tmp_path.glob("variants_*.csv")
+    assert list(tmp_path.glob("variants_*.png"))
+    rows = _rows(csv_path)
+    assert list(rows[0]) == variants.COLUMNS
+    assert [r["attention"] for r in rows] == list(variants.KINDS)
+    for r in rows:
+        assert 0 < float(r["heldout_loss"]) < 10 and float(r["tokens_per_s_median"]) > 0
+        # With one held-out batch the score is the CLI's own val_loss batch: a restore check.
+        assert abs(float(r["heldout_loss"]) - float(r["val_loss"])) < 1e-3, r
+    assert next(r for r in rows if r["attention"] == "caterpillar")["variant_config"] == (
+        "--caterpillar-heads 4 --caterpillar-length 4"
+    )

@@ -1,0 +1,228 @@
+"""Softmax against the linear-time variants: the GPT's validation loss and training throughput.
+
+Trains the same small GPT (same seed, same batches, same number of steps) once per attention
+kind through the training CLI's entry point (`chunkattn.train.main`, in this process), then
+scores each final checkpoint on --val-batches held-out batches: the CLI's own `val_loss` is one
+batch of B·T bytes, too noisy to rank models that differ by a few hundredths of a nat. Runs are
+interleaved (seed 0 of every kind, then seed 1, ...) so that other load on the machine spreads
+over all kinds; the 1-minute load average before each run is recorded beside its throughput.
+
+    python bench/variants.py                  # 200 steps, T=128, B=8, 2 layers, D=64, 3 seeds
+    python bench/variants.py --steps 1000 --attention chunked delta --seeds 0
+
+Writes variants_<backend>_<date>.csv and .png into --out (default bench/results/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import pathlib
+import shutil
+import statistics
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from chunkattn import train  # noqa: E402
+
+KINDS = ("chunked", "linear", "delta", "caterpillar")
+COLUMNS = [
+    "attention", "variant_config", "seed", "steps", "seq_len", "batch", "layers", "heads", "dim",
+    "val_loss", "heldout_loss", "val_batches", "train_loss", "tokens_per_s_last_log",
+    "tokens_per_s_median", "load_avg_1m", "backend", "device", "cpu_count", "jax_version", "date",
+]  # fmt: skip
+
+
+def variant_flags(kind: str, args) -> list[str]:
+    """The CLI knobs of one attention kind (the CLI refuses a knob given to another kind)."""
+    if kind == "delta":
+        return ["--dpfp-nu", str(args.dpfp_nu)]
+    if kind == "caterpillar":
+        return [
+            "--caterpillar-heads",
+            str(args.caterpillar_heads),
+            "--caterpillar-length",
+            str(args.caterpillar_length),
+        ]
+    return []
+
+
+def cli_args(kind: str, seed: int, run_dir: pathlib.Path, args) -> list[str]:
+    argv = [
+        "--attention", kind, "--seed", str(seed), "--steps", str(args.steps),
+        "--seq-len", str(args.seq_len), "--batch-size", str(args.batch), "--layers",
+        str(args.layers), "--heads", str(args.heads), "--dim", str(args.dim),
+        "--log-every", str(args.log_every), "--eval-every", str(args.eval_every),
+        "--ckpt-every", str(args.steps), "--sample", "0", "--out", str(run_dir),
+    ]  # fmt: skip
+    if args.data:
+        argv += ["--data", args.data]
+    return argv + variant_flags(kind, args)
+
+
+def heldout_loss(argv: list[str], run_dir: pathlib.Path, val: np.ndarray, n: int) -> float:
+    """Mean loss of the run's final checkpoint over n validation batches (batch i of seed+1).
+
+    Batch 0 is the one the CLI logs as `val_loss`, so with n=1 the two agree exactly.
+    """
+    a = train.parse_args(argv)
+    _, _, _, params, tx, _, _, eval_loss = train.build(a)
+    params, _, step = train.restore(run_dir, params, tx.init(params))
+    assert step == a.steps, (step, a.steps)  # the run finished and saved its last step
+    losses = [
+        float(eval_loss(params, train.batch_at(val, a.seed + 1, i, a.batch_size, a.seq_len)))
+        for i in range(n)
+    ]
+    return statistics.fmean(losses)
+
+
+def run_one(kind: str, seed: int, args, val: np.ndarray, runs: pathlib.Path) -> dict:
+    run_dir = runs / f"{kind}_seed{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a stale checkpoint would be restored instead
+    argv = cli_args(kind, seed, run_dir, args)
+    load = os.getloadavg()[0]
+    rc = train.main(argv)
+    if rc != 0:
+        raise RuntimeError(f"chunkattn-train {' '.join(argv)} exited {rc}")
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in metrics if "val_loss" in m]
+    # The first log interval includes compilation: steady-state throughput is the rest.
+    steady = [m["tokens_per_s"] for m in metrics[1:]] or [metrics[0]["tokens_per_s"]]
+    env = common.environment()
+    return dict(
+        env,
+        attention=kind,
+        variant_config=" ".join(variant_flags(kind, args)),
+        seed=seed,
+        steps=args.steps,
+        seq_len=args.seq_len,
+        batch=args.batch,
+        layers=args.layers,
+        heads=args.heads,
+        dim=args.dim,
+        val_loss=round(evals[-1]["val_loss"], 4),
+        heldout_loss=round(heldout_loss(argv, run_dir, val, args.val_batches), 4),
+        val_batches=args.val_batches,
+        train_loss=round(metrics[-1]["loss"], 4),
+        tokens_per_s_last_log=round(metrics[-1]["tokens_per_s"]),
+        tokens_per_s_median=round(statistics.median(steady)),
+        load_avg_1m=round(load, 2),
+        cpu_count=os.cpu_count(),
+        curve=[(m["step"], m["val_loss"]) for m in evals],
+    )
+
+
+def summary(rows: list[dict]) -> str:
+    """Per kind: mean ± sample std over seeds of the held-out loss, and median tokens/s."""
+    lines = [f"{'attention':>12} {'seeds':>5} {'heldout loss':>18} {'tokens/s':>10}"]
+    for kind in dict.fromkeys(r["attention"] for r in rows):
+        rs = [r for r in rows if r["attention"] == kind]
+        losses = [r["heldout_loss"] for r in rs]
+        spread = statistics.stdev(losses) if len(losses) > 1 else math.nan
+        tps = statistics.median(r["tokens_per_s_median"] for r in rs)
+        mean = statistics.fmean(losses)
+        lines.append(f"{kind:>12} {len(rs):>5} {mean:>10.4f} ± {spread:.4f} {tps:>10,.0f}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(dict.fromkeys(r["attention"] for r in rows))
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
+    for n, kind in enumerate(kinds):
+        curves = [dict(r["curve"]) for r in rows if r["attention"] == kind]
+        steps = sorted(curves[0])
+        mean = [statistics.fmean(c[s] for c in curves) for s in steps]
+        ax0.plot(steps, mean, color=f"C{n}", marker=".", label=kind)
+    ax0.set_xlabel("step")
+    ax0.set_ylabel("validation loss (nats/byte)")
+    ax0.set_title(f"CLI val_loss, mean of {len(set(r['seed'] for r in rows))} seeds", fontsize=9)
+    ax0.grid(alpha=0.3)
+    ax0.legend()
+    tps = [
+        statistics.median(r["tokens_per_s_median"] for r in rows if r["attention"] == k)
+        for k in kinds
+    ]
+    held = [statistics.fmean(r["heldout_loss"] for r in rows if r["attention"] == k) for k in kinds]
+    ax1.bar(kinds, tps, color=[f"C{n}" for n in range(len(kinds))])
+    for x, (t, h) in enumerate(zip(tps, held, strict=True)):
+        ax1.text(x, t, f"held-out {h:.3f}", ha="center", va="bottom", fontsize=8)
+    ax1.set_ylabel("training tokens/s (median)")
+    ax1.grid(alpha=0.3, axis="y")
+    r0 = rows[0]
+    fig.suptitle(
+        f"GPT {r0['layers']} layers, D={r0['dim']}, {r0['heads']} heads, T={r0['seq_len']}, "
+        f"B={r0['batch']}, {r0['steps']} steps; {r0['device']} ×{r0['cpu_count']}, "
+        f"jax {r0['jax_version']}, {r0['date']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--attention", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--dpfp-nu", type=int, default=1)
+    p.add_argument("--caterpillar-heads", type=int, default=4)
+    p.add_argument("--caterpillar-length", type=int, default=16)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=20)
+    p.add_argument("--val-batches", type=int, default=32, help="held-out batches scored per run")
+    p.add_argument("--data", default=None, help="corpus (default: the CLI's, Python's stdlib)")
+    p.add_argument("--runs", default=None, help="keep the runs here (default: a temp folder)")
+    p.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results"))
+    p.add_argument("--tag", type=common.tag_arg, default="")
+    args = p.parse_args(argv)
+    for name in ("steps", "log_every", "eval_every", "val_batches"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    _, val = train.load_corpus(args.data)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = pathlib.Path(args.runs or tmp)
+        for seed in args.seeds:
+            for kind in args.attention:
+                row = run_one(kind, seed, args, val, runs)
+                print(
+                    f"{kind:>12} seed {seed}: held-out loss {row['heldout_loss']:.4f} "
+                    f"(CLI val {row['val_loss']:.4f}), {row['tokens_per_s_median']:,} tok/s, "
+                    f"load {row['load_avg_1m']}",
+                    flush=True,
+                )
+                rows.append(row)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / common.result_stem("variants", args.tag, common.environment())
+    with open(f"{stem}.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, pathlib.Path(f"{stem}.png"))
+    print(summary(rows))
+    print(f"wrote {stem}.csv and {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
