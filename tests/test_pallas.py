@@ -4,11 +4,17 @@ On CPU the kernels run with CHUNKATTN_PALLAS_INTERPRET=1 (the Pallas interpreter
 sizes and small blocks, so tails, multiple blocks and every phase of the loops are exercised.
 Requests the kernels do not implement (a mask_fn/score_fn closing over arrays) raise
 NotImplementedError naming the feature; the suite skips those cases with that reason.
+
+On any host the kernels are also lowered for CUDA (jax.export with platforms=["cuda"]): that runs
+the Pallas → Triton lowering of every kernel body for every feature, head dim and dtype, and
+checks that the dispatcher serves each feature with the kernels; only PTX compilation is left
+to the GPU.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -153,3 +159,85 @@ def test_atomic_backward(kwargs):
         v,
         **kwargs,
     )
+
+
+def _triton_kernels_for_cuda(fn, *args) -> int:
+    """Lower `fn` for CUDA on any host (the Pallas → Triton lowering runs here) and count the
+    Triton kernel calls in the program. Only PTX compilation, which needs a GPU, is left out."""
+    check = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    with mock.patch.object(jax, "default_backend", lambda: "gpu"):  # the dispatcher's view
+        exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[check])(
+            *args
+        )
+    return exported.mlir_module().count("@__gpu$xla.gpu.triton")
+
+
+_T = 300  # not a multiple of any block size: tail blocks everywhere
+_CUDA_FEATURES = {
+    "causal": dict(is_causal=True),
+    "window_offset": dict(local_window_size=(17, 3), q_offset=5),
+    "lengths": dict(
+        query_seq_lengths=jnp.array([200, 3]), key_value_seq_lengths=jnp.array([7, 300])
+    ),
+    "segments": dict(segment_ids=jnp.arange(_T)[None].repeat(2, 0) // 37),
+    "soft_cap": dict(logits_soft_cap=30.0, is_causal=True),
+    "mask_fn": dict(mask_fn=lambda b, h, i, j: (i + j) % 3 != 0, is_causal=True),
+    "score_fn": dict(score_fn=lambda s, b, h, i, j: s - 0.1 * jnp.abs(i - j).astype(s.dtype)),
+    "dropout": dict(dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(1)),
+    "dense_mask": dict(mask=jnp.ones((2, 1, _T, _T), bool)),
+    "bias": dict(bias=jnp.zeros((1, 4, 1, _T))),
+    "atomic": dict(is_causal=True, config=PallasConfig(backward="atomic")),
+}
+
+
+@pytest.mark.parametrize("feature", list(_CUDA_FEATURES))
+def test_every_feature_lowers_to_triton_for_cuda(feature, monkeypatch):
+    """implementation=None on a GPU serves each feature with the kernels (no fallback), and
+    the Triton lowering accepts every kernel body, forward and both backward kernels."""
+    monkeypatch.delenv("CHUNKATTN_PALLAS_INTERPRET", raising=False)
+    kwargs = dict(_CUDA_FEATURES[feature])
+    q, k, v = testing.random_qkv(
+        jax.random.PRNGKey(0),
+        seq_q=_T,
+        seq_k=_T,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=64,
+        dtype=jnp.bfloat16,
+    )
+    bias = kwargs.pop("bias", None)
+
+    def loss(q, k, v):
+        out = chunkattn.dot_product_attention(q, k, v, bias, **kwargs)
+        return jnp.sum(out.astype(jnp.float32))
+
+    kernels = 2 if feature == "atomic" else 3  # forward, dQ, dK/dV (atomic: dQ inside dK/dV)
+    assert _triton_kernels_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v) == kernels
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("head_dim", [64, 72, 96, 128, 256])
+def test_head_dims_and_dtypes_lower_for_cuda(head_dim, dtype, monkeypatch):
+    monkeypatch.delenv("CHUNKATTN_PALLAS_INTERPRET", raising=False)
+    q, k, v = testing.random_qkv(
+        jax.random.PRNGKey(0), seq_q=_T, seq_k=_T, head_dim=head_dim, dtype=dtype
+    )
+
+    def loss(q, k, v):
+        out = chunkattn.dot_product_attention(q, k, v, is_causal=True, implementation="pallas")
+        return jnp.sum(out.astype(jnp.float32))
+
+    assert _triton_kernels_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v) == 3
+
+
+def test_declined_functions_fall_back_to_chunked_on_gpu(monkeypatch):
+    """A mask_fn the kernels cannot take leaves the dispatcher on the chunked path: no kernels."""
+    monkeypatch.delenv("CHUNKATTN_PALLAS_INTERPRET", raising=False)
+    q, k, v = testing.random_qkv(jax.random.PRNGKey(0), seq_q=64, seq_k=64, head_dim=64)
+    table = jnp.linspace(0.0, 1.0, 64)
+
+    def loss(q, k, v):
+        out = chunkattn.dot_product_attention(q, k, v, mask_fn=lambda b, h, i, j: table[j] > 0.5)
+        return jnp.sum(out)
+
+    assert _triton_kernels_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v) == 0
