@@ -6,11 +6,13 @@ Shape legend, used everywhere public:
   [B, S, K, Hv] (value); masks and biases broadcast to [B, N, T, S]; lse is [B, N, T].
 
 Start with `dot_product_attention`; `reference_attention` is the dense float32 oracle;
-`summarize` / `merge` / `ChunkSummary` are the chunk-summary primitives the core is built from.
+`summarize` / `merge` / `ChunkSummary` are the chunk-summary primitives the core is built from;
+`decode_attention` serves a few new queries against a KV cache.
 """
 
 from chunkattn.api import dot_product_attention
 from chunkattn.chunked import ChunkConfig
+from chunkattn.decode import DecodeConfig, decode_attention
 from chunkattn.reference import reference_attention
 from chunkattn.summary import ChunkSummary, merge, summarize
 
@@ -19,6 +21,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ChunkConfig",
     "ChunkSummary",
+    "DecodeConfig",
+    "decode_attention",
     "dot_product_attention",
     "merge",
     "reference_attention",

@@ -151,3 +151,17 @@ def merge(a: ChunkSummary, b: ChunkSummary) -> ChunkSummary:
         exp_weights=alpha * a.exp_weights + beta * b.exp_weights,
         max_score=m,
     )
+
+
+def merge_stacked(stacked: ChunkSummary) -> ChunkSummary:
+    """Merge summaries stacked along a leading axis (disjoint keys each) into one, in one step.
+
+    The n-ary form of `merge`: m = max_i m_i, a_i = exp(m_i − m), Σ_i a_i·v_i, Σ_i a_i·w_i.
+    """
+    m = jnp.max(stacked.max_score, axis=0)
+    alpha = jnp.exp(stacked.max_score - _finite_or_zero(m))  # (W, B, N, tq); empty parts -> 0
+    return ChunkSummary(
+        exp_values=jnp.sum(alpha[..., None] * stacked.exp_values, axis=0),
+        exp_weights=jnp.sum(alpha * stacked.exp_weights, axis=0),
+        max_score=m,
+    )

@@ -174,3 +174,21 @@ def test_variants_training_comparison_writes_csv_and_plot(tmp_path):
     assert next(r for r in rows if r["attention"] == "caterpillar")["variant_config"] == (
         "--caterpillar-heads 4 --caterpillar-length 4"
     )
+
+
+def test_decode_times_every_path_and_writes_bandwidth(tmp_path):
+    import decode
+
+    argv = ["--lengths", "256", "1000", "--batch", "1", "--heads", "4", "--kv-heads", "2"]
+    argv += ["--head-dim", "16", "--reps", "2", "--out", str(tmp_path)]
+    assert decode.main(argv) == 0
+    (csv_path,) = tmp_path.glob("decode_*.csv")
+    assert list(tmp_path.glob("decode_*.png"))
+    rows = _rows(csv_path)
+    assert {(r["impl"], r["cache_len"]) for r in rows} >= {
+        (impl, n) for impl in ("decode", "chunked", "dense_xla") for n in ("256", "1000")
+    }
+    for r in rows:
+        assert r["status"] == "ok" and float(r["ms"]) > 0 and float(r["cache_gb_per_s"]) > 0
+        assert int(r["filled"]) == int(int(r["cache_len"]) * 0.75)
+    assert float(next(r for r in rows if r["impl"] == "chunked")["vs_chunked"]) == 1.0

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import chunkattn
 from chunkattn import testing
+from chunkattn.summary import merge_stacked
 
 
 class TestChunked(AttentionSuite):
@@ -109,6 +110,12 @@ def test_summarize_and_merge_equal_full_attention():
     chex.assert_trees_all_close(chunkattn.merge(empty, full).output(), full.output())
     none = chunkattn.summarize(q, k, v, mask=jnp.zeros((12, 40), bool))
     assert np.all(np.asarray(none.output()) == 0) and np.all(np.isneginf(np.asarray(none.lse())))
+    # merge_stacked, the n-ary merge, equals the pairwise merges; an empty part changes nothing.
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *parts, none)
+    chex.assert_trees_all_close(merge_stacked(stacked).output(), merged.output(), atol=1e-6)
+    chex.assert_trees_all_close(merge_stacked(stacked).lse(), merged.lse(), atol=1e-6)
+    all_empty = merge_stacked(jax.tree.map(lambda *xs: jnp.stack(xs), none, none))
+    assert np.all(np.asarray(all_empty.output()) == 0)
 
 
 def _temp_bytes(fn, *args) -> int:

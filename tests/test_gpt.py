@@ -31,6 +31,32 @@ def test_token_by_token_and_prefill_decode_equal_the_full_pass(rope):
     assert int(cache.length) == 11
 
 
+@pytest.mark.parametrize("window", [None, (5, 0)])
+def test_long_prefill_then_decode_steps_with_a_window(window, monkeypatch):
+    """A prefill longer than DECODE_MAX_QUERIES goes through dot_product_attention, the steps
+    after it through decode_attention (split over the cache); both equal the full pass."""
+    from chunkattn import decode
+    from chunkattn.nn import layers
+
+    calls = []
+    real = decode.decode_attention
+    monkeypatch.setattr(
+        layers, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    layer = MultiHeadAttention(32, 4, num_kv_heads=2, local_window_size=window, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 23, 32))
+    full = layer(x)
+    cache = KVCache.empty(2, 40, 2, 8)
+    y0, cache = layer(x[:, :20], cache=cache)  # 20 > DECODE_MAX_QUERIES: a prefill
+    assert not calls
+    steps = [y0]
+    for t in range(20, 23):
+        y, cache = layer(x[:, t : t + 1], cache=cache)
+        steps.append(y)
+    assert len(calls) == 3
+    np.testing.assert_allclose(np.concatenate(steps, 1), np.asarray(full), atol=1e-5)
+
+
 def test_gpt_xla_and_chunked_agree_and_cache_decoding_matches():
     base = dict(max_seq_len=32, num_layers=2, num_heads=4, num_kv_heads=2, dim=32)
     chunked = GPT(GPTConfig(**base, attention="chunked"), rngs=nnx.Rngs(0))

@@ -4,8 +4,9 @@ computed per chunk, and a KV cache for decoding.
 The cache is a value (`KVCache`), passed in and returned, so a decode step is a pure function
 that jits once: `y, cache = layer(x, cache=cache)`. A call with a cache writes its keys and
 values at `cache.length` (a multi-token prefill or a single token) and attends with
-`q_offset = length` and `key_value_seq_lengths = length + T`, so the chunked core reads only the
-filled part of the cache.
+`q_offset = length` and `key_value_seq_lengths = length + T`, so only the filled part of the
+cache is read: a decode step (T ≤ `DECODE_MAX_QUERIES`) by `chunkattn.decode.decode_attention`,
+a prefill by `dot_product_attention`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from chunkattn.api import dot_product_attention
+from chunkattn.decode import decode_attention
 
 Array = jax.Array
+
+# A cached call with at most this many new tokens (a decode step) goes through
+# `decode_attention` (the cache split into chunks summarised in parallel); longer ones (a
+# prefill) through `dot_product_attention`.
+DECODE_MAX_QUERIES = 16
 
 
 class KVCache(NamedTuple):
@@ -93,6 +100,16 @@ def _attend(
         )
         cache = KVCache(keys, values, start + seq)
         k, v = keys.astype(q.dtype), values.astype(q.dtype)
+        if layer.implementation is None and seq <= DECODE_MAX_QUERIES:
+            out = decode_attention(
+                q,
+                k,
+                v,
+                jnp.full((batch,), start + seq),
+                is_causal=layer.is_causal,
+                local_window_size=layer.local_window_size,
+            )
+            return out, cache
         kwargs.update(q_offset=start, key_value_seq_lengths=jnp.full((batch,), start + seq))
     elif segment_ids is not None:
         kwargs["segment_ids"] = segment_ids

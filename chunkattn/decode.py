@@ -1,0 +1,210 @@
+"""Decoding: a few new queries against a KV cache, split over the cache (flash-decoding).
+
+A decode step has T = 1 (or a few) queries and a cache of L keys. The chunked core would loop
+over the cache one small chunk after another, each step a [N·T, H] × [H, tk] product too small
+to fill a GPU. Here the cache is split into chunks of `chunk_size` keys; a wave of `num_splits`
+consecutive chunks is summarised in parallel (`summary.summarize`, vmapped over the chunk axis),
+the wave's summaries are reduced by the log-sum-exp merge (`summary.merge_stacked`), and waves are
+merged into the running summary. The loop over waves runs only over the chunks a query can see
+(`masks.kv_chunk_range`: below the filled length, inside the causal bound and the window), so
+the unfilled part of the cache is never read. Memory: one wave of B·N·T·num_splits·chunk_size
+float32 scores, whatever L is.
+
+The step is forward only (inference); training goes through `dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from chunkattn import masks
+from chunkattn.api import normalize_arguments
+from chunkattn.summary import ChunkSummary, merge, merge_stacked, summarize
+
+Array = jax.Array
+
+# GPU: float32 score elements per wave (B·N·T·num_splits·chunk_size), 64 MiB.
+_GPU_WAVE_ELEMENTS = 2**24
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """How `decode_attention` splits the cache (None: from the shapes and the backend).
+
+    chunk_size: keys per chunk (default 512, clipped to the cache). num_splits: chunks
+    summarised in parallel per wave. Default on GPU: as many as fit B·N·T·num_splits·chunk_size
+    ≤ 2^24 float32 scores; on CPU: 1, because XLA:CPU's product over a [B, S, K, H] cache slice
+    slows down more than linearly past ~512 keys (bench/NOTES.md, decode), so a CPU decode step
+    is the chunked loop. Never more than the cache holds.
+    """
+
+    chunk_size: int | None = None
+    num_splits: int | None = None
+
+    def __post_init__(self):
+        for name in ("chunk_size", "num_splits"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"DecodeConfig.{name} must be a positive int or None, got {v!r}")
+
+    def resolve(self, rows: int, cache_len: int, backend: str | None = None) -> tuple[int, int]:
+        """Concrete (chunk_size, num_splits) for B·N·T = `rows` score rows and a cache of L."""
+        chunk = min(self.chunk_size or 512, cache_len)
+        splits = self.num_splits
+        if splits is None:
+            gpu = (backend or jax.default_backend()) == "gpu"
+            splits = max(1, _GPU_WAVE_ELEMENTS // (rows * chunk)) if gpu else 1
+        return chunk, max(1, min(splits, cache_len // chunk))  # a wave fits inside the cache
+
+
+def decode_attention(
+    query: Array,
+    key_cache: Array,
+    value_cache: Array,
+    cache_lengths: Array | int,
+    *,
+    q_offset: Array | int | None = None,
+    is_causal: bool = True,
+    local_window_size: int | tuple[int, int] | None = None,
+    scale: float | None = None,
+    logits_soft_cap: float | None = None,
+    return_lse: bool = False,
+    precision: Any = None,
+    config: DecodeConfig | None = None,
+) -> Array | tuple[Array, Array]:
+    """Attention of a few new queries over the filled part of a KV cache.
+
+    Args:
+      query: [B, T, N, H], the new tokens' queries (T small: 1 for a decode step).
+      key_cache: [B, L, K, H]; value_cache: [B, L, K, Hv], K dividing N. Positions at or past
+        `cache_lengths` are never read.
+      cache_lengths: int or [B], filled positions, the new tokens' keys included.
+      q_offset: int or [B], sequence position of query row 0; default `cache_lengths − T`
+        (the queries are the last T filled positions).
+      is_causal, local_window_size, scale, logits_soft_cap: as `dot_product_attention`.
+      return_lse: also return the log-sum-exp [B, N, T] (to merge with attention elsewhere).
+      config: a `DecodeConfig` (chunk size and splits).
+
+    Returns:
+      [B, T, N, Hv] in the query's dtype (and lse if asked); a row that sees no key gives 0.
+
+    Example:
+        >>> cache_k = cache_k.at[:, length].set(k_new[:, 0])   # write the new token
+        >>> cache_v = cache_v.at[:, length].set(v_new[:, 0])
+        >>> y = decode_attention(q_new, cache_k, cache_v, length + 1)   # (B, 1, N, H)
+    """
+    config = config if config is not None else DecodeConfig()
+    if not isinstance(config, DecodeConfig):
+        raise ValueError(f"config must be a DecodeConfig, got {config!r}")
+    if jnp.ndim(query) != 4:
+        raise ValueError(f"query must be [B, T, N, H], got query.shape={jnp.shape(query)}")
+    batch, seq_q = query.shape[:2]
+    lengths = jnp.asarray(cache_lengths)
+    if not jnp.issubdtype(lengths.dtype, jnp.integer) or lengths.shape not in ((), (batch,)):
+        raise ValueError(
+            f"cache_lengths must be an int or [B]=({batch},) integers, got dtype "
+            f"{lengths.dtype} and cache_lengths.shape={lengths.shape}"
+        )
+    lengths = jnp.broadcast_to(lengths.astype(jnp.int32), (batch,))
+    if q_offset is None:
+        q_offset = lengths - seq_q
+    args = normalize_arguments(
+        query,
+        key_cache,
+        value_cache,
+        scale=scale,
+        local_window_size=local_window_size,
+        q_offset=q_offset,
+        key_value_seq_lengths=lengths,
+        logits_soft_cap=logits_soft_cap,
+    )
+    num_heads = args.query.shape[2]
+    chunk, splits = config.resolve(batch * num_heads * seq_q, args.key.shape[1])
+    spec = masks.MaskSpec(is_causal, args.local_window_size)
+    out, lse = _decode(
+        args.query,
+        args.key,
+        args.value,
+        args.mask_arrays(),
+        spec,
+        args.scale,
+        args.logits_soft_cap,
+        chunk,
+        splits,
+        precision,
+    )
+    return (out, lse) if return_lse else out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=tuple(range(4, 10)))
+def _decode(q, k, v, arrays, spec, scale, soft_cap, chunk, splits, precision):
+    return _decode_impl(q, k, v, arrays, spec, scale, soft_cap, chunk, splits, precision)
+
+
+def _decode_impl(q, k, v, arrays, spec, scale, soft_cap, chunk, splits, precision):
+    batch, seq_q, num_heads, _ = q.shape
+    cache_len, head_dim_v = k.shape[1], v.shape[-1]
+    wave = chunk * splits  # ≤ cache_len (DecodeConfig.resolve)
+    num_chunks = -(-cache_len // chunk)
+    lo, hi = masks.kv_chunk_range(spec, arrays, 0, seq_q, chunk, num_chunks)
+
+    def body(i, acc: ChunkSummary) -> ChunkSummary:
+        start = (lo + i * splits) * chunk  # the wave's first key
+        at = jnp.minimum(start, cache_len - wave)  # a last wave past the end slides back
+        kw = jax.lax.dynamic_slice_in_dim(k, at, wave, axis=1)  # (B, W·c, K, H)
+        vw = jax.lax.dynamic_slice_in_dim(v, at, wave, axis=1)  # (B, W·c, K, Hv)
+        allowed = masks.block_mask(
+            spec,
+            arrays,
+            q_start=0,
+            k_start=at,
+            tq=seq_q,
+            tk=wave,
+            num_heads=num_heads,
+            seq_k=cache_len,
+            padded_seq_k=cache_len,
+        )
+        cols = at + jnp.arange(wave, dtype=jnp.int32)
+        fresh = (cols >= start)[None, None, None, :]  # keys before `start`: an earlier wave's
+        allowed = fresh if allowed is None else allowed & fresh
+        allowed = jnp.broadcast_to(allowed, (batch, num_heads, seq_q, wave))
+
+        def one_chunk(kc, vc, mc):  # (B, c, K, H), (B, c, K, Hv), (B, N, T, c)
+            return summarize(
+                q, kc, vc, scale=scale, mask=mc, logits_soft_cap=soft_cap, precision=precision
+            )
+
+        if splits == 1:  # one chunk per wave (the CPU default): no chunk axis to reduce
+            return merge(acc, one_chunk(kw, vw, allowed))
+        per_chunk = jax.vmap(
+            one_chunk, in_axes=(1, 1, 3)
+        )(
+            kw.reshape(batch, splits, chunk, *kw.shape[2:]),  # (B, W, c, K, H)
+            vw.reshape(batch, splits, chunk, *vw.shape[2:]),
+            allowed.reshape(batch, num_heads, seq_q, splits, chunk),  # (B, N, T, W, c)
+        )  # ChunkSummary with a leading W axis
+        return merge(acc, merge_stacked(per_chunk))
+
+    waves = -(-(hi - lo) // splits)
+    acc = jax.lax.fori_loop(0, waves, body, ChunkSummary.empty(batch, num_heads, seq_q, head_dim_v))
+    return acc.output(q.dtype), acc.lse()
+
+
+def _decode_fwd(q, k, v, arrays, spec, scale, soft_cap, chunk, splits, precision):
+    out = _decode_impl(q, k, v, arrays, spec, scale, soft_cap, chunk, splits, precision)
+    return out, None
+
+
+def _decode_bwd(spec, scale, soft_cap, chunk, splits, precision, res, cotangents):
+    raise NotImplementedError(
+        "gradients of decode_attention (it serves inference); differentiate "
+        "chunkattn.dot_product_attention with q_offset and key_value_seq_lengths instead"
+    )
+
+
+_decode.defvjp(_decode_fwd, _decode_bwd)
