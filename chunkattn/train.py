@@ -139,6 +139,11 @@ def parse_args(argv):
         raise UsageError(
             f"--attention {a.attention!r}: unknown, choose from {', '.join(ATTENTION)}"
         )
+    if a.mesh_shape and a.mesh_shape.get("sp", 1) > 1 and a.attention != "chunked":
+        raise UsageError(  # the ring runs the chunked core; other layers would ignore the mesh
+            f"--mesh {a.mesh}: sequence parallelism (sp > 1) runs ring attention on the chunked "
+            f"core, use --attention chunked (got {a.attention})"
+        )
     a.max_seq_len = a.max_seq_len or a.seq_len
     if a.seq_len > a.max_seq_len:
         raise UsageError(

@@ -156,3 +156,12 @@ def test_variant_knobs_reach_the_layers():
     assert model.cfg.dpfp_nu == 3 and [b.attn.nu for b in model.blocks] == [3, 3]
     default = train.build(train.parse_args(["--attention", "delta", *model_args]))[0]
     assert default.cfg.dpfp_nu == 1
+
+
+def test_sequence_parallelism_needs_the_chunked_attention(capsys, monkeypatch):
+    """A layer with no ring form would silently ignore the "sp" axis: refused up front."""
+    monkeypatch.setattr(train.jax, "device_count", lambda: 2)  # parse only: exits before running
+    for attention in ("delta", "caterpillar", "xla"):
+        assert train.main(["--mesh", "sp=2", "--attention", attention, "--steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "use --attention chunked" in err and attention in err
