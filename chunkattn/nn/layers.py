@@ -24,8 +24,8 @@ from chunkattn.decode import decode_attention
 Array = jax.Array
 
 # A cached call with at most this many new tokens (a decode step) goes through
-# `decode_attention` (the cache split into chunks summarised in parallel); longer ones (a
-# prefill) through `dot_product_attention`.
+# `decode_attention` (the cache split into chunks summarised in parallel; pure JAX, so it serves
+# implementation None and "chunked"); longer ones (a prefill) through `dot_product_attention`.
 DECODE_MAX_QUERIES = 16
 
 
@@ -100,7 +100,7 @@ def _attend(
         )
         cache = KVCache(keys, values, start + seq)
         k, v = keys.astype(q.dtype), values.astype(q.dtype)
-        if layer.implementation is None and seq <= DECODE_MAX_QUERIES:
+        if layer.implementation in (None, "chunked") and seq <= DECODE_MAX_QUERIES:
             out = decode_attention(
                 q,
                 k,
