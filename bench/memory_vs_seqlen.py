@@ -80,14 +80,26 @@ def measure_in_subprocess(impl: str, seq_len: int, causal: bool, args) -> dict:
         "--dtype",
         args.dtype,
     ]
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), timeout=1800)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
     text = (proc.stderr or "")[-2000:]
     status = "OOM" if common.is_oom(RuntimeError(text)) else f"error: exit {proc.returncode}"
     return dict(_row(impl, seq_len, causal, args), status=status)
+
+
+# GPU memory: jax reserves XLA_PYTHON_CLIENT_MEM_FRACTION (default 75%) of the device in the
+# first process that touches it. The parent only orchestrates, so it must reserve nothing (else
+# each worker gets the last quarter, and dense attention ran out of memory at T=16k in workers
+# while it ran in one process); each worker takes one pool of 90%. peak_bytes_in_use counts
+# allocations, not the pool, so the reservation does not inflate the measured peaks.
+PARENT_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+WORKER_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "true", "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.90"}
+
+
+def worker_env() -> dict[str, str]:
+    return dict(os.environ, **WORKER_ENV)
 
 
 def _row(impl: str, seq_len: int, causal: bool, args) -> dict:
@@ -182,6 +194,8 @@ def main(argv=None) -> int:
     )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if not args.worker:
+        os.environ.update(PARENT_ENV)  # read when jax first touches a device, just below
     gpu = jax.default_backend() == "gpu"
     args.heads = args.heads or (16 if gpu else 8)
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")

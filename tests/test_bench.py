@@ -192,3 +192,12 @@ def test_decode_times_every_path_and_writes_bandwidth(tmp_path):
         assert r["status"] == "ok" and float(r["ms"]) > 0 and float(r["cache_gb_per_s"]) > 0
         assert int(r["filled"]) == int(int(r["cache_len"]) * 0.75)
     assert float(next(r for r in rows if r["impl"] == "chunked")["vs_chunked"]) == 1.0
+
+
+def test_memory_workers_get_the_gpu_memory_the_parent_leaves(monkeypatch):
+    """The orchestrating parent reserves no GPU memory; each measuring worker takes one pool."""
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    env = memory_vs_seqlen.worker_env()
+    assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+    assert float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"]) >= 0.9
+    assert memory_vs_seqlen.PARENT_ENV == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}

@@ -146,5 +146,6 @@ def test_default_splits_per_backend():
     """GPU: as many chunks per wave as the score budget allows; CPU: one (the chunked loop)."""
     assert DecodeConfig().resolve(64, 100_000, backend="cpu") == (512, 1)
     assert DecodeConfig().resolve(64, 100_000, backend="gpu") == (512, 100_000 // 512)
-    assert DecodeConfig().resolve(64 * 1024, 100_000, backend="gpu") == (512, 1)  # budget < 2 chunks
+    # a budget below two chunks: one
+    assert DecodeConfig().resolve(64 * 1024, 100_000, backend="gpu") == (512, 1)
     assert DecodeConfig(chunk_size=64, num_splits=1000).resolve(8, 300) == (64, 4)  # ≤ the cache
