@@ -14,6 +14,7 @@ to the GPU.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from unittest import mock
 
 import jax
@@ -186,6 +187,7 @@ _CUDA_FEATURES = {
     "dropout": dict(dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(1)),
     "dense_mask": dict(mask=jnp.ones((2, 1, _T, _T), bool)),
     "bias": dict(bias=jnp.zeros((1, 4, 1, _T))),
+    "bias_2d": dict(bias=jnp.zeros((2, 4, _T, _T)), logits_soft_cap=20.0),
     "atomic": dict(is_causal=True, config=PallasConfig(backward="atomic")),
 }
 
@@ -241,3 +243,15 @@ def test_declined_functions_fall_back_to_chunked_on_gpu(monkeypatch):
         return jnp.sum(out)
 
     assert _triton_kernels_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v) == 0
+
+
+def test_dense_tiles_halve_the_default_key_block():
+    """A bias/mask varying along T and S streams a tile per step: the default key block halves
+    (shared memory, bench/NOTES.md v5); index-only masks and a user's block_k are untouched."""
+    pa = importlib.import_module("chunkattn.pallas.attention")
+    plain = pa._heuristic(128, jnp.bfloat16, 4096, 4096, PallasConfig())
+    tiles = pa._heuristic(128, jnp.bfloat16, 4096, 4096, PallasConfig(), dense_tiles=True)
+    assert (plain["block_k"], tiles["block_k"]) == (128, 64)
+    assert tiles["block_q"] == plain["block_q"] and tiles["block_k_bwd"] == plain["block_k_bwd"]
+    mine = pa._heuristic(128, jnp.bfloat16, 4096, 4096, PallasConfig(block_k=128), True)
+    assert mine["block_k"] == 128

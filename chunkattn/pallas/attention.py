@@ -134,8 +134,19 @@ class Static(NamedTuple):
         return not (self.has_segments or self.mask_fn or self.mask_dims)
 
 
-def _heuristic(head_dim: int, dtype: Any, seq_q: int, seq_k: int, cfg: PallasConfig) -> dict:
-    """Block sizes per head dim and dtype (bench/NOTES.md), clipped to the sequence."""
+def _heuristic(
+    head_dim: int,
+    dtype: Any,
+    seq_q: int,
+    seq_k: int,
+    cfg: PallasConfig,
+    dense_tiles: bool = False,
+) -> dict:
+    """Block sizes per head dim and dtype (bench/NOTES.md), clipped to the sequence.
+
+    `dense_tiles`: a dense bias or mask varies along both T and S, so the forward and dQ loops
+    also stream a (block_q, block_k) tile of it through shared memory each step.
+    """
     wide = jnp.dtype(dtype).itemsize >= 4  # float32 tiles take twice the shared memory
     # H=128 from bench/pallas_tune.py on the H100 (bench/NOTES.md); the others are untuned.
     if head_dim <= 64:
@@ -151,6 +162,12 @@ def _heuristic(head_dim: int, dtype: Any, seq_q: int, seq_k: int, cfg: PallasCon
             max(bq_b // 2, 16),
             max(bk_b // 2, 16),
         )
+
+    if dense_tiles:
+        # At 128×128 bf16 with 2 stages, K and V tiles take 128 KiB, Q 32 KiB, and a pipelined
+        # 128×128 bias tile another 64 KiB: past the H100's 227 KiB with Triton's scratch. Half
+        # the key block keeps the loop's tiles at ~100 KiB (a prediction, bench/NOTES.md v5).
+        bk = max(bk // 2, 16)
 
     def clip(b: int, n: int) -> int:
         return max(16, min(b, pl.next_power_of_2(n)))
@@ -857,7 +874,8 @@ def attention(args: Any, opts: Any) -> tuple[Array, Array]:
     batch, seq_q, num_heads, head_dim = q.shape
     seq_k, num_kv_heads, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
     hp, hvp = max(16, pl.next_power_of_2(head_dim)), max(16, pl.next_power_of_2(head_dim_v))
-    blocks = _heuristic(max(hp, hvp), q.dtype, seq_q, seq_k, cfg)
+    dense_tiles = any(d is not None and d[2] and d[3] for d in map(_dims, (args.bias, args.mask)))
+    blocks = _heuristic(max(hp, hvp), q.dtype, seq_q, seq_k, cfg, dense_tiles)
     _check_user_fns(opts, blocks["block_q"], blocks["block_k"])
     tq = max(blocks["block_q"], blocks["block_q_bwd"])
     tk = max(blocks["block_k"], blocks["block_k_bwd"])
