@@ -88,6 +88,7 @@ def decode_attention(
         (the queries are the last T filled positions).
       is_causal, local_window_size, scale, logits_soft_cap: as `dot_product_attention`.
       return_lse: also return the log-sum-exp [B, N, T] (to merge with attention elsewhere).
+      precision: of the matrix products; None means HIGHEST for float32 inputs (no TF32).
       config: a `DecodeConfig` (chunk size and splits).
 
     Returns:
@@ -124,6 +125,8 @@ def decode_attention(
         logits_soft_cap=logits_soft_cap,
     )
     num_heads = args.query.shape[2]
+    if precision is None and args.query.dtype == jnp.float32:  # as dot_product_attention: no TF32
+        precision = jax.lax.Precision.HIGHEST
     chunk, splits = config.resolve(batch * num_heads * seq_q, args.key.shape[1])
     spec = masks.MaskSpec(is_causal, args.local_window_size)
     out, lse = _decode(

@@ -149,3 +149,10 @@ def test_default_splits_per_backend():
     # a budget below two chunks: one
     assert DecodeConfig().resolve(64 * 1024, 100_000, backend="gpu") == (512, 1)
     assert DecodeConfig(chunk_size=64, num_splits=1000).resolve(8, 300) == (64, 4)  # ≤ the cache
+
+
+def test_float32_products_run_at_highest_precision():
+    """As dot_product_attention: float32 inputs never run as TF32 on a GPU."""
+    q, k, v = _inputs(1)
+    jaxpr = str(jax.make_jaxpr(lambda q, k, v: decode_attention(q, k, v, LENGTHS))(q, k, v))
+    assert jaxpr.count("dot_general[") == jaxpr.count("precision=(Precision.HIGHEST") > 0

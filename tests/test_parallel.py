@@ -34,6 +34,7 @@ def test_forward_and_gradients_equal_the_reference(results, case):
 
 def test_kv_travel_the_ring_and_are_not_all_gathered(results):
     assert results["collective_permute"] and not results["all_gather"]
+    assert results["all_to_all"]  # causal: the striped re-deal
 
 
 def test_uneven_sequence_is_rejected(results):
