@@ -6,9 +6,10 @@ to fill a GPU. Here the cache is split into chunks of `chunk_size` keys; a wave 
 consecutive chunks is summarised in parallel (`summary.summarize`, vmapped over the chunk axis),
 the wave's summaries are reduced by the log-sum-exp merge (`summary.merge_stacked`), and waves are
 merged into the running summary. The loop over waves runs only over the chunks a query can see
-(`masks.kv_chunk_range`: below the filled length, inside the causal bound and the window), so
-the unfilled part of the cache is never read. Memory: one wave of B·N·T·num_splits·chunk_size
-float32 scores, whatever L is.
+(`masks.kv_chunk_range`: below the longest filled length, inside the causal bound and the
+window), so waves past them are never read; inside the last wave, keys past a row's own length
+are read and masked (they must be finite: `KVCache.empty` fills zeros). Memory: one wave of
+B·N·T·num_splits·chunk_size float32 scores, whatever L is.
 
 The step is forward only (inference); training goes through `dot_product_attention`.
 """
@@ -28,8 +29,10 @@ from chunkattn.summary import ChunkSummary, merge, merge_stacked, summarize
 
 Array = jax.Array
 
-# GPU: float32 score elements per wave (B·N·T·num_splits·chunk_size), 64 MiB.
+# GPU: float32 score elements per wave (B·N·T·num_splits·chunk_size), 64 MiB; and keys per
+# wave, so that a short fill or a window still skips most of a long cache.
 _GPU_WAVE_ELEMENTS = 2**24
+_GPU_WAVE_KEYS = 16384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +41,8 @@ class DecodeConfig:
 
     chunk_size: keys per chunk (default 512, clipped to the cache). num_splits: chunks
     summarised in parallel per wave. Default on GPU: as many as fit B·N·T·num_splits·chunk_size
-    ≤ 2^24 float32 scores; on CPU: 1, because XLA:CPU's product over a [B, S, K, H] cache slice
+    ≤ 2^24 float32 scores in a wave of ≤ 16384 keys (so a short fill or a window still skips
+    most of a long cache); on CPU: 1, because XLA:CPU's product over a [B, S, K, H] cache slice
     slows down more than linearly past ~512 keys (bench/NOTES.md, decode), so a CPU decode step
     is the chunked loop. Never more than the cache holds.
     """
@@ -58,14 +62,15 @@ class DecodeConfig:
         splits = self.num_splits
         if splits is None:
             gpu = (backend or jax.default_backend()) == "gpu"
-            splits = max(1, _GPU_WAVE_ELEMENTS // (rows * chunk)) if gpu else 1
+            budget = min(_GPU_WAVE_ELEMENTS // rows, _GPU_WAVE_KEYS)  # keys per wave
+            splits = max(1, budget // chunk) if gpu else 1
         return chunk, max(1, min(splits, cache_len // chunk))  # a wave fits inside the cache
 
 
 def decode_attention(
     query: Array,
-    key_cache: Array,
-    value_cache: Array,
+    key: Array,
+    value: Array,
     cache_lengths: Array | int,
     *,
     q_offset: Array | int | None = None,
@@ -81,8 +86,9 @@ def decode_attention(
 
     Args:
       query: [B, T, N, H], the new tokens' queries (T small: 1 for a decode step).
-      key_cache: [B, L, K, H]; value_cache: [B, L, K, Hv], K dividing N. Positions at or past
-        `cache_lengths` are never read.
+      key: the key cache [B, L, K, H]; value: the value cache [B, L, K, Hv], K dividing N.
+        Waves of chunks past the longest length are never read; keys past a row's length
+        inside a read wave are masked and must be finite.
       cache_lengths: int or [B], filled positions, the new tokens' keys included.
       q_offset: int or [B], sequence position of query row 0; default `cache_lengths − T`
         (the queries are the last T filled positions).
@@ -102,7 +108,8 @@ def decode_attention(
     config = config if config is not None else DecodeConfig()
     if not isinstance(config, DecodeConfig):
         raise ValueError(f"config must be a DecodeConfig, got {config!r}")
-    if jnp.ndim(query) != 4:
+    query = jnp.asarray(query)
+    if query.ndim != 4:
         raise ValueError(f"query must be [B, T, N, H], got query.shape={jnp.shape(query)}")
     batch, seq_q = query.shape[:2]
     lengths = jnp.asarray(cache_lengths)
@@ -116,8 +123,8 @@ def decode_attention(
         q_offset = lengths - seq_q
     args = normalize_arguments(
         query,
-        key_cache,
-        value_cache,
+        key,
+        value,
         scale=scale,
         local_window_size=local_window_size,
         q_offset=q_offset,

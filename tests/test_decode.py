@@ -134,6 +134,8 @@ def test_bad_arguments():
         decode_attention(q, k, v, 3.0)
     with pytest.raises(ValueError, match="query must be"):
         decode_attention(q[0], k, v, 3)
+    out = decode_attention(q.tolist(), k.tolist(), v.tolist(), 3)  # array-likes, as jax.nn
+    assert out.shape == q.shape
     with pytest.raises(ValueError, match="key.shape"):
         decode_attention(q, k[:, :, :, :16], v, 3)
     with pytest.raises(ValueError, match="DecodeConfig.num_splits"):
@@ -143,9 +145,9 @@ def test_bad_arguments():
 
 
 def test_default_splits_per_backend():
-    """GPU: as many chunks per wave as the score budget allows; CPU: one (the chunked loop)."""
+    """GPU: as many chunks per wave as the score and key budgets allow; CPU: one (the loop)."""
     assert DecodeConfig().resolve(64, 100_000, backend="cpu") == (512, 1)
-    assert DecodeConfig().resolve(64, 100_000, backend="gpu") == (512, 100_000 // 512)
+    assert DecodeConfig().resolve(64, 100_000, backend="gpu") == (512, 32)  # ≤ 16384 keys/wave
     # a budget below two chunks: one
     assert DecodeConfig().resolve(64 * 1024, 100_000, backend="gpu") == (512, 1)
     assert DecodeConfig(chunk_size=64, num_splits=1000).resolve(8, 300) == (64, 4)  # ≤ the cache

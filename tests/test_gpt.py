@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from chunkattn.decode import DecodeConfig
 from chunkattn.models.gpt import GPT, GPTConfig, generate
 from chunkattn.nn.layers import KVCache, MultiHeadAttention
 
@@ -43,7 +44,14 @@ def test_long_prefill_then_decode_steps_with_a_window(window, monkeypatch):
     monkeypatch.setattr(
         layers, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
-    layer = MultiHeadAttention(32, 4, num_kv_heads=2, local_window_size=window, rngs=nnx.Rngs(0))
+    layer = MultiHeadAttention(
+        32,
+        4,
+        num_kv_heads=2,
+        local_window_size=window,
+        decode_config=DecodeConfig(chunk_size=4, num_splits=2),  # several waves
+        rngs=nnx.Rngs(0),
+    )
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 23, 32))
     full = layer(x)
     cache = KVCache.empty(2, 40, 2, 8)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from chunkattn.api import dot_product_attention
-from chunkattn.decode import decode_attention
+from chunkattn.decode import DecodeConfig, decode_attention
 
 Array = jax.Array
 
@@ -60,7 +60,7 @@ def _attend(
     """Shared by both layers: RoPE, the cache update and the chunkattn call.
 
     q [B, T, N, H], k and v [B, T, K, H]; `layer` supplies rope, rope_base, is_causal,
-    local_window_size, implementation and config.
+    local_window_size, implementation, config and decode_config.
     """
     batch, seq = q.shape[:2]
     start = jnp.zeros((), jnp.int32) if cache is None else cache.length
@@ -108,6 +108,7 @@ def _attend(
                 jnp.full((batch,), start + seq),
                 is_causal=layer.is_causal,
                 local_window_size=layer.local_window_size,
+                config=layer.decode_config,
             )
             return out, cache
         kwargs.update(q_offset=start, key_value_seq_lengths=jnp.full((batch,), start + seq))
@@ -123,7 +124,9 @@ class MultiHeadAttention(nnx.Module):
       dim: model width D. num_heads: query heads N. num_kv_heads: K (divides N; default N).
       rope: rotary position embedding on queries and keys.
       is_causal, local_window_size: masks computed per chunk, never materialised.
-      implementation, config: passed to `chunkattn.dot_product_attention`.
+      implementation, config: passed to `chunkattn.dot_product_attention` (the full pass and
+        a prefill). decode_config: a `DecodeConfig` for the decode steps (≤ 16 new tokens with
+        a cache, implementation None or "chunked"), which go through `decode_attention`.
       mesh: a `jax.sharding.Mesh` with an axis "sp" (and optionally "dp"): attention runs as
         `chunkattn.parallel.ring_attention` with the sequence sharded over "sp".
 
@@ -147,6 +150,7 @@ class MultiHeadAttention(nnx.Module):
         local_window_size: int | tuple[int, int] | None = None,
         implementation: str | None = None,
         config: Any = None,
+        decode_config: DecodeConfig | None = None,
         dtype: Any = jnp.float32,
         mesh: Any = None,
         rngs: nnx.Rngs,
@@ -165,6 +169,7 @@ class MultiHeadAttention(nnx.Module):
             implementation,
             config,
         )
+        self.decode_config = decode_config
         hd = self.head_dim
         lin = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)
         self.wq, self.wk = lin(dim, num_heads * hd), lin(dim, num_kv_heads * hd)
@@ -197,6 +202,7 @@ class LinenMultiHeadAttention(linen.Module):
     local_window_size: int | tuple[int, int] | None = None
     implementation: str | None = None
     config: Any = None
+    decode_config: DecodeConfig | None = None
 
     @linen.compact
     def __call__(
