@@ -207,6 +207,13 @@ def normalize_arguments(
             )
     if scale is None:
         scale = head_dim**-0.5
+    try:  # static: it selects the compiled program, as the chunk sizes do
+        scale = float(scale)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise ValueError(
+            f"scale must be a concrete number (it is static), got {type(scale).__name__} with "
+            f"shape {jnp.shape(scale)}; pass a Python float, or fold a traced scale into query"
+        ) from None
     if logits_soft_cap is not None and not logits_soft_cap > 0:
         raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap!r}")
     if not 0.0 <= dropout_rate < 1.0:
@@ -222,7 +229,7 @@ def normalize_arguments(
         value=value,
         bias=bias,
         mask=mask,
-        scale=float(scale) if isinstance(scale, int | float) else scale,
+        scale=scale,
         local_window_size=_window(local_window_size),
         q_offset=_per_batch_ints("q_offset", q_offset, batch, batched, allow_scalar=True),
         query_seq_lengths=None

@@ -60,11 +60,21 @@ q, k, v = testing.random_qkv(
         ((q, k, v), {"implementation": "flash"}, r"implementation must be.*'flash'"),
         ((q, k, v), {"config": {"q_chunk_size": 8}}, r"config must be"),
         ((q, k, v), {"mask_fn": 3}, r"mask_fn must be callable"),
+        ((q, k, v), {"scale": jnp.ones(3)}, r"scale must be a concrete number.*\(3,\)"),
     ],
 )
 def test_bad_input_raises_value_error(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         chunkattn.dot_product_attention(*args, **kwargs)
+
+
+def test_a_traced_scale_is_refused_by_name_and_a_concrete_one_accepted():
+    f = jax.jit(lambda q, s: chunkattn.dot_product_attention(q, k, v, scale=s))
+    with pytest.raises(ValueError, match="scale must be a concrete number"):
+        f(q, 0.5)
+    got = chunkattn.dot_product_attention(q, k, v, scale=jnp.float32(0.5))
+    want = chunkattn.dot_product_attention(q, k, v, scale=0.5)
+    assert testing.relative_error(got, want) == 0.0
 
 
 @pytest.mark.parametrize(

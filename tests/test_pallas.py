@@ -192,12 +192,16 @@ _CUDA_FEATURES = {
 }
 
 
+@pytest.mark.parametrize("backward", ["split", "atomic"])
 @pytest.mark.parametrize("feature", list(_CUDA_FEATURES))
-def test_every_feature_lowers_to_triton_for_cuda(feature, monkeypatch):
+def test_every_feature_lowers_to_triton_for_cuda(feature, backward, monkeypatch):
     """implementation=None on a GPU serves each feature with the kernels (no fallback), and
-    the Triton lowering accepts every kernel body, forward and both backward kernels."""
+    the Triton lowering accepts every kernel body, forward and both backward kernels (with
+    backward="atomic": the dK/dV kernel that also adds dQ)."""
     monkeypatch.delenv("CHUNKATTN_PALLAS_INTERPRET", raising=False)
     kwargs = dict(_CUDA_FEATURES[feature])
+    if backward == "atomic":
+        kwargs["config"] = PallasConfig(backward="atomic")
     q, k, v = testing.random_qkv(
         jax.random.PRNGKey(0),
         seq_q=_T,
@@ -213,7 +217,8 @@ def test_every_feature_lowers_to_triton_for_cuda(feature, monkeypatch):
         out = chunkattn.dot_product_attention(q, k, v, bias, **kwargs)
         return jnp.sum(out.astype(jnp.float32))
 
-    kernels = 2 if feature == "atomic" else 3  # forward, dQ, dK/dV (atomic: dQ inside dK/dV)
+    atomic = backward == "atomic" or feature == "atomic"
+    kernels = 2 if atomic else 3  # forward, dQ, dK/dV (atomic: dQ inside dK/dV)
     assert _triton_kernels_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v) == kernels
 
 
