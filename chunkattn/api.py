@@ -132,6 +132,14 @@ def _window(w: Any) -> tuple[int, int] | None:
     return int(pair[0]), int(pair[1])
 
 
+def resolve_precision(precision: Any, dtype: Any) -> Any:
+    """The user's precision, or HIGHEST for float32 inputs: float32 in, float32 arithmetic out,
+    no silent TF32 on GPUs (DESIGN §3 numerics)."""
+    if precision is None and dtype == jnp.float32:
+        return jax.lax.Precision.HIGHEST
+    return precision
+
+
 def normalize_arguments(
     query: Any,
     key: Any,
@@ -477,9 +485,7 @@ def dot_product_attention(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
     )
-    if precision is None and args.query.dtype == jnp.float32:
-        # float32 in, float32 arithmetic out: no silent TF32 on GPUs (DESIGN §3 numerics).
-        precision = jax.lax.Precision.HIGHEST
+    precision = resolve_precision(precision, args.query.dtype)
     opts = _Options(
         is_causal=bool(is_causal),
         mask_fn=mask_fn,

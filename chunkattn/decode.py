@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from chunkattn import masks
-from chunkattn.api import normalize_arguments
+from chunkattn.api import normalize_arguments, resolve_precision
 from chunkattn.summary import ChunkSummary, merge, merge_stacked, summarize
 
 Array = jax.Array
@@ -132,8 +132,7 @@ def decode_attention(
         logits_soft_cap=logits_soft_cap,
     )
     num_heads = args.query.shape[2]
-    if precision is None and args.query.dtype == jnp.float32:  # as dot_product_attention: no TF32
-        precision = jax.lax.Precision.HIGHEST
+    precision = resolve_precision(precision, args.query.dtype)
     chunk, splits = config.resolve(batch * num_heads * seq_q, args.key.shape[1])
     spec = masks.MaskSpec(is_causal, args.local_window_size)
     out, lse = _decode(

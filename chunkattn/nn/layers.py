@@ -100,18 +100,19 @@ def _attend(
         )
         cache = KVCache(keys, values, start + seq)
         k, v = keys.astype(q.dtype), values.astype(q.dtype)
+        filled = jnp.full((batch,), start + seq)
         if layer.implementation in (None, "chunked") and seq <= DECODE_MAX_QUERIES:
             out = decode_attention(
                 q,
                 k,
                 v,
-                jnp.full((batch,), start + seq),
+                filled,
                 is_causal=layer.is_causal,
                 local_window_size=layer.local_window_size,
                 config=layer.decode_config,
             )
             return out, cache
-        kwargs.update(q_offset=start, key_value_seq_lengths=jnp.full((batch,), start + seq))
+        kwargs.update(q_offset=start, key_value_seq_lengths=filled)
     elif segment_ids is not None:
         kwargs["segment_ids"] = segment_ids
     return dot_product_attention(q, k, v, **kwargs), cache  # (B, T, N, H)
