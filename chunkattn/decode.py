@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from chunkattn import masks
-from chunkattn.api import normalize_arguments, resolve_precision
+from chunkattn.arguments import normalize_arguments, resolve_precision
 from chunkattn.summary import ChunkSummary, merge, merge_stacked, summarize
 
 Array = jax.Array

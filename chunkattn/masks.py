@@ -56,6 +56,38 @@ def _positions(start: Array | int, size: int) -> Array:
     return start + jnp.arange(size, dtype=jnp.int32)
 
 
+# Relative bounds are clipped to ±2^30: sequence lengths stay below 2^29 (arguments.py), so
+# every key − row difference lies well inside, and row ± bound never leaves int32.
+REL_LIMIT = 2**30
+_I32_MAX, _I32_MIN = 2**31 - 1, -(2**31)
+
+
+def relative_bounds(spec: MaskSpec, q_offset: Array) -> tuple[Array, Array]:
+    """(lo, hi), int32 [B]: causal and window allow key j for query row r iff lo ≤ j − r ≤ hi.
+
+    Query row r sits at position r + q_offset, so causal means j − r ≤ q_offset and a window
+    (left, right) means q_offset − left ≤ j − r ≤ q_offset + right. The sums saturate instead
+    of wrapping (a window of 2^31 − 1 means "no limit" at any offset) and are clipped to
+    ±REL_LIMIT, which changes no comparison with a key − row difference.
+    """
+    off = q_offset.astype(jnp.int32)
+    lo = jnp.full(off.shape, -REL_LIMIT, jnp.int32)
+    hi = jnp.full(off.shape, REL_LIMIT, jnp.int32)
+    if spec.is_causal:
+        hi = jnp.minimum(hi, off)
+    if spec.window is not None:
+        left, right = spec.window
+        up = jnp.where(off > _I32_MAX - right, _I32_MAX, off + jnp.int32(right))
+        down = jnp.where(off < _I32_MIN + left, _I32_MIN, off - jnp.int32(left))
+        hi = jnp.minimum(hi, up)
+        lo = jnp.maximum(lo, down)
+    return jnp.clip(lo, -REL_LIMIT, REL_LIMIT), jnp.clip(hi, -REL_LIMIT, REL_LIMIT)
+
+
+def _has_bounds(spec: MaskSpec) -> bool:
+    return spec.is_causal or spec.window is not None
+
+
 def slice_block(x: Array, q_start: Array | int, k_start: Array | int, tq: int, tk: int) -> Array:
     """Block [b, n, tq|1, tk|1] of a [b, n, t, s] array whose t, s are each 1 or full."""
     t_full, s_full = x.shape[2] != 1, x.shape[3] != 1  # size-1 dims broadcast: never sliced
@@ -106,11 +138,12 @@ def block_mask(
     conds: list[Array] = []
     if padded_seq_k != seq_k:
         conds.append(cols < seq_k)
-    if spec.is_causal:
-        conds.append(cols <= qpos)
-    if spec.window is not None:
-        left, right = spec.window
-        conds.append((cols >= qpos - left) & (cols <= qpos + right))
+    if _has_bounds(spec):
+        lo, hi = relative_bounds(spec, arrays.q_offset)
+        rel = cols - rows  # (1, 1, tq, tk): key − row, small
+        if spec.window is not None:
+            conds.append(rel >= lo[:, None, None, None])
+        conds.append(rel <= hi[:, None, None, None])
     if arrays.q_lengths is not None:
         conds.append(rows < arrays.q_lengths[:, None, None, None])
     if arrays.kv_lengths is not None:
@@ -149,16 +182,10 @@ def kv_chunk_range(
     """[lo, hi): the key chunks that query rows [q_start, q_start + tq) can attend to."""
     lo = jnp.int32(0)
     hi = jnp.int32(num_kv_chunks)
-    off_min = jnp.min(arrays.q_offset)
-    off_max = jnp.max(arrays.q_offset)
-    first_pos = q_start + off_min  # smallest query position in the chunk
-    last_pos = q_start + tq - 1 + off_max  # largest
-    if spec.is_causal:
-        hi = jnp.minimum(hi, _ceil_div(last_pos + 1, tk))
-    if spec.window is not None:
-        left, right = spec.window
-        hi = jnp.minimum(hi, _ceil_div(last_pos + right + 1, tk))
-        lo = jnp.maximum(lo, jnp.maximum(first_pos - left, 0) // tk)
+    if _has_bounds(spec):  # keys j − r ∈ [rel_lo, rel_hi] for some row r of the chunk
+        rel_lo, rel_hi = relative_bounds(spec, arrays.q_offset)
+        hi = jnp.minimum(hi, _ceil_div(jnp.maximum(q_start + tq + jnp.max(rel_hi), 0), tk))
+        lo = jnp.maximum(lo, jnp.maximum(q_start + jnp.min(rel_lo), 0) // tk)
     if arrays.kv_lengths is not None:
         hi = jnp.minimum(hi, _ceil_div(jnp.max(arrays.kv_lengths), tk))
     if arrays.q_lengths is not None:  # a chunk of padding queries needs no keys
@@ -178,15 +205,10 @@ def q_chunk_range(
     """[lo, hi): the query chunks that can attend to key columns [k_start, k_start + tk)."""
     lo = jnp.int32(0)
     hi = jnp.int32(num_q_chunks)
-    off_min = jnp.min(arrays.q_offset)
-    off_max = jnp.max(arrays.q_offset)
-    k_last = k_start + tk - 1
-    if spec.is_causal:  # need row + off >= k_start for some row
-        lo = jnp.maximum(lo, jnp.maximum(k_start - off_max, 0) // tq)
-    if spec.window is not None:
-        left, right = spec.window
-        lo = jnp.maximum(lo, jnp.maximum(k_start - right - off_max, 0) // tq)
-        hi = jnp.minimum(hi, _ceil_div(jnp.maximum(k_last + left - off_min + 1, 0), tq))
+    if _has_bounds(spec):  # rows r ∈ [j − rel_hi, j − rel_lo] for some key j of the chunk
+        rel_lo, rel_hi = relative_bounds(spec, arrays.q_offset)
+        lo = jnp.maximum(lo, jnp.maximum(k_start - jnp.max(rel_hi), 0) // tq)
+        hi = jnp.minimum(hi, _ceil_div(jnp.maximum(k_start + tk - jnp.min(rel_lo), 0), tq))
     if arrays.q_lengths is not None:
         hi = jnp.minimum(hi, _ceil_div(jnp.max(arrays.q_lengths), tq))
     if arrays.kv_lengths is not None:  # a chunk of padding keys is seen by no query
@@ -229,17 +251,13 @@ def kv_full_range(
     Only meaningful when `index_only(spec, arrays)`; the last key chunk holds padding keys
     when `last_chunk_padded` and is never full.
     """
-    first_pos = q_start + jnp.min(arrays.q_offset)
-    last_pos = q_start + tq - 1 + jnp.max(arrays.q_offset)
     flo, fhi = lo, hi
     if last_chunk_padded:
         fhi = jnp.minimum(fhi, hi - 1)
-    if spec.is_causal:  # (j + 1)·tk − 1 <= first_pos
-        fhi = jnp.minimum(fhi, jnp.floor_divide(first_pos + 1, tk))
-    if spec.window is not None:
-        left, right = spec.window
-        flo = jnp.maximum(flo, _ceil_div(last_pos - left, tk))  # j·tk >= last_pos − left
-        fhi = jnp.minimum(fhi, jnp.floor_divide(first_pos + right + 1, tk))
+    if _has_bounds(spec):  # j·tk − r_last ≥ max rel_lo and (j+1)·tk − 1 − r_first ≤ min rel_hi
+        rel_lo, rel_hi = relative_bounds(spec, arrays.q_offset)
+        flo = jnp.maximum(flo, _ceil_div(q_start + tq - 1 + jnp.max(rel_lo), tk))
+        fhi = jnp.minimum(fhi, jnp.floor_divide(q_start + jnp.min(rel_hi) + 1, tk))
     return _clip_range(flo, fhi, lo, hi)
 
 
@@ -258,16 +276,11 @@ def q_full_range(
     Only meaningful when `index_only(spec, arrays)`; a key chunk holding padding keys
     (`chunk_padded`) has no full blocks.
     """
-    off_min = jnp.min(arrays.q_offset)
-    off_max = jnp.max(arrays.q_offset)
-    k_last = k_start + tk - 1
     flo, fhi = lo, jnp.where(chunk_padded, lo, hi)
-    if spec.is_causal:  # i·tq + off_min >= k_last
-        flo = jnp.maximum(flo, _ceil_div(k_last - off_min, tq))
-    if spec.window is not None:
-        left, right = spec.window
-        flo = jnp.maximum(flo, _ceil_div(k_last - right - off_min, tq))
-        fhi = jnp.minimum(fhi, jnp.floor_divide(k_start + left - off_max + 1, tq))
+    if _has_bounds(spec):  # k_last − i·tq ≤ min rel_hi and k_start − (i+1)·tq + 1 ≥ max rel_lo
+        rel_lo, rel_hi = relative_bounds(spec, arrays.q_offset)
+        flo = jnp.maximum(flo, _ceil_div(k_start + tk - 1 - jnp.min(rel_hi), tq))
+        fhi = jnp.minimum(fhi, jnp.floor_divide(k_start - jnp.max(rel_lo) + 1, tq))
     return _clip_range(flo, fhi, lo, hi)
 
 

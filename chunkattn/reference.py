@@ -6,7 +6,7 @@ against code that shares none of their mask logic. `dense_attention` is the same
 the inputs' dtype with float32 accumulation; `dot_product_attention(implementation="xla")`
 calls it. Both differentiate by plain autodiff.
 
-Inputs here are already validated and normalised by `api.py` (4-D, masks/biases 4-D).
+Inputs here are already validated and normalised by `arguments.py` (4-D, masks/biases 4-D).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from chunkattn import masks
+from chunkattn.arguments import normalize_arguments
 
 Array = jax.Array
 
@@ -44,11 +45,17 @@ def _dense_mask(
     allowed = jnp.ones((batch, num_heads, seq_q, seq_k), dtype=bool)
     if mask is not None:
         allowed &= mask
+    # Key j − row r compared with the offset, never offset ± bound (that could wrap): j ≤ r +
+    # off + right ⇔ off ≥ (j − r) − right, which holds outright when (j − r) − right < int32 min.
+    rel = cols - rows  # (1, 1, T, S), small
+    off = q_offset.astype(jnp.int32)[:, None, None, None]  # (B, 1, 1, 1)
     if is_causal:
-        allowed &= cols <= qpos
+        allowed &= off >= rel
     if local_window_size is not None:
         left, right = local_window_size
-        allowed &= (cols >= qpos - left) & (cols <= qpos + right)
+        i32 = jnp.iinfo(jnp.int32)
+        allowed &= (rel < i32.min + right) | (off >= rel - right)
+        allowed &= (rel > i32.max - left) | (off <= rel + left)
     if query_seq_lengths is not None:
         allowed &= rows < query_seq_lengths[:, None, None, None]
     if key_value_seq_lengths is not None:
@@ -180,9 +187,7 @@ def reference_attention(
         >>> out = chunkattn.reference_attention(q, k, v, is_causal=True)
     """
     del implementation, config
-    from chunkattn import api  # local import: api imports this module
-
-    args = api.normalize_arguments(
+    args = normalize_arguments(
         query,
         key,
         value,

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -47,9 +48,9 @@ Dims = tuple[bool, bool, bool, bool]  # which of a dense operand's (B, N, T, S) 
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-# Masked scores (log2 domain). Finite, so a row that has seen only masked keys stays NaN-free;
-# the first real key's correction factor 2^(MASKED − m) = 0 wipes what it accumulated.
-MASKED = -1.0e30
+# Masked scores are −inf and the running max is shifted by 0 while it is −inf, so a row tells
+# "saw no key" (l = 0: output 0) from "saw keys with a huge negative bias" (the softmax).
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 def interpret_mode() -> bool:
@@ -197,14 +198,19 @@ def _fdiv(a, b: int):
     return jax.lax.div(jnp.maximum(a, 0), b)
 
 
-META = ("q_offset", "q_len", "kv_len", "seed0", "seed1", "unused", "unused", "unused")
+META = ("q_offset", "q_len", "kv_len", "seed0", "seed1", "rel_lo", "rel_hi", "unused")
 
 
 def _meta(meta_ref):
-    """(q_offset, q_len, kv_len) of this batch entry, as int32 scalars (see `META`)."""
+    """(q_offset, q_len, kv_len, (rel_lo, rel_hi)) of this batch entry as int32 scalars.
+
+    A key j is inside the causal/window bounds of row r iff rel_lo ≤ j − r ≤ rel_hi
+    (`masks.relative_bounds`: saturated, so huge windows and offsets never wrap).
+    """
     m = meta_ref[...]
     idx = jnp.arange(len(META), dtype=jnp.int32)
-    return tuple(jnp.sum(jnp.where(idx == i, m, 0)) for i in range(3))
+    pick = lambda i: jnp.sum(jnp.where(idx == i, m, 0))
+    return pick(0), pick(1), pick(2), (pick(5), pick(6))
 
 
 def _seed(st: Static, meta_ref):
@@ -307,18 +313,21 @@ def _block_scores(st: Static, raw, pos: _Pos, bias):
     biased = s
     if st.score_fn is not None:
         s = _apply_score_fn(st, s, pos)
-    return biased, s * LOG2E
+    # A finite score past ±2^127.5 would overflow in the log2 domain; a finite bias must still
+    # give the softmax (DESIGN edge rules), so only a −inf score stays −inf.
+    s2 = jnp.clip(s * LOG2E, -F32_MAX, F32_MAX)
+    return biased, jnp.where(s == -jnp.inf, -jnp.inf, s2)
 
 
-def _allowed(st: Static, pos: _Pos, kv_len, segq, segk, mask):
+def _allowed(st: Static, pos: _Pos, rows, bounds, kv_len, segq, segk, mask):
     """Predicate [bq, bk]: the key may be attended (tail keys lie at or past kv_len)."""
     qpos, cols = pos.qpos[:, None], pos.kpos[None, :]
     allowed = jnp.broadcast_to(cols < kv_len, (qpos.shape[0], cols.shape[1]))
-    if st.is_causal:
-        allowed &= cols <= qpos
-    if st.window is not None:
-        left, right = st.window
-        allowed &= (cols >= qpos - left) & (cols <= qpos + right)
+    if st.is_causal or st.window is not None:
+        rel = cols - rows[:, None]  # key − row: small, cannot wrap
+        allowed &= rel <= bounds[1]
+        if st.window is not None:
+            allowed &= rel >= bounds[0]
     if st.has_segments:
         allowed &= segq[:, None] == segk[None, :]
     if mask is not None:
@@ -344,22 +353,19 @@ def _dscore(st: Static, ds, raw, biased, pos: _Pos):
     return ds
 
 
-def _kv_ranges(st: Static, q_start, bq: int, bk: int, nk: int, off, q_len, kv_len):
+def _kv_ranges(st: Static, q_start, bq: int, bk: int, nk: int, bounds, q_len, kv_len):
     """Key blocks [lo, hi) seen by rows [q_start, q_start+bq), and the full ones [flo, fhi)."""
-    first, last = q_start + off, q_start + bq - 1 + off
+    rel_lo, rel_hi = bounds
     lo = jnp.int32(0)
     hi = jnp.minimum(jnp.int32(nk), _cdiv(kv_len, bk))
     fhi = jnp.minimum(hi, _fdiv(kv_len, bk))  # blocks wholly below kv_len
     flo = lo
-    if st.is_causal:
-        hi = jnp.minimum(hi, _cdiv(jnp.maximum(last + 1, 0), bk))
-        fhi = jnp.minimum(fhi, _fdiv(first + 1, bk))
+    if st.is_causal or st.window is not None:  # keys j − r ∈ [rel_lo, rel_hi]
+        hi = jnp.minimum(hi, _cdiv(jnp.maximum(q_start + bq + rel_hi, 0), bk))
+        fhi = jnp.minimum(fhi, _fdiv(q_start + rel_hi + 1, bk))
     if st.window is not None:
-        left, right = st.window
-        hi = jnp.minimum(hi, _cdiv(jnp.maximum(last + right + 1, 0), bk))
-        lo = _fdiv(first - left, bk)
-        flo = _cdiv(jnp.maximum(last - left, 0), bk)
-        fhi = jnp.minimum(fhi, _fdiv(first + right + 1, bk))
+        lo = _fdiv(q_start + rel_lo, bk)
+        flo = _cdiv(jnp.maximum(q_start + bq - 1 + rel_lo, 0), bk)
     hi = jnp.where(q_start < q_len, jnp.maximum(hi, lo), lo)  # padding queries need no keys
     if not st.index_masks_only:
         flo = fhi = lo
@@ -368,22 +374,20 @@ def _kv_ranges(st: Static, q_start, bq: int, bk: int, nk: int, off, q_len, kv_le
     return lo, flo, fhi, hi
 
 
-def _q_ranges(st: Static, k_start, bq: int, bk: int, nq: int, off, q_len, kv_len):
+def _q_ranges(st: Static, k_start, bq: int, bk: int, nq: int, bounds, q_len, kv_len):
     """Query blocks [lo, hi) that see keys [k_start, k_start+bk), and the full ones [flo, fhi)."""
+    rel_lo, rel_hi = bounds
     k_last = k_start + bk - 1
     lo = jnp.int32(0)
     hi = jnp.minimum(jnp.int32(nq), _cdiv(q_len, bq))
     flo = lo
     fhi = jnp.where(k_last < kv_len, hi, lo)
-    if st.is_causal:  # row + off >= k_start for some row; >= k_last for all rows
-        lo = _fdiv(k_start - off, bq)
-        flo = _cdiv(jnp.maximum(k_last - off, 0), bq)
+    if st.is_causal or st.window is not None:  # rows r ∈ [j − rel_hi, j − rel_lo]
+        lo = _fdiv(k_start - rel_hi, bq)
+        flo = _cdiv(jnp.maximum(k_last - rel_hi, 0), bq)
     if st.window is not None:
-        left, right = st.window
-        lo = jnp.maximum(lo, _fdiv(k_start - off - right, bq))
-        hi = jnp.minimum(hi, _cdiv(jnp.maximum(k_last + left - off + 1, 0), bq))
-        flo = jnp.maximum(flo, _cdiv(jnp.maximum(k_last - off - right, 0), bq))
-        fhi = jnp.minimum(fhi, _fdiv(k_start + left - off + 1, bq))
+        hi = jnp.minimum(hi, _cdiv(jnp.maximum(k_last - rel_lo + 1, 0), bq))
+        fhi = jnp.minimum(fhi, _fdiv(k_start - rel_lo + 1, bq))
     hi = jnp.where(k_start < kv_len, jnp.maximum(hi, lo), lo)  # padding keys are seen by none
     if not st.index_masks_only:
         flo = fhi = lo
@@ -407,7 +411,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, meta_ref, *refs, st: Static, nk: int):
     bq, bk = st.block_q, st.block_k
     q_start = pl.program_id(0) * bq
     batch, head = _grid_position(st)
-    off, q_len, kv_len = _meta(meta_ref)
+    off, q_len, kv_len, bounds = _meta(meta_ref)
     seed = _seed(st, meta_ref)
     q = q_ref[...]  # (bq, H)
     rows = q_start + jnp.arange(bq, dtype=jnp.int32)
@@ -425,24 +429,25 @@ def _fwd_kernel(q_ref, k_ref, v_ref, meta_ref, *refs, st: Static, nk: int):
         if masked:
             segk = ops.segk[ks] if st.has_segments else None
             mask = _dense(ops.mask, st.mask_dims, None, ks)
-            s = jnp.where(_allowed(st, pos, kv_len, segq, segk, mask), s, MASKED)
+            s = jnp.where(_allowed(st, pos, rows, bounds, kv_len, segq, segk, mask), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp2(m - m_new)
-        p = jnp.exp2(s - m_new[:, None])
+        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no key yet: 2^(−inf − 0) = 0
+        alpha = jnp.exp2(m - shift)
+        p = jnp.exp2(s - shift[:, None])
         l = l * alpha + jnp.sum(p, axis=1)  # the normaliser counts dropped weights too
         if st.dropout_rate:
             p = jnp.where(_keep(st, seed, pos, rows), p * _keep_scale(st), 0.0)
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=st.precision)
         return acc, m_new, l
 
-    lo, flo, fhi, hi = _kv_ranges(st, q_start, bq, bk, nk, off, q_len, kv_len)
+    lo, flo, fhi, hi = _kv_ranges(st, q_start, bq, bk, nk, bounds, q_len, kv_len)
     init = (
         jnp.zeros((bq, o_ref.shape[-1]), jnp.float32),
-        jnp.full((bq,), MASKED, jnp.float32),
+        jnp.full((bq,), -jnp.inf, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
     acc, m, l = _three_phase(lo, flo, fhi, hi, body, init)
-    valid = (m > 0.5 * MASKED) & (rows < q_len)  # saw at least one key
+    valid = (l > 0) & (rows < q_len)  # saw at least one key (a finite bias keeps l ≥ 1)
     safe_l = jnp.where(valid, l, 1.0)
     o_ref[...] = jnp.where(valid[:, None], acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(valid, (m + jnp.log2(safe_l)) * LN2, -jnp.inf)
@@ -453,7 +458,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs,
     bq, bk = st.block_q, st.block_k
     q_start = pl.program_id(0) * bq
     batch, head = _grid_position(st)
-    off, q_len, kv_len = _meta(meta_ref)
+    off, q_len, kv_len, bounds = _meta(meta_ref)
     seed = _seed(st, meta_ref)
     q, do = q_ref[...], do_ref[...]  # (bq, H), (bq, Hv)
     lse2, delta = lse_ref[...], delta_ref[...]  # (bq,) log2-domain lse (+inf: no key), D
@@ -471,7 +476,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs,
         if masked:
             segk = ops.segk[ks] if st.has_segments else None
             mask = _dense(ops.mask, st.mask_dims, None, ks)
-            s = jnp.where(_allowed(st, pos, kv_len, segq, segk, mask), s, MASKED)
+            s = jnp.where(_allowed(st, pos, rows, bounds, kv_len, segq, segk, mask), s, -jnp.inf)
         p = jnp.exp2(s - lse2[:, None])  # P = exp(s − lse); 0 where masked
         dp = plgpu.dot(do, v, trans_b=True, precision=st.precision)  # dO·Vᵀ
         if st.dropout_rate:
@@ -479,7 +484,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs,
         ds = _dscore(st, p * (dp - delta[:, None]), raw, biased, pos)  # dS = P ∘ (dP − D)
         return dq + plgpu.dot(ds.astype(k.dtype), k, precision=st.precision)
 
-    lo, flo, fhi, hi = _kv_ranges(st, q_start, bq, bk, nk, off, q_len, kv_len)
+    lo, flo, fhi, hi = _kv_ranges(st, q_start, bq, bk, nk, bounds, q_len, kv_len)
     dq = _three_phase(lo, flo, fhi, hi, body, jnp.zeros((bq, q_ref.shape[-1]), jnp.float32))
     dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
@@ -494,7 +499,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *ref
     bq, bk = st.block_q_bwd, st.block_k_bwd
     k_start = pl.program_id(0) * bk
     batch, head = _grid_position(st)
-    off, q_len, kv_len = _meta(meta_ref)
+    off, q_len, kv_len, bounds = _meta(meta_ref)
     seed = _seed(st, meta_ref)
     k, v = k_ref[...], v_ref[...]  # (bk, H), (bk, Hv)
     cols = k_start + jnp.arange(bk, dtype=jnp.int32)
@@ -513,7 +518,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *ref
         if masked:
             segq = ops.segq[qs] if st.has_segments else None
             mask = _dense(ops.mask, st.mask_dims, qs, None)
-            s = jnp.where(_allowed(st, pos, kv_len, segq, segk, mask), s, MASKED)
+            s = jnp.where(_allowed(st, pos, rows, bounds, kv_len, segq, segk, mask), s, -jnp.inf)
         p = jnp.exp2(s - lse2[:, None])
         dp = plgpu.dot(do, v, trans_b=True, precision=st.precision)
         p_drop = p
@@ -529,7 +534,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *ref
             plgpu.atomic_add(dq_ref, (qs, slice(None)), dq)
         return dk, dv
 
-    lo, flo, fhi, hi = _q_ranges(st, k_start, bq, bk, nq, off, q_len, kv_len)
+    lo, flo, fhi, hi = _q_ranges(st, k_start, bq, bk, nq, bounds, q_len, kv_len)
     init = (
         jnp.zeros((bk, k_ref.shape[-1]), jnp.float32),
         jnp.zeros((bk, v_ref.shape[-1]), jnp.float32),
@@ -851,7 +856,7 @@ def _dims(x: Array | None) -> Dims | None:
 
 
 def attention(args: Any, opts: Any) -> tuple[Array, Array]:
-    """Serve a normalised request (`api.Arguments`, `api._Options`) with the fused kernels.
+    """Serve a normalised request (`arguments.Arguments`, `arguments.Options`) in the kernels.
 
     Raises NotImplementedError naming the feature for what the kernels do not implement.
     """
@@ -861,6 +866,10 @@ def attention(args: Any, opts: Any) -> tuple[Array, Array]:
     unsupported = [
         ("float64", args.query.dtype == jnp.float64),
         ("head dims above 256", max(args.query.shape[-1], args.value.shape[-1]) > 256),
+        (
+            "64-bit segment ids",
+            args.segment_ids is not None and args.segment_ids[0].dtype.itemsize > 4,
+        ),
     ]
     missing = [name for name, present in unsupported if present]
     if missing:
@@ -935,7 +944,10 @@ def attention(args: Any, opts: Any) -> tuple[Array, Array]:
             jnp.minimum(jnp.broadcast_to(q_len, (batch,)), seq_q),
             jnp.minimum(jnp.broadcast_to(kv_len, (batch,)), seq_k),
             *seed_cols,
-            *[jnp.zeros((batch,), jnp.int32)] * 3,
+            *masks.relative_bounds(
+                masks.MaskSpec(opts.is_causal, args.local_window_size), args.q_offset
+            ),
+            jnp.zeros((batch,), jnp.int32),
         ],
         axis=1,
     ).astype(jnp.int32)  # (B, 8): `META`
