@@ -12,6 +12,10 @@ are read and masked (they must be finite: `KVCache.empty` fills zeros). Memory: 
 B·N·T·num_splits·chunk_size float32 scores, whatever L is.
 
 The step is forward only (inference); training goes through `dot_product_attention`.
+
+Cache lengths are checked, never trusted: concrete ones outside [0, L] raise ValueError; traced
+ones (under jit) are checked by `require`, which reports through `jax.experimental.checkify`
+when the caller asks for it, and otherwise the rows they concern come back NaN.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
 
 from chunkattn import masks
 from chunkattn.arguments import normalize_arguments, resolve_precision
@@ -33,6 +39,31 @@ Array = jax.Array
 # wave, so that a short fill or a window still skips most of a long cache.
 _GPU_WAVE_ELEMENTS = 2**24
 _GPU_WAVE_KEYS = 16384
+
+
+def require(ok: Array | bool, message: str, **values: Array | int) -> bool | None:
+    """Check a condition on argument values: ValueError now if concrete, a checkify check if not.
+
+    Concrete `ok` (eager calls, Python values): raises `ValueError(message.format(**values))`
+    when any element of `ok` is False. Traced `ok` (under `jax.jit`, `lax.scan`, `vmap`...):
+    emits `checkify.debug_check(all(ok), message, **values)`, a no-op unless the caller is
+    transformed by `checkify.checkify(f, errors=checkify.user_checks)`, which then returns the
+    error with the traced values formatted in. Returns the concrete verdict (True), or None
+    when traced, so the caller can guard the unchecked case (for instance with NaN outputs).
+
+    Example:
+        >>> require(n <= size, "cache_lengths={n} exceeds the cache's {size} positions",
+        ...         n=n, size=size)
+    """
+    ok = jnp.all(jnp.asarray(ok))
+    try:
+        concrete = bool(ok)
+    except jax.errors.ConcretizationTypeError:
+        checkify.debug_check(ok, message, **{k: jnp.asarray(v) for k, v in values.items()})
+        return None
+    if not concrete:
+        raise ValueError(message.format(**{k: np.asarray(v).tolist() for k, v in values.items()}))
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +120,11 @@ def decode_attention(
       key: the key cache [B, L, K, H]; value: the value cache [B, L, K, Hv], K dividing N.
         Waves of chunks past the longest length are never read; keys past a row's length
         inside a read wave are masked and must be finite.
-      cache_lengths: int or [B], filled positions, the new tokens' keys included.
+      cache_lengths: int or [B], filled positions, the new tokens' keys included; each in
+        [0, L]. Concrete lengths outside it raise ValueError. Traced lengths (under jit) are
+        checked by `checkify`: run the step as `checkify.checkify(step,
+        errors=checkify.user_checks)` to get the error; unchecked, the rows of a batch entry
+        whose length is outside [0, L] come back NaN (never a silently wrong number).
       q_offset: int or [B], sequence position of query row 0; default `cache_lengths − T`
         (the queries are the last T filled positions).
       is_causal, local_window_size, scale, logits_soft_cap: as `dot_product_attention`.
@@ -118,6 +153,17 @@ def decode_attention(
             f"cache_lengths must be an int or [B]=({batch},) integers, got dtype "
             f"{lengths.dtype} and cache_lengths.shape={lengths.shape}"
         )
+    cache_len = np.shape(key)[1] if np.ndim(key) == 4 else None
+    in_range, valid = None, True
+    if cache_len is not None:  # a malformed key is reported by normalize_arguments below
+        in_range = (lengths >= 0) & (lengths <= cache_len)  # compared before any cast: no wrap
+        valid = require(
+            in_range,
+            f"cache_lengths={{cache_lengths}} must lie in [0, L={cache_len}], the cache's "
+            f"positions (key.shape={np.shape(key)})",
+            cache_lengths=lengths,
+        )
+        lengths = jnp.clip(lengths, 0, cache_len)
     lengths = jnp.broadcast_to(lengths.astype(jnp.int32), (batch,))
     if q_offset is None:
         q_offset = lengths - seq_q
@@ -147,6 +193,10 @@ def decode_attention(
         splits,
         precision,
     )
+    if in_range is not None and valid is None:  # traced lengths, unchecked: poison bad rows
+        bad = ~jnp.broadcast_to(in_range, (batch,))
+        out = jnp.where(bad[:, None, None, None], jnp.nan, out)
+        lse = jnp.where(bad[:, None, None], jnp.nan, lse)
     return (out, lse) if return_lse else out
 
 

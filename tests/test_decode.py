@@ -158,3 +158,32 @@ def test_float32_products_run_at_highest_precision():
     q, k, v = _inputs(1)
     jaxpr = str(jax.make_jaxpr(lambda q, k, v: decode_attention(q, k, v, LENGTHS))(q, k, v))
     assert jaxpr.count("dot_general[") == jaxpr.count("precision=(Precision.HIGHEST") > 0
+
+
+def test_cache_lengths_outside_the_cache_raise():
+    """Negative lengths, or more than the cache holds, are refused (they were read silently)."""
+    q, k, v = _inputs(1)
+    for bad in (-1, L + 1, jnp.array([3, L + 1, 5]), jnp.array([0, -2, L])):
+        with pytest.raises(ValueError, match=rf"cache_lengths=.* must lie in \[0, L={L}\]"):
+            decode_attention(q, k, v, bad)
+    with jax.enable_x64(True):  # a length that an int32 cast would wrap into range
+        with pytest.raises(ValueError, match="cache_lengths=4294967299"):
+            decode_attention(q, k, v, jnp.array(2**32 + 3, jnp.int64))
+
+
+def test_traced_cache_lengths_are_checked_by_checkify_and_never_silent():
+    """Under jit: checkify reports a bad length; unchecked, that batch entry is NaN."""
+    from jax.experimental import checkify
+
+    q, k, v = _inputs(1)
+    step = lambda n: decode_attention(q, k, v, n, config=DecodeConfig(256, 1))
+    checked = jax.jit(checkify.checkify(step, errors=checkify.user_checks))
+    err, _ = checked(jnp.array([3, L + 7, 5]))
+    with pytest.raises(checkify.JaxRuntimeError, match=rf"cache_lengths=\[ *3 +{L + 7} +5\]"):
+        err.throw()
+    err, out = checked(LENGTHS)
+    assert err.get() is None
+    out = jax.jit(step)(jnp.array([3, -1, 1000]))
+    assert np.isnan(np.asarray(out[1])).all()
+    want = decode_attention(q, k, v, jnp.array([3, 1, 1000]))
+    np.testing.assert_allclose(out[::2], want[::2], atol=1e-6)  # other entries unharmed
