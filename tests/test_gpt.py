@@ -108,3 +108,76 @@ def test_linen_layer_decodes_like_its_full_pass():
         y, cache = layer.apply(params, x[:, t : t + 1], cache=cache)
         ys.append(y)
     np.testing.assert_allclose(np.concatenate(ys, 1), np.asarray(full), atol=1e-5)
+
+
+def test_cache_write_past_the_end_raises():
+    """A full cache written again used to overwrite its last slot silently."""
+    layer = MultiHeadAttention(16, 2, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 5, 16))
+    cache = KVCache.empty(1, 4, 2, 8)
+    _, cache = layer(x[:, :4], cache=cache)  # full
+    with pytest.raises(ValueError, match=r"cache.length=4 must lie in \[0, 3\]"):
+        layer(x[:, 4:5], cache=cache)
+    with pytest.raises(ValueError, match=r"cache.length=3 must lie in \[0, 2\]"):
+        layer(x[:, :2], cache=cache._replace(length=3))
+    with pytest.raises(ValueError, match=r"cache.length=-1"):
+        layer(x[:, :1], cache=cache._replace(length=-1))
+    with pytest.raises(ValueError, match=r"x.shape\[1\]=5 new tokens do not fit"):
+        layer(x, cache=KVCache.empty(1, 4, 2, 8))
+    with pytest.raises(ValueError, match=r"cache.key.shape=\(1, 4, 2, 4\)"):
+        layer(x[:, :1], cache=KVCache.empty(1, 4, 2, 4))
+
+
+def test_cache_write_past_the_end_under_jit_is_reported_by_checkify():
+    """Traced lengths: checkify names the overflow; unchecked, NaN out and the cache intact."""
+    from jax.experimental import checkify
+
+    layer = MultiHeadAttention(16, 2, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+    step = lambda state, x, cache: nnx.merge(graphdef, state)(x, cache=cache)
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 5, 16))
+    _, full = layer(x[:, :4], cache=KVCache.empty(1, 4, 2, 8))
+    checked = jax.jit(checkify.checkify(step, errors=checkify.user_checks))
+    err, _ = checked(state, x[:, 4:5], full)
+    with pytest.raises(checkify.JaxRuntimeError, match=r"cache.length=4 must lie in \[0, 3\]"):
+        err.throw()
+    err, _ = checked(state, x[:, 3:4], full._replace(length=jnp.asarray(3)))
+    assert err.get() is None
+    y, after = jax.jit(step)(state, x[:, 4:5], full)
+    assert np.isnan(np.asarray(y)).all()
+    np.testing.assert_array_equal(after.key, full.key)
+    np.testing.assert_array_equal(after.value, full.value)
+
+
+def test_rope_needs_an_even_head_dim():
+    """An odd head dim used to rotate mismatched halves (wrong features, or a shape error)."""
+    from chunkattn.nn.layers import rotary
+
+    for head_dim in (3, 5):
+        x = jnp.ones((1, 4, 2, head_dim))
+        with pytest.raises(ValueError, match=rf"even head dim.*x.shape=\(1, 4, 2, {head_dim}\)"):
+            rotary(x, jnp.arange(4))
+    with pytest.raises(ValueError, match=r"head_dim=5 \(dim=20 / num_heads=4\)"):
+        MultiHeadAttention(20, 4, rope=True, rngs=nnx.Rngs(0))
+    layer = MultiHeadAttention(20, 4, rope=False, rngs=nnx.Rngs(0))  # no rotation: fine
+    assert layer(jnp.ones((1, 3, 20))).shape == (1, 3, 20)
+
+
+def test_layers_decode_under_x64():
+    """x64: float64 weights and an int64 cache length decode like the full pass, under jit."""
+    with jax.enable_x64(True):
+        layer = MultiHeadAttention(
+            16, 2, num_kv_heads=1, dtype=jnp.float64, implementation="chunked", rngs=nnx.Rngs(0)
+        )
+        x = jax.random.normal(jax.random.PRNGKey(1), (1, 6, 16), jnp.float64)
+        full = layer(x)
+        graphdef, state = nnx.split(layer)
+        step = jax.jit(lambda state, x, cache: nnx.merge(graphdef, state)(x, cache=cache))
+        cache = KVCache.empty(1, 8, 1, 8, jnp.float64)._replace(length=jnp.zeros((), jnp.int64))
+        y0, cache = step(state, x[:, :4], cache)  # prefill
+        ys = [y0]
+        for t in range(4, 6):
+            y, cache = step(state, x[:, t : t + 1], cache)
+            ys.append(y)
+        assert ys[-1].dtype == jnp.float64
+        np.testing.assert_allclose(np.concatenate(ys, 1), np.asarray(full), atol=1e-10)

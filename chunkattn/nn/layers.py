@@ -7,6 +7,13 @@ values at `cache.length` (a multi-token prefill or a single token) and attends w
 `q_offset = length` and `key_value_seq_lengths = length + T`, so only the filled part of the
 cache is read: a decode step (T ≤ `DECODE_MAX_QUERIES`) by `chunkattn.decode.decode_attention`,
 a prefill by `dot_product_attention`.
+
+A write never corrupts the cache silently. A call whose tokens do not fit (`cache.length + T`
+past the cache's `max_len`, or a negative length) raises ValueError when `cache.length` is
+concrete. Under jit it is traced: run the step under `checkify.checkify(step,
+errors=checkify.user_checks)` to get the same message as a checkify error; unchecked, such a
+call leaves the cache's contents as they were and returns NaN outputs (the returned length
+still advances, so every later step is NaN too).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from chunkattn.api import dot_product_attention
-from chunkattn.decode import DecodeConfig, decode_attention
+from chunkattn.decode import DecodeConfig, decode_attention, require
 
 Array = jax.Array
 
@@ -30,28 +37,82 @@ DECODE_MAX_QUERIES = 16
 
 
 class KVCache(NamedTuple):
-    """Keys and values of the tokens seen so far, and how many there are."""
+    """Keys and values of the tokens seen so far, and how many there are.
+
+    A layer call with T new tokens needs `0 ≤ length` and `length + T ≤ L` (see the module
+    docstring for what happens otherwise). `length` may be any integer dtype (int64 under x64).
+    """
 
     key: Array  # [B, L, K, H]
     value: Array  # [B, L, K, H]
-    length: Array  # int32 scalar: filled positions
+    length: Array  # integer scalar: filled positions
 
     @classmethod
     def empty(
         cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype: Any = jnp.float32
     ) -> KVCache:
+        """A cache of `max_len` positions with nothing written yet (zeros, length 0)."""
         shape = (batch, max_len, num_kv_heads, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
 
 def rotary(x: Array, positions: Array, base: float = 10000.0) -> Array:
-    """Rotary position embedding (RoFormer) of x [B, T, N, H] at positions [T] or [B, T]."""
+    """Rotary position embedding (RoFormer) of x [B, T, N, H] at positions [T] or [B, T].
+
+    Feature i rotates with feature i + H/2, so the head dim H must be even; an odd H raises
+    ValueError. Computed in float32 (float64 for float64 inputs), returned in x's dtype.
+    """
+    if x.shape[-1] % 2:
+        raise ValueError(
+            f"rotary needs an even head dim (features rotate in pairs), got x.shape={x.shape}"
+        )
     half = x.shape[-1] // 2
-    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (H/2,)
-    angles = positions.astype(jnp.float32)[..., None] * freqs  # (..., T, H/2)
+    f = jnp.promote_types(x.dtype, jnp.float32)  # float32, float64 for float64 inputs
+    freqs = base ** (-jnp.arange(half, dtype=f) / half)  # (H/2,)
+    angles = positions.astype(f)[..., None] * freqs  # (..., T, H/2)
     cos, sin = jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]  # (..., T, 1, H/2)
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    x1, x2 = x[..., :half].astype(f), x[..., half:].astype(f)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+def _write_cache(cache: KVCache, k: Array, v: Array) -> tuple[KVCache, Array | None]:
+    """Writes k, v [B, T, K, H] at `cache.length`; returns the new cache and, when the write
+    could not be checked (a traced length), the traced verdict to poison the outputs with."""
+    size, seq = cache.key.shape[1], k.shape[1]
+    for name, buf, new in (("key", cache.key, k), ("value", cache.value, v)):
+        if buf.shape != (new.shape[0], size, *new.shape[2:]):
+            raise ValueError(
+                f"cache.{name}.shape={buf.shape} must be [B, max_len, K, H] with the new "
+                f"{name}s' B, K and H, which are [B, T, K, H]={new.shape}"
+            )
+    if seq > size:
+        raise ValueError(
+            f"x.shape[1]={seq} new tokens do not fit a cache of max_len={size} "
+            f"(cache.key.shape={cache.key.shape})"
+        )
+    length = jnp.asarray(cache.length)
+    if length.shape != () or not jnp.issubdtype(length.dtype, jnp.integer):
+        raise ValueError(
+            f"cache.length must be an integer scalar, got dtype {length.dtype} and "
+            f"shape {length.shape}"
+        )
+    fits = (length >= 0) & (length <= size - seq)  # no `length + seq`: it could wrap
+    checked = require(
+        fits,
+        f"cache.length={{length}} must lie in [0, {size - seq}] to write x.shape[1]={seq} new "
+        f"tokens into a cache of max_len={size} (cache.key.shape={cache.key.shape})",
+        length=length,
+    )
+    at = jnp.clip(length, 0, size - seq)  # where dynamic_update_slice writes anyway
+
+    def write(buf: Array, new: Array) -> Array:
+        new = new.astype(buf.dtype)
+        if checked is None:  # unchecked: a write that does not fit keeps what was there
+            new = jnp.where(fits, new, jax.lax.dynamic_slice_in_dim(buf, at, seq, 1))
+        return jax.lax.dynamic_update_slice_in_dim(buf, new, at, 1)
+
+    cache = KVCache(write(cache.key, k), write(cache.value, v), length + seq)
+    return cache, (fits if checked is None else None)
 
 
 def _attend(
@@ -63,7 +124,9 @@ def _attend(
     local_window_size, implementation, config and decode_config.
     """
     batch, seq = q.shape[:2]
-    start = jnp.zeros((), jnp.int32) if cache is None else cache.length
+    if cache is not None and not isinstance(cache, KVCache):
+        raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
+    start = jnp.zeros((), jnp.int32) if cache is None else jnp.asarray(cache.length)
     if layer.rope:
         positions = start + jnp.arange(seq, dtype=jnp.int32)
         q, k = rotary(q, positions, layer.rope_base), rotary(k, positions, layer.rope_base)
@@ -94,13 +157,12 @@ def _attend(
     if cache is not None:
         if segment_ids is not None:
             raise NotImplementedError("segment_ids with a KV cache")
-        keys = jax.lax.dynamic_update_slice_in_dim(cache.key, k.astype(cache.key.dtype), start, 1)
-        values = jax.lax.dynamic_update_slice_in_dim(
-            cache.value, v.astype(cache.value.dtype), start, 1
-        )
-        cache = KVCache(keys, values, start + seq)
-        k, v = keys.astype(q.dtype), values.astype(q.dtype)
-        filled = jnp.full((batch,), start + seq)
+        cache, fits = _write_cache(cache, k, v)
+        size = cache.key.shape[1]
+        k, v = cache.key.astype(q.dtype), cache.value.astype(q.dtype)
+        # int32 like the core's indices (also under x64); clipped, as the write was
+        start = jnp.clip(start, 0, size - seq).astype(jnp.int32)
+        filled = jnp.full((batch,), start + seq, jnp.int32)
         if layer.implementation in (None, "chunked") and seq <= DECODE_MAX_QUERIES:
             out = decode_attention(
                 q,
@@ -111,8 +173,12 @@ def _attend(
                 local_window_size=layer.local_window_size,
                 config=layer.decode_config,
             )
-            return out, cache
-        kwargs.update(q_offset=start, key_value_seq_lengths=filled)
+        else:
+            kwargs.update(q_offset=start, key_value_seq_lengths=filled)
+            out = dot_product_attention(q, k, v, **kwargs)  # (B, T, N, H)
+        if fits is not None:
+            out = jnp.where(fits, out, jnp.nan)
+        return out, cache
     elif segment_ids is not None:
         kwargs["segment_ids"] = segment_ids
     return dot_product_attention(q, k, v, **kwargs), cache  # (B, T, N, H)
@@ -123,13 +189,19 @@ class MultiHeadAttention(nnx.Module):
 
     Args:
       dim: model width D. num_heads: query heads N. num_kv_heads: K (divides N; default N).
-      rope: rotary position embedding on queries and keys.
+      rope: rotary position embedding on queries and keys (needs an even head dim
+        dim / num_heads; an odd one raises ValueError).
       is_causal, local_window_size: masks computed per chunk, never materialised.
       implementation, config: passed to `chunkattn.dot_product_attention` (the full pass and
         a prefill). decode_config: a `DecodeConfig` for the decode steps (≤ 16 new tokens with
         a cache, implementation None or "chunked"), which go through `decode_attention`.
       mesh: a `jax.sharding.Mesh` with an axis "sp" (and optionally "dp"): attention runs as
         `chunkattn.parallel.ring_attention` with the sequence sharded over "sp".
+
+    A call with `cache=` writes T tokens at `cache.length`; tokens that do not fit raise
+    ValueError (concrete length) or, under jit, a checkify error when the step runs under
+    `checkify.checkify(step, errors=checkify.user_checks)`; unchecked they give NaN outputs and
+    leave the cache's contents intact (module docstring).
 
     Example:
         >>> layer = MultiHeadAttention(512, 8, num_kv_heads=2, rope=True, rngs=nnx.Rngs(0))
@@ -162,6 +234,11 @@ class MultiHeadAttention(nnx.Module):
             raise ValueError(
                 f"dim={dim} must divide by num_heads={num_heads}, which must divide by "
                 f"num_kv_heads={num_kv_heads}"
+            )
+        if rope and (dim // num_heads) % 2:
+            raise ValueError(
+                f"rope=True needs an even head dim, got head_dim={dim // num_heads} "
+                f"(dim={dim} / num_heads={num_heads})"
             )
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
         self.rope, self.rope_base, self.is_causal = rope, rope_base, is_causal
