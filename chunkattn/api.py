@@ -55,8 +55,10 @@ def _run_chunked(args: Arguments, opts: Options) -> tuple[Array, Array]:
     )
     bias = _pad_axis(_pad_axis(args.bias, 2, pq), 3, pk)
     score_fn, score_params = _explicit_closure(opts.score_fn, batch, args.query.shape[2], tq, tk)
+    mask_fn, mask_params = _explicit_mask_closure(opts.mask_fn, batch, args.query.shape[2], tq, tk)
+    marr = marr._replace(mask_params=mask_params)
     st = chunked.Static(
-        spec=masks.MaskSpec(opts.is_causal, args.local_window_size, opts.mask_fn),
+        spec=masks.MaskSpec(opts.is_causal, args.local_window_size, mask_fn),
         scale=args.scale,
         soft_cap=args.logits_soft_cap,
         score_fn=score_fn,
@@ -100,6 +102,28 @@ def _explicit_closure(
         jax.ShapeDtypeStruct((1, 1, 1, tk), i32),  # key position
     )
     converted, params = jax.closure_convert(score_fn, *example)
+    return converted, tuple(jnp.asarray(p) for p in params)
+
+
+def _explicit_mask_closure(
+    mask_fn: Callable[..., Array] | None, batch: int, num_heads: int, tq: int, tk: int
+) -> tuple[Callable[..., Array] | None, tuple[Array, ...]]:
+    """mask_fn with the traced values it closes over made explicit arguments.
+
+    A mask_fn may close over a value being differentiated, or one traced by `lax.scan`,
+    `jax.checkpoint` or an outer `jit`; the chunked custom_vjp must not capture such values, so
+    they travel as operands (with no gradient: a mask is boolean).
+    """
+    if mask_fn is None:
+        return None, ()
+    i32 = jnp.int32
+    example = (
+        jax.ShapeDtypeStruct((batch, 1, 1, 1), i32),  # batch index
+        jax.ShapeDtypeStruct((1, num_heads, 1, 1), i32),  # head index
+        jax.ShapeDtypeStruct((batch, 1, tq, 1), i32),  # query position
+        jax.ShapeDtypeStruct((1, 1, 1, tk), i32),  # key position
+    )
+    converted, params = jax.closure_convert(mask_fn, *example)
     return converted, tuple(jnp.asarray(p) for p in params)
 
 

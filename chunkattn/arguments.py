@@ -73,7 +73,8 @@ class Arguments:
         """What a zero-size request returns: output 0 and lse −inf (no row sees a key)."""
         batch, seq_q, num_heads, _ = self.query.shape
         out = jnp.zeros((batch, seq_q, num_heads, self.value.shape[-1]), self.query.dtype)
-        return out, jnp.full((batch, num_heads, seq_q), -jnp.inf, jnp.float32)
+        lse_dtype = jnp.float64 if self.query.dtype == jnp.float64 else jnp.float32
+        return out, jnp.full((batch, num_heads, seq_q), -jnp.inf, lse_dtype)
 
     def finish(self, out: Array, lse: Array, return_lse: bool) -> Array | tuple[Array, Array]:
         """Undo the normalisation: drop the batch axis of 3-D calls, return lse if asked."""

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from chunkattn import masks
-from chunkattn.summary import ChunkSummary, chunk_scores, merge, summarize_scores
+from chunkattn.summary import ChunkSummary, accum_dtype, chunk_scores, merge, summarize_scores
 
 Array = jax.Array
 
@@ -125,17 +125,18 @@ def _block_scores(
     """
     batch, tq, num_heads, _ = q.shape
     tk = k.shape[1]
+    adt = accum_dtype(q.dtype)
     raw = chunk_scores(q, k, scale=st.scale, precision=st.precision)
     s = raw
     if st.soft_cap is not None:
         s = st.soft_cap * jnp.tanh(s / st.soft_cap)
     if bias is not None:
-        s = s + masks.slice_block(bias, blk.q_start, blk.k_start, tq, tk).astype(jnp.float32)
+        s = s + masks.slice_block(bias, blk.q_start, blk.k_start, tq, tk).astype(adt)
     biased = s
     if st.score_fn is not None:
         b_idx, h_idx, _, qpos, kpos = _index_grids(batch, num_heads, blk, tq, tk, marr.q_offset)
         s = jnp.broadcast_to(st.score_fn(s, b_idx, h_idx, qpos, kpos, *score_params), s.shape)
-        s = s.astype(jnp.float32)
+        s = s.astype(adt)
     if full:
         return raw, biased, s
     allowed = masks.block_mask(
@@ -177,7 +178,7 @@ def _masked_then_full(
     def partial(t, c):
         return body(jnp.where(t < n_before, lo + t, fhi + t - n_before), False, c)
 
-    carry = jax.lax.fori_loop(0, n_before + (hi - fhi), partial, init)
+    carry = jax.lax.fori_loop(jnp.int32(0), n_before + (hi - fhi), partial, init)
     return jax.lax.fori_loop(flo, fhi, lambda j, c: body(j, True, c), carry)
 
 
@@ -198,6 +199,7 @@ def _forward(
     nq, nk = seq_q // tq, seq_k // tk
     keep_scale = 1.0 / (1.0 - st.dropout_rate) if st.dropout_rate > 0 else 1.0
     index_only = masks.index_only(st.spec, marr)
+    adt = accum_dtype(q.dtype)
 
     def q_step(i, carry):
         out, lse = carry
@@ -221,15 +223,15 @@ def _forward(
             return merge(acc, part)
 
         acc = _masked_then_full(
-            lo, hi, full, kv_step, ChunkSummary.empty(batch, num_heads, tq, head_dim_v)
+            lo, hi, full, kv_step, ChunkSummary.empty(batch, num_heads, tq, head_dim_v, adt)
         )
         out = jax.lax.dynamic_update_slice_in_dim(out, acc.output(out.dtype), q_start, axis=1)
         lse = jax.lax.dynamic_update_slice_in_dim(lse, acc.lse(), q_start, axis=2)
         return out, lse
 
     out = jnp.zeros((batch, seq_q, num_heads, head_dim_v), v.dtype)
-    lse = jnp.full((batch, num_heads, seq_q), -jnp.inf, jnp.float32)
-    return jax.lax.fori_loop(0, nq, q_step, (out, lse))
+    lse = jnp.full((batch, num_heads, seq_q), -jnp.inf, adt)
+    return jax.lax.fori_loop(jnp.int32(0), jnp.int32(nq), q_step, (out, lse))
 
 
 def _backward(
@@ -253,11 +255,10 @@ def _backward(
     tq, tk = st.tq, st.tk
     nq, nk = seq_q // tq, seq_k // tk
     keep_scale = 1.0 / (1.0 - st.dropout_rate) if st.dropout_rate > 0 else 1.0
+    adt = accum_dtype(q.dtype)
 
     # D = rowsum(dO ∘ O) (B, N, Tp); dlse enters dS with the opposite sign, so fold it in.
-    delta = jnp.einsum(
-        "btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32)
-    ) - dlse.astype(jnp.float32)
+    delta = jnp.einsum("btnh,btnh->bnt", dout.astype(adt), out.astype(adt)) - dlse.astype(adt)
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # masked rows: s = −inf gives P = 0
 
     def kv_step(j, carry):
@@ -294,7 +295,7 @@ def _backward(
                 p5,
                 do5,
                 precision=st.precision,
-                preferred_element_type=jnp.float32,
+                preferred_element_type=adt,
             )
             # dP = dO·Vᵀ: (B, tq, K, G, Hv) x (B, tk, K, Hv) -> (B, K, G, tq, tk)
             dp = jnp.einsum(
@@ -302,7 +303,7 @@ def _backward(
                 do5,
                 vc,
                 precision=st.precision,
-                preferred_element_type=jnp.float32,
+                preferred_element_type=adt,
             ).reshape(batch, num_heads, tq, tk)
             if st.dropout_rate > 0:
                 dp = jnp.where(keep, dp * keep_scale, 0.0)
@@ -314,14 +315,12 @@ def _backward(
                 _, score_vjp = jax.vjp(
                     lambda x, params: jnp.broadcast_to(
                         st.score_fn(x, b_idx, h_idx, qpos, kpos, *params), x.shape
-                    ).astype(jnp.float32),
+                    ).astype(adt),
                     biased,
                     score_params,
                 )
                 ds, dp_block = score_vjp(ds)
-                dparams = jax.tree_util.tree_map(
-                    lambda acc, g: acc + g.astype(jnp.float32), dparams, dp_block
-                )
+                dparams = jax.tree_util.tree_map(lambda a, g: a + g.astype(adt), dparams, dp_block)
             if dbias is not None:
                 dbias = masks.add_block(dbias, ds, q_start, k_start)
             if st.soft_cap is not None:  # d/dx cap·tanh(x/cap) = 1 − tanh²
@@ -333,7 +332,7 @@ def _backward(
                 ds5,
                 kc,
                 precision=st.precision,
-                preferred_element_type=jnp.float32,
+                preferred_element_type=adt,
             ).reshape(batch, tq, num_heads, head_dim)
             old = jax.lax.dynamic_slice_in_dim(dq, q_start, tq, axis=1)
             dq = jax.lax.dynamic_update_slice_in_dim(dq, old + dqc, q_start, axis=1)
@@ -344,12 +343,12 @@ def _backward(
                 ds5,
                 q5,
                 precision=st.precision,
-                preferred_element_type=jnp.float32,
+                preferred_element_type=adt,
             )
             return dq, dkc, dvc, dbias, dparams
 
-        dkc = jnp.zeros((batch, tk, num_kv_heads, head_dim), jnp.float32)
-        dvc = jnp.zeros((batch, tk, num_kv_heads, head_dim_v), jnp.float32)
+        dkc = jnp.zeros((batch, tk, num_kv_heads, head_dim), adt)
+        dvc = jnp.zeros((batch, tk, num_kv_heads, head_dim_v), adt)
         dq, dkc, dvc, dbias, dparams = _masked_then_full(
             lo, hi, full, q_step, (dq, dkc, dvc, dbias, dparams)
         )
@@ -357,12 +356,14 @@ def _backward(
         dv = jax.lax.dynamic_update_slice_in_dim(dv, dvc.astype(dv.dtype), k_start, axis=1)
         return dq, dk, dv, dbias, dparams
 
-    dq = jnp.zeros(q.shape, jnp.float32)
+    dq = jnp.zeros(q.shape, adt)
     dk = jnp.zeros(k.shape, k.dtype)
     dv = jnp.zeros(v.shape, v.dtype)
-    dbias = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
-    dparams = tuple(jnp.zeros(p.shape, jnp.float32) for p in score_params)
-    dq, dk, dv, dbias, dparams = jax.lax.fori_loop(0, nk, kv_step, (dq, dk, dv, dbias, dparams))
+    dbias = None if bias is None else jnp.zeros(bias.shape, adt)
+    dparams = tuple(jnp.zeros(p.shape, adt) for p in score_params)
+    dq, dk, dv, dbias, dparams = jax.lax.fori_loop(
+        jnp.int32(0), jnp.int32(nk), kv_step, (dq, dk, dv, dbias, dparams)
+    )
     dbias = None if bias is None else dbias.astype(bias.dtype)
     dparams = tuple(g.astype(p.dtype) for g, p in zip(dparams, score_params, strict=True))
     return dq.astype(q.dtype), dk, dv, dbias, dparams
@@ -395,11 +396,29 @@ def _attention_fwd(st, q, k, v, bias, score_params, marr, seed):
 def _attention_bwd(st, res, cotangents):
     q, k, v, bias, score_params, marr, seed, out, lse = res
     dout, dlse = cotangents
-    dq, dk, dv, dbias, dparams = _backward(
-        st, q, k, v, bias, score_params, marr, seed, out, lse, dout, dlse
-    )
+    dq, dk, dv, dbias, dparams = _first_order_backward(st, res, dout, dlse)
     no_grad = jax.tree_util.tree_map(lambda _: None, (marr, seed))
     return (dq, dk, dv, dbias, dparams, *no_grad)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _first_order_backward(st: Static, res: tuple, dout: Array, dlse: Array):
+    """The backward pass; differentiating it again (grad of grad) raises a clear error.
+
+    Its loops have data-dependent bounds (only the blocks a mask lets through), which JAX
+    cannot reverse-differentiate; without this guard the user would see a while_loop error.
+    """
+    q, k, v, bias, score_params, marr, seed, out, lse = res
+    return _backward(st, q, k, v, bias, score_params, marr, seed, out, lse, dout, dlse)
+
+
+@_first_order_backward.defjvp
+def _no_second_order(st, primals, tangents):
+    del st, primals, tangents
+    raise NotImplementedError(
+        "second-order derivatives (grad of grad, Hessians) are not implemented by the chunked "
+        "attention; use implementation='xla' for them"
+    )
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)

@@ -50,6 +50,7 @@ class MaskArrays(NamedTuple):
     q_segment_ids: Array | None = None  # int32 [B, T]
     kv_segment_ids: Array | None = None  # int32 [B, S]
     mask: Array | None = None  # bool [b, n, t, s], each dim 1 or full
+    mask_params: tuple[Array, ...] = ()  # arrays a closure-converted mask_fn takes last
 
 
 def _positions(start: Array | int, size: int) -> Array:
@@ -88,10 +89,15 @@ def _has_bounds(spec: MaskSpec) -> bool:
     return spec.is_causal or spec.window is not None
 
 
+def _starts(q_start: Array | int, k_start: Array | int) -> tuple[Array, ...]:
+    """dynamic_slice starts of a [b, n, t, s] block, all int32 (also under x64)."""
+    return tuple(jnp.asarray(x).astype(jnp.int32) for x in (0, 0, q_start, k_start))
+
+
 def slice_block(x: Array, q_start: Array | int, k_start: Array | int, tq: int, tk: int) -> Array:
     """Block [b, n, tq|1, tk|1] of a [b, n, t, s] array whose t, s are each 1 or full."""
     t_full, s_full = x.shape[2] != 1, x.shape[3] != 1  # size-1 dims broadcast: never sliced
-    starts = (0, 0, q_start if t_full else 0, k_start if s_full else 0)
+    starts = _starts(q_start if t_full else 0, k_start if s_full else 0)
     sizes = (x.shape[0], x.shape[1], tq if t_full else 1, tk if s_full else 1)
     return jax.lax.dynamic_slice(x, starts, sizes)
 
@@ -114,7 +120,7 @@ def add_block(buf: Array, blk: Array, q_start: Array | int, k_start: Array | int
             1 if buf.shape[3] == 1 else tk,
         ),
     )
-    starts = (0, 0, q_start if buf.shape[2] != 1 else 0, k_start if buf.shape[3] != 1 else 0)
+    starts = _starts(q_start if buf.shape[2] != 1 else 0, k_start if buf.shape[3] != 1 else 0)
     old = jax.lax.dynamic_slice(buf, starts, blk.shape)
     return jax.lax.dynamic_update_slice(buf, old + blk.astype(buf.dtype), starts)
 
@@ -158,7 +164,7 @@ def block_mask(
         batch = arrays.q_offset.shape[0]
         b_idx = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None]
         h_idx = jnp.arange(num_heads, dtype=jnp.int32)[None, :, None, None]
-        conds.append(spec.mask_fn(b_idx, h_idx, qpos, cols))
+        conds.append(spec.mask_fn(b_idx, h_idx, qpos, cols, *arrays.mask_params))
     if not conds:
         return None
     out = conds[0]

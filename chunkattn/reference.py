@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from chunkattn import masks
 from chunkattn.arguments import normalize_arguments
+from chunkattn.summary import accum_dtype
 
 Array = jax.Array
 
@@ -96,25 +97,26 @@ def dense_attention(
     batch, seq_q, num_heads, head_dim = query.shape
     _, seq_k, num_kv_heads, _ = key.shape
     groups = num_heads // num_kv_heads
+    acc = accum_dtype(query.dtype)
     if q_offset is None:
         q_offset = jnp.zeros((batch,), jnp.int32)
     q5 = query.reshape(batch, seq_q, num_kv_heads, groups, head_dim)
     # (B, K, G, T, S) -> (B, N, T, S)
     s = jnp.einsum(
-        "btkgh,bskh->bkgts", q5, key, precision=precision, preferred_element_type=jnp.float32
+        "btkgh,bskh->bkgts", q5, key, precision=precision, preferred_element_type=acc
     ).reshape(batch, num_heads, seq_q, seq_k)
     s = s * scale
     if logits_soft_cap is not None:
         s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
     if bias is not None:
-        s = s + bias.astype(jnp.float32)
+        s = s + bias.astype(acc)
     b_idx = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None]
     h_idx = jnp.arange(num_heads, dtype=jnp.int32)[None, :, None, None]
     rows = jnp.arange(seq_q, dtype=jnp.int32)[None, None, :, None]
     cols = jnp.arange(seq_k, dtype=jnp.int32)[None, None, None, :]
     if score_fn is not None:
         qpos = rows + q_offset.astype(jnp.int32)[:, None, None, None]
-        s = score_fn(s, b_idx, h_idx, qpos, cols).astype(jnp.float32)
+        s = score_fn(s, b_idx, h_idx, qpos, cols).astype(acc)
     allowed = _dense_mask(
         batch,
         num_heads,
@@ -129,13 +131,17 @@ def dense_attention(
         segment_ids=segment_ids,
         mask_fn=mask_fn,
     )
-    s = jnp.where(allowed, s, -jnp.inf)
-    # The shift does not change the result; a fully masked row has max -inf and is shifted by 0.
-    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp(s - m)  # masked entries: exp(-inf) = 0
+    # Masked entries never take part: the shift m is the max over allowed scores, and their
+    # weights are selected to 0 (no −inf is stored, so autodiff sees no inf − inf). A finite
+    # bias, however negative, gives the softmax; a row with no allowed key (or only −inf
+    # scores) gives output 0 and lse −inf, with zero gradient.
+    neg = jnp.finfo(acc).min
+    m = jnp.maximum(jnp.max(jnp.where(allowed, s, neg), axis=-1, keepdims=True), neg)
+    m = jax.lax.stop_gradient(m)  # finite even when every allowed score is −inf
+    w = jnp.where(allowed, jnp.exp(jnp.where(allowed, s - m, 0.0)), 0.0)
     denom = jnp.sum(w, axis=-1, keepdims=True)
-    lse = jnp.where(denom[..., 0] > 0, m[..., 0] + jnp.log(denom[..., 0]), -jnp.inf)
+    seen = denom[..., 0] > 0
+    lse = jnp.where(seen, m[..., 0] + jnp.log(jnp.where(seen, denom[..., 0], 1.0)), -jnp.inf)
     p = w / jnp.where(denom > 0, denom, 1.0)  # (B, N, T, S); all-zero rows for masked rows
     if dropout_rate > 0.0:
         keep = masks.dropout_keep(
@@ -145,7 +151,7 @@ def dense_attention(
     p5 = p.reshape(batch, num_kv_heads, groups, seq_q, seq_k).astype(value.dtype)
     # (B, K, G, T, S) x (B, S, K, Hv) -> (B, T, K, G, Hv)
     out = jnp.einsum(
-        "bkgts,bskh->btkgh", p5, value, precision=precision, preferred_element_type=jnp.float32
+        "bkgts,bskh->btkgh", p5, value, precision=precision, preferred_element_type=acc
     )
     out = out.reshape(batch, seq_q, num_heads, value.shape[-1])
     return out.astype(value.dtype), lse

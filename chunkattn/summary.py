@@ -35,12 +35,14 @@ class ChunkSummary(NamedTuple):
     max_score: Array  # f32 [B, N, tq]
 
     @classmethod
-    def empty(cls, batch: int, num_heads: int, tq: int, head_dim_v: int) -> ChunkSummary:
+    def empty(
+        cls, batch: int, num_heads: int, tq: int, head_dim_v: int, dtype: Any = jnp.float32
+    ) -> ChunkSummary:
         """The identity of `merge`: a summary over no keys."""
         return cls(
-            jnp.zeros((batch, num_heads, tq, head_dim_v), jnp.float32),
-            jnp.zeros((batch, num_heads, tq), jnp.float32),
-            jnp.full((batch, num_heads, tq), -jnp.inf, jnp.float32),
+            jnp.zeros((batch, num_heads, tq, head_dim_v), dtype),
+            jnp.zeros((batch, num_heads, tq), dtype),
+            jnp.full((batch, num_heads, tq), -jnp.inf, dtype),
         )
 
     def output(self, dtype: Any = None) -> Array:
@@ -54,6 +56,11 @@ class ChunkSummary(NamedTuple):
         """log Σ exp(s) per row, [B, N, tq]; −inf for rows that saw no key."""
         w = self.exp_weights
         return jnp.where(w > 0, self.max_score + jnp.log(jnp.where(w > 0, w, 1.0)), -jnp.inf)
+
+
+def accum_dtype(dtype: Any) -> Any:
+    """Scores, sums and accumulators: float32, or float64 for float64 inputs (under x64)."""
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
 def _finite_or_zero(m: Array) -> Array:
@@ -83,7 +90,7 @@ def summarize_scores(
     w5 = w.astype(value.dtype).reshape(batch, num_kv_heads, num_heads // num_kv_heads, tq, tk)
     # (B, K, G, tq, tk) x (B, tk, K, Hv) -> (B, K, G, tq, Hv)
     exp_values = jnp.einsum(
-        "bkgqs,bskh->bkgqh", w5, value, precision=precision, preferred_element_type=jnp.float32
+        "bkgqs,bskh->bkgqh", w5, value, precision=precision, preferred_element_type=s.dtype
     ).reshape(batch, num_heads, tq, value.shape[-1])
     return ChunkSummary(exp_values, exp_weights, m)
 
@@ -95,7 +102,11 @@ def chunk_scores(query: Array, key: Array, *, scale: float, precision: Any = Non
     q5 = query.reshape(batch, tq, num_kv_heads, num_heads // num_kv_heads, head_dim)
     # (B, tq, K, G, H) x (B, tk, K, H) -> (B, K, G, tq, tk)
     s = jnp.einsum(
-        "bqkgh,bskh->bkgqs", q5, key, precision=precision, preferred_element_type=jnp.float32
+        "bqkgh,bskh->bkgqs",
+        q5,
+        key,
+        precision=precision,
+        preferred_element_type=accum_dtype(query.dtype),
     )
     return s.reshape(batch, num_heads, tq, key.shape[1]) * scale
 
@@ -134,7 +145,7 @@ def summarize(
     if logits_soft_cap is not None:
         s = logits_soft_cap * jnp.tanh(s / logits_soft_cap)
     if bias is not None:
-        s = s + bias.astype(jnp.float32)
+        s = s + bias.astype(s.dtype)
     if mask is not None:
         s = jnp.where(mask, s, -jnp.inf)
     return summarize_scores(s, value, precision=precision)

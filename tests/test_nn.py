@@ -232,12 +232,6 @@ def test_make_attention_fn_is_causal_with_an_nnx_module_that_passes_is_causal():
         chunkattn.nn.make_attention_fn(is_causal="yes")
 
 
-@pytest.mark.xfail(
-    raises=TypeError,
-    strict=True,
-    reason="core: under x64 masks.slice_block mixes int64 and int32 dynamic_slice indices for "
-    "a dense mask (issue 13, core part); remove this mark when that is fixed",
-)
 def test_flax_modules_decode_under_x64():
     """Flax's own decode=True caches (int32 index, dense [B, 1, 1, L] mask) under x64,
     token by token, equal Flax's default attention."""

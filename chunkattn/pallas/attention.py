@@ -190,12 +190,12 @@ def _heuristic(
 
 def _cdiv(a, b: int):
     """ceil(a / b) for a ≥ 0 (Triton-friendly: no floor division on signed scalars)."""
-    return jax.lax.div(a + (b - 1), b)
+    return jax.lax.div(jnp.asarray(a + (b - 1), jnp.int32), jnp.int32(b))  # int32 under x64
 
 
 def _fdiv(a, b: int):
     """floor(max(a, 0) / b): exact for a ≥ 0, 0 for a < 0 (callers clip at 0 anyway)."""
-    return jax.lax.div(jnp.maximum(a, 0), b)
+    return jax.lax.div(jnp.asarray(jnp.maximum(a, 0), jnp.int32), jnp.int32(b))
 
 
 META = ("q_offset", "q_len", "kv_len", "seed0", "seed1", "rel_lo", "rel_hi", "unused")
@@ -209,7 +209,7 @@ def _meta(meta_ref):
     """
     m = meta_ref[...]
     idx = jnp.arange(len(META), dtype=jnp.int32)
-    pick = lambda i: jnp.sum(jnp.where(idx == i, m, 0))
+    pick = lambda i: jnp.sum(jnp.where(idx == i, m, 0), dtype=jnp.int32)  # int32 under x64 too
     return pick(0), pick(1), pick(2), (pick(5), pick(6))
 
 
@@ -219,7 +219,9 @@ def _seed(st: Static, meta_ref):
         return None
     m = meta_ref[...]
     idx = jnp.arange(len(META), dtype=jnp.int32)
-    pick = lambda i: jax.lax.bitcast_convert_type(jnp.sum(jnp.where(idx == i, m, 0)), jnp.uint32)
+    pick = lambda i: jax.lax.bitcast_convert_type(
+        jnp.sum(jnp.where(idx == i, m, 0), dtype=jnp.int32), jnp.uint32
+    )
     return pick(3), pick(4)
 
 
