@@ -390,7 +390,10 @@ def attention(
 
 def _attention_fwd(st, q, k, v, bias, score_params, marr, seed):
     out, lse = _forward(st, q, k, v, bias, score_params, marr, seed)
-    return (out, lse), (q, k, v, bias, score_params, marr, seed, out, lse)
+    # Residuals are outputs of the forward program: keep them finite (a row that sees no key,
+    # padding rows included, has s = −inf on every key, so any finite lse gives P = 0).
+    lse_res = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    return (out, lse), (q, k, v, bias, score_params, marr, seed, out, lse_res)
 
 
 def _attention_bwd(st, res, cotangents):

@@ -23,6 +23,7 @@ TOLERANCES: dict[Any, float] = {
     jnp.dtype(jnp.float32): 1e-5,
     jnp.dtype(jnp.bfloat16): 1e-2,
     jnp.dtype(jnp.float16): 2e-3,
+    jnp.dtype(jnp.float64): 1e-12,  # under x64
 }
 GRAD_FACTOR = 2.0
 
@@ -73,7 +74,7 @@ def relative_error(x: Any, ref: Any) -> float:
 def _upcast(tree: Any) -> Any:
     return jax.tree_util.tree_map(
         lambda a: (
-            a.astype(jnp.float32)
+            a.astype(jnp.promote_types(a.dtype, jnp.float32))
             if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jnp.floating)
             else a
         ),

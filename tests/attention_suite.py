@@ -256,3 +256,180 @@ class AttentionSuite:
         want = jax.grad(lambda p: loss(p, chunkattn.reference_attention))((jnp.float32(0.3), table))
         for g, w in zip(got, want, strict=True):
             assert testing.relative_error(g, w) <= testing.tolerance(q.dtype, grad=True)
+
+    # ---------------------------------------------------------------- edge rules (DESIGN §3)
+
+    def _small(self, seed=21, T=13, S=11, dtype=jnp.float32):
+        return testing.random_qkv(
+            _key(seed), seq_q=T, seq_k=S, num_heads=N, num_kv_heads=K, head_dim=H, dtype=dtype
+        )
+
+    @pytest.mark.parametrize(
+        "kwargs,equivalent",
+        [
+            ({"local_window_size": (0, 2**31 - 1)}, {"local_window_size": (0, 64)}),
+            ({"local_window_size": 2**31 - 1, "q_offset": 5}, {}),
+            (
+                {"local_window_size": (2**31 - 1, 3), "is_causal": True, "q_offset": 2**31 - 20},
+                {"is_causal": True, "q_offset": 2**31 - 20},
+            ),
+            ({"is_causal": True, "q_offset": jnp.array([2**31 - 13, -(2**31)])}, None),
+            ({"local_window_size": (2, 2**31 - 1), "q_offset": -(2**31)}, None),
+        ],
+    )
+    def test_huge_windows_and_offsets_do_not_wrap(self, kwargs, equivalent):
+        """Window bounds and offsets near the int32 limits: exact, never wrapped to zeros."""
+        q, k, v = self._small()
+        self.check(q, k, v, **kwargs)
+        if equivalent is not None:  # "no limit" written as 2^31 − 1 means no limit
+            want = chunkattn.reference_attention(q, k, v, **equivalent)
+            got = self.attention(q, k, v, **kwargs)
+            assert testing.relative_error(got, want) <= testing.tolerance(q.dtype)
+            assert np.abs(np.asarray(got)).max() > 0.1
+
+    def test_huge_negative_bias_gives_the_softmax_and_minus_inf_bias_masks(self):
+        """A finite bias, however negative, gives the softmax; −inf on every key masks the row
+        (output 0) with no NaN gradient, even through the returned lse."""
+        q, k, v = self._small(seed=22)
+        T, S = q.shape[1], k.shape[1]
+        for value in (-1e30, float(np.finfo(np.float32).min)):
+            bias = jnp.zeros((B, 1, T, S)).at[0, :, 3].set(value)  # row 3 of batch 0
+            out = np.asarray(self.attention(q, k, v, bias))
+            uniform = np.asarray(v[0]).mean(axis=0)  # (K, H): every key weighs the same
+            row = out[0, 3].reshape(K, N // K, H)
+            np.testing.assert_allclose(row, np.repeat(uniform[:, None], N // K, 1), atol=1e-5)
+        # Forward at −1e4; gradients at −100: the backward's P = exp(s − lse) carries lse in
+        # float32, whose ulp at |lse| ≈ 1e4 is a 1e-3 relative error in P (README: numerics).
+        self.check(q, k, v, jnp.zeros((B, 1, T, S)).at[0, :, 3].set(-1e4), grads=False)
+        self.check(q, k, v, jnp.zeros((B, 1, T, S)).at[0, :, 3].set(-100.0))
+        bias = jnp.zeros((B, 1, T, S)).at[0, :, 3].set(-jnp.inf)
+
+        def loss(q, k, v, bias):
+            out, lse = self.attention(q, k, v, bias, return_lse=True)
+            return jnp.sum(out**2) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+
+        out = np.asarray(self.attention(q, k, v, bias))
+        assert np.all(out[0, 3] == 0) and np.all(np.isfinite(out))
+        grads = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, bias)
+        for g in grads:
+            assert np.all(np.isfinite(np.asarray(g))), "NaN gradient from a −inf bias row"
+
+    @pytest.mark.parametrize("cap", [float("inf"), 0.0, -1.0, float("nan")])
+    def test_invalid_soft_cap_is_refused(self, cap):
+        q, k, v = self._small()
+        with pytest.raises(ValueError, match="logits_soft_cap"):
+            self.attention(q, k, v, logits_soft_cap=cap)
+
+    def test_user_functions_are_checked(self):
+        q, k, v = self._small()
+        with pytest.raises(ValueError, match="mask_fn must return bool"):
+            self.attention(q, k, v, mask_fn=lambda b, h, i, j: (j <= i).astype(jnp.int32))
+        with pytest.raises(ValueError, match="mask_fn must take 4 arguments"):
+            self.attention(q, k, v, mask_fn=lambda i, j: j <= i)
+        with pytest.raises(ValueError, match="score_fn must take 5 arguments"):
+            self.attention(q, k, v, score_fn=lambda s, i, j: s)
+
+    @pytest.mark.parametrize(
+        "window,ok",
+        [(jnp.array([3, 2]), True), (np.int64(4), True), (3.0, False), ((1, -1), False)],
+    )
+    def test_window_types(self, window, ok):
+        q, k, v = self._small()
+        if ok:
+            self.check(q, k, v, local_window_size=window, grads=False)
+        else:
+            with pytest.raises(ValueError, match="local_window_size"):
+                self.attention(q, k, v, local_window_size=window)
+
+    @pytest.mark.parametrize("axis", ["B", "N", "T", "S"])
+    def test_zero_size(self, axis):
+        """Zero batch, heads or length: outputs of the right shape, as jax.nn returns."""
+        q, k, v = self._small()
+        if axis == "B":
+            q, k, v = q[:0], k[:0], v[:0]
+        elif axis == "N":
+            q, k, v = q[:, :, :0], k[:, :, :0], v[:, :, :0]
+        elif axis == "T":
+            q = q[:, :0]
+        else:
+            k, v = k[:, :0], v[:, :0]
+        out, lse = self.attention(q, k, v, return_lse=True, is_causal=True)
+        assert out.shape == q.shape[:3] + v.shape[-1:] and out.dtype == q.dtype
+        assert np.all(np.asarray(out) == 0) and np.all(np.isneginf(np.asarray(lse)))
+        g = jax.grad(lambda q: jnp.sum(self.attention(q, k, v)))(q)
+        assert g.shape == q.shape
+
+    def test_segment_ids_keep_their_values(self):
+        """uint32 ids above 2^31 compare exactly; 64-bit ids that do not fit int32 are refused."""
+        q, k, v = self._small(T=12, S=12)
+        big = jnp.array(np.tile(np.repeat([2**31 + 5, 5], 6), (B, 1)), jnp.uint32)
+        self.check(q, k, v, segment_ids=big)
+        wide = np.tile(np.repeat([2**40, 0], 6), (B, 1)).astype(np.int64)
+        with pytest.raises(ValueError, match="segment_ids"):
+            self.attention(q, k, v, segment_ids=wide)
+
+    def test_closures_over_traced_values(self):
+        """mask_fn/score_fn closing over a learned value, a scan carry, a checkpointed or
+        jitted value: they work, and the score_fn's gets its gradient."""
+        q, k, v = self._small(seed=23)
+
+        def loss(fn, c):
+            out = fn(
+                q,
+                k,
+                v,
+                mask_fn=lambda b, h, i, j: j <= i + (c > 0).astype(jnp.int32),
+                score_fn=lambda s, b, h, i, j: s - c * jnp.abs(i - j).astype(jnp.float32),
+            )
+            return jnp.sum(out**2)
+
+        for wrap in (lambda f: f, jax.checkpoint, jax.jit):
+            got = jax.grad(wrap(lambda c: loss(self.attention, c)))(0.3)
+            want = jax.grad(lambda c: loss(chunkattn.reference_attention, c))(0.3)
+            assert abs(float(got) - float(want)) <= 1e-4 * max(1.0, abs(float(want)))
+
+        def scan_body(carry, shift):
+            out = self.attention(q, k, v, mask_fn=lambda b, h, i, j: j <= i + shift)
+            return carry + jnp.sum(out), None
+
+        got = jax.lax.scan(scan_body, 0.0, jnp.arange(3))[0]
+        want = sum(
+            jnp.sum(chunkattn.reference_attention(q, k, v, mask_fn=lambda b, h, i, j: j <= i + s))
+            for s in range(3)
+        )
+        assert abs(float(got) - float(want)) <= 1e-4 * abs(float(want))
+
+    def test_debug_infs_and_nans_are_clean_on_valid_input(self):
+        q, k, v = self._small(seed=24)
+        bias = jax.random.normal(_key(25), (1, N, 1, k.shape[1]))
+        for flag in (jax.debug_infs, jax.debug_nans):
+            with flag(True):
+                for kw in ({"is_causal": True}, {"local_window_size": 2, "bias": bias}):
+                    out = self.attention(q, k, v, **kw)
+                    g = jax.grad(lambda q: jnp.sum(self.attention(q, k, v, **kw) ** 2))(q)
+                    assert np.all(np.isfinite(np.asarray(out))) and np.all(np.isfinite(g))
+
+    def test_float64_under_x64(self):
+        """Under jax_enable_x64 float64 inputs (and int64 masks' indices) match the float64
+        reference at float64 tolerance, forward and gradients."""
+        with jax.enable_x64(True):
+            q, k, v = self._small(seed=26, dtype=jnp.float64)
+            mask = jax.random.bernoulli(_key(27), 0.8, (B, 1, q.shape[1], k.shape[1]))
+            seg_q = jnp.asarray(np.tile(np.repeat([0, 1], [6, 7]), (B, 1)), jnp.int64)
+            seg = (seg_q, seg_q[:, : k.shape[1]])
+            self.check(q, k, v, mask=mask, is_causal=True)
+            self.check(q, k, v, jnp.ones((1, N, 1, k.shape[1]), jnp.float64), segment_ids=seg)
+            q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+            self.check(q32, k32, v32, mask=mask, q_offset=jnp.array([1, 2], jnp.int64))
+
+    def test_higher_order_derivatives_work_or_name_the_feature(self):
+        q, k, v = self._small(seed=28)
+        f = lambda q: jnp.sum(self.attention(q, k, v, is_causal=True) ** 2)
+        try:
+            got = jax.grad(lambda q: jnp.sum(jax.grad(f)(q) ** 2))(q)
+        except NotImplementedError as e:
+            assert "second-order" in str(e)
+        else:
+            g = lambda q: jnp.sum(chunkattn.reference_attention(q, k, v, is_causal=True) ** 2)
+            want = jax.grad(lambda q: jnp.sum(jax.grad(g)(q) ** 2))(q)
+            assert testing.relative_error(got, want) <= 1e-3
