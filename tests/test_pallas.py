@@ -45,6 +45,18 @@ class TestPallasInterpret(AttentionSuite):
     # these add nothing kernel-specific at interpreter speed.
     test_long_unequal = test_vmap = test_no_retrace = test_large_logits_f16 = None
 
+    def test_debug_infs_and_nans_are_clean_on_valid_input(self):
+        pytest.skip(
+            "the interpreter runs each kernel body as its own program, so the flags see the "
+            "kernels' internal −inf; on a GPU a kernel is one custom call (TestPallasGPU)"
+        )
+
+    def test_higher_order_derivatives_work_or_name_the_feature(self):
+        pytest.skip(
+            "grad of grad: jax's JVP rule of an interpreted pallas_call asserts (no grid "
+            "context) before the backward's NotImplementedError guard is reached"
+        )
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")

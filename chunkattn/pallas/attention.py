@@ -645,7 +645,8 @@ def _backward(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
     # D = rowsum(dO ∘ O) − dlse (the lse output's cotangent enters dS as +P·dlse).
     delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
     delta = delta - dlse.astype(jnp.float32)
-    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf)  # no key: P = 2^(s − ∞) = 0
+    no_key = ~jnp.isfinite(lse) | (lse >= F32_MAX)  # −inf, or the residual's F32_MAX
+    lse2 = jnp.where(no_key, jnp.inf, lse * LOG2E)  # no key: P = 2^(s − ∞) = 0
     extra = _extra_inputs(st, bias, marr, seq_k)
     full_row = pl.BlockSpec((None, None, seq_q), lambda j, b, n: (b, n, 0))
     dq = None
@@ -753,18 +754,38 @@ def flash_attention(st: Static, q, k, v, bias, meta, marr, seed):
 
 def _flash_fwd(st, q, k, v, bias, meta, marr, seed):
     out, lse = _forward(st, q, k, v, bias, meta, marr)
-    return (out, lse), (q, k, v, bias, meta, marr, seed, out, lse)
+    # Residuals are outputs of the forward program: finite, so jax.debug_infs stays quiet.
+    # F32_MAX stands for a row that saw no key (the backward reads it as +inf: P = 0).
+    lse_res = jnp.where(jnp.isfinite(lse), lse, F32_MAX)
+    return (out, lse), (q, k, v, bias, meta, marr, seed, out, lse_res)
 
 
 def _flash_bwd(st, res, cotangents):
     q, k, v, bias, meta, marr, seed, out, lse = res
     dout, dlse = cotangents
+    return _first_order_bwd(st, res, dout, dlse)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _first_order_bwd(st, res, dout, dlse):
+    """The backward kernels; differentiating them again raises a clear error (their loops have
+    data-dependent bounds, which JAX cannot reverse-differentiate)."""
+    q, k, v, bias, meta, marr, seed, out, lse = res
     dq, dk, dv = _backward(st, q, k, v, bias, meta, marr, out, lse, dout, dlse)
     dbias = None
     if bias is not None:
         dbias = _bias_grad(st, q, k, v, bias, meta, marr, seed, out, lse, dout, dlse)
     no_grad = jax.tree_util.tree_map(lambda _: None, (marr, seed))
     return dq, dk, dv, dbias, None, *no_grad
+
+
+@_first_order_bwd.defjvp
+def _no_second_order(st, primals, tangents):
+    del st, primals, tangents
+    raise NotImplementedError(
+        "second-order derivatives (grad of grad, Hessians) are not implemented by the pallas "
+        "kernels; use implementation='xla' for them"
+    )
 
 
 flash_attention.defvjp(_flash_fwd, _flash_bwd)
