@@ -21,9 +21,11 @@ from chunkattn.arguments import (
     Options,
     check_implementation,
     check_user_functions,
+    index_shapes,
     normalize_arguments,
     resolve_precision,
 )
+from chunkattn.summary import accum_dtype
 
 Array = jax.Array
 
@@ -54,8 +56,12 @@ def _run_chunked(args: Arguments, opts: Options) -> tuple[Array, Array]:
         mask=_pad_axis(_pad_axis(marr.mask, 2, pq, False), 3, pk, False),
     )
     bias = _pad_axis(_pad_axis(args.bias, 2, pq), 3, pk)
-    score_fn, score_params = _explicit_closure(opts.score_fn, batch, args.query.shape[2], tq, tk)
-    mask_fn, mask_params = _explicit_mask_closure(opts.mask_fn, batch, args.query.shape[2], tq, tk)
+    idx = index_shapes(batch, args.query.shape[2], tq, tk)
+    block = jax.ShapeDtypeStruct(
+        (batch, args.query.shape[2], tq, tk), accum_dtype(args.query.dtype)
+    )  # the float32 (float64 under x64) score block
+    score_fn, score_params = _explicit_closure(opts.score_fn, (block, *idx))
+    mask_fn, mask_params = _explicit_closure(opts.mask_fn, idx)
     marr = marr._replace(mask_params=mask_params)
     st = chunked.Static(
         spec=masks.MaskSpec(opts.is_causal, args.local_window_size, mask_fn),
@@ -83,47 +89,18 @@ def _run_chunked(args: Arguments, opts: Options) -> tuple[Array, Array]:
 
 
 def _explicit_closure(
-    score_fn: Callable[..., Array] | None, batch: int, num_heads: int, tq: int, tk: int
+    fn: Callable[..., Array] | None, example: tuple[Any, ...]
 ) -> tuple[Callable[..., Array] | None, tuple[Array, ...]]:
-    """score_fn with the float arrays it closes over made explicit arguments.
+    """fn with the traced values it closes over made explicit arguments (taken last).
 
-    A score_fn may close over values being differentiated (learned ALiBi slopes, a relative
-    position table); a custom_vjp must not capture them, so `jax.closure_convert` hoists them
-    into arguments that the backward pass differentiates like any other input.
+    A score_fn or mask_fn may close over values being differentiated (learned ALiBi slopes, a
+    relative position table) or traced by `lax.scan`, `jax.checkpoint` or an outer `jit`; the
+    chunked custom_vjp must not capture them, so `jax.closure_convert` hoists them into
+    operands. The backward differentiates a score_fn's; a mask's get no gradient (boolean).
     """
-    if score_fn is None:
+    if fn is None:
         return None, ()
-    i32 = jnp.int32
-    example = (
-        jax.ShapeDtypeStruct((batch, num_heads, tq, tk), jnp.float32),  # score block
-        jax.ShapeDtypeStruct((batch, 1, 1, 1), i32),  # batch index
-        jax.ShapeDtypeStruct((1, num_heads, 1, 1), i32),  # head index
-        jax.ShapeDtypeStruct((batch, 1, tq, 1), i32),  # query position
-        jax.ShapeDtypeStruct((1, 1, 1, tk), i32),  # key position
-    )
-    converted, params = jax.closure_convert(score_fn, *example)
-    return converted, tuple(jnp.asarray(p) for p in params)
-
-
-def _explicit_mask_closure(
-    mask_fn: Callable[..., Array] | None, batch: int, num_heads: int, tq: int, tk: int
-) -> tuple[Callable[..., Array] | None, tuple[Array, ...]]:
-    """mask_fn with the traced values it closes over made explicit arguments.
-
-    A mask_fn may close over a value being differentiated, or one traced by `lax.scan`,
-    `jax.checkpoint` or an outer `jit`; the chunked custom_vjp must not capture such values, so
-    they travel as operands (with no gradient: a mask is boolean).
-    """
-    if mask_fn is None:
-        return None, ()
-    i32 = jnp.int32
-    example = (
-        jax.ShapeDtypeStruct((batch, 1, 1, 1), i32),  # batch index
-        jax.ShapeDtypeStruct((1, num_heads, 1, 1), i32),  # head index
-        jax.ShapeDtypeStruct((batch, 1, tq, 1), i32),  # query position
-        jax.ShapeDtypeStruct((1, 1, 1, tk), i32),  # key position
-    )
-    converted, params = jax.closure_convert(mask_fn, *example)
+    converted, params = jax.closure_convert(fn, *example)
     return converted, tuple(jnp.asarray(p) for p in params)
 
 

@@ -283,17 +283,23 @@ def _check_user_fn(name: str, fn: Any, example: tuple[Any, ...], target: tuple[i
         ) from None
 
 
+def index_shapes(batch: int, num_heads: int, tq: int, tk: int) -> tuple[Any, ...]:
+    """Abstract (batch, head, query position, key position) index arrays of a block, in the
+    broadcastable shapes mask_fn and score_fn receive."""
+    i32 = jnp.int32
+    return (
+        jax.ShapeDtypeStruct((batch, 1, 1, 1), i32),  # batch index
+        jax.ShapeDtypeStruct((1, num_heads, 1, 1), i32),  # head index
+        jax.ShapeDtypeStruct((batch, 1, tq, 1), i32),  # query position
+        jax.ShapeDtypeStruct((1, 1, 1, tk), i32),  # key position
+    )
+
+
 def check_user_functions(
     mask_fn: Any, score_fn: Any, batch: int, num_heads: int, seq_q: int, seq_k: int
 ) -> None:
     """Validate mask_fn and score_fn on abstract index arrays shaped as the chunked path's."""
-    i32 = jnp.int32
-    idx = (
-        jax.ShapeDtypeStruct((batch, 1, 1, 1), i32),  # batch index
-        jax.ShapeDtypeStruct((1, num_heads, 1, 1), i32),  # head index
-        jax.ShapeDtypeStruct((batch, 1, seq_q, 1), i32),  # query position
-        jax.ShapeDtypeStruct((1, 1, 1, seq_k), i32),  # key position
-    )
+    idx = index_shapes(batch, num_heads, seq_q, seq_k)
     target = (batch, num_heads, seq_q, seq_k)
     if mask_fn is not None:
         _check_user_fn("mask_fn", mask_fn, idx, target)

@@ -418,7 +418,7 @@ class AttentionSuite:
             mask = jax.random.bernoulli(_key(27), 0.8, (B, 1, q.shape[1], k.shape[1]))
             seg_q = jnp.asarray(np.tile(np.repeat([0, 1], [6, 7]), (B, 1)), jnp.int64)
             seg = (seg_q, seg_q[:, : k.shape[1]])
-            self.check(q, k, v, mask=mask, is_causal=True)
+            self.check(q, k, v, mask=mask, is_causal=True, score_fn=_alibi)
             self.check(q, k, v, jnp.ones((1, N, 1, k.shape[1]), jnp.float64), segment_ids=seg)
             q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
             self.check(q32, k32, v32, mask=mask, q_offset=jnp.array([1, 2], jnp.int64))
