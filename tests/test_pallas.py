@@ -51,12 +51,6 @@ class TestPallasInterpret(AttentionSuite):
             "kernels' internal −inf; on a GPU a kernel is one custom call (TestPallasGPU)"
         )
 
-    def test_higher_order_derivatives_work_or_name_the_feature(self):
-        pytest.skip(
-            "grad of grad: jax's JVP rule of an interpreted pallas_call asserts (no grid "
-            "context) before the backward's NotImplementedError guard is reached"
-        )
-
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")

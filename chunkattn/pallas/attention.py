@@ -749,11 +749,27 @@ def flash_attention(st: Static, q, k, v, bias, meta, marr, seed):
     `meta` is int32 [B, 8] (`META`); `seed` (uint32 [2], or None) is also in meta's columns 3–4
     for the kernels and is passed whole for the bias gradient's chunked backward.
     """
+    return _first_order_forward(st, q, k, v, bias, meta, marr)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _first_order_forward(st: Static, q, k, v, bias, meta, marr):
+    """The forward kernel. A second derivative differentiates it under a JVP, which pallas_call
+    cannot do; the rule below says so instead of failing inside Pallas."""
     return _forward(st, q, k, v, bias, meta, marr)
 
 
+@_first_order_forward.defjvp
+def _no_forward_jvp(st, primals, tangents):
+    del st, primals, tangents
+    raise NotImplementedError(
+        "second-order derivatives (grad of grad, Hessians) are not implemented by the pallas "
+        "kernels; use implementation='xla' for them"
+    )
+
+
 def _flash_fwd(st, q, k, v, bias, meta, marr, seed):
-    out, lse = _forward(st, q, k, v, bias, meta, marr)
+    out, lse = _first_order_forward(st, q, k, v, bias, meta, marr)
     # Residuals are outputs of the forward program: finite, so jax.debug_infs stays quiet.
     # F32_MAX stands for a row that saw no key (the backward reads it as +inf: P = 0).
     lse_res = jnp.where(jnp.isfinite(lse), lse, F32_MAX)
@@ -779,13 +795,7 @@ def _first_order_bwd(st, res, dout, dlse):
     return dq, dk, dv, dbias, None, *no_grad
 
 
-@_first_order_bwd.defjvp
-def _no_second_order(st, primals, tangents):
-    del st, primals, tangents
-    raise NotImplementedError(
-        "second-order derivatives (grad of grad, Hessians) are not implemented by the pallas "
-        "kernels; use implementation='xla' for them"
-    )
+_first_order_bwd.defjvp(_no_forward_jvp)
 
 
 flash_attention.defvjp(_flash_fwd, _flash_bwd)
