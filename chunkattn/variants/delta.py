@@ -5,6 +5,17 @@
 Per chunk of C tokens (state S = Wᵀ [Hk, Hv] carried by `lax.scan`): the WY/UT transform
 T = (I + tril(diag(β) K Kᵀ, −1))⁻¹ diag(β) gives W' = T K, U = T V; the corrected values are
 U' = U − W' S; output O = Q S + tril(Q Kᵀ) U'; new state S + Kᵀ U'. Work O(T·C·H + T·H²).
+
+(I + A)⁻¹ is computed by `_unit_lower_inverse` (recursive doubling on the diagonal blocks: log₂ C
+levels of batched matmuls), not by `jax.scipy.linalg.solve_triangular`. On CPU the latter is a
+LAPACK custom call (`lapack_strsm_ffi`, jaxlib 0.10) that, once batch · C³ ≥ 2·10⁵ (C = 64:
+any B·N ≥ 2), splits its batch over XLA's intra-op thread pool and blocks in `ParallelBatchMap`
+until the pieces finish. The backward pass has several independent solves per chunk (the
+rematerialized forward one, two transposed ones), and XLA:CPU runs independent thunks
+concurrently on that same pool; when every pool thread (2 on a 2-core machine) is blocked in
+such a solve, nothing is left to run the queued pieces and the process deadlocks (issue 13:
+`chunkattn-train --attention delta`, `bench/speed.py … variant_delta`). Matmuls never block on
+the pool, and the doubling is as accurate as the triangular solve in float32.
 """
 
 from __future__ import annotations
@@ -13,6 +24,36 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
+
+def _unit_lower_inverse(a: Array) -> Array:
+    """(I + a)⁻¹ for strictly lower-triangular a [..., C, C], without a triangular solve.
+
+    Recursive doubling: with X₁₁, X₂₂ the inverses of the two diagonal s×s blocks of a 2s×2s
+    diagonal block and A₂₁ its lower-left block, that block's inverse is
+    [[X₁₁, 0], [−X₂₂ A₂₁ X₁₁, X₂₂]]. Starting from the 1×1 blocks (all 1), log₂ C levels of
+    batched s×s matmuls (float32 at HIGHEST precision) give the whole inverse; C is padded to a
+    power of two with zeros, which leaves the leading C×C block of the inverse unchanged.
+    """
+    c = a.shape[-1]
+    cp = 1 << (c - 1).bit_length()  # next power of two >= c
+    batch = a.shape[:-2]
+    if cp != c:
+        a = jnp.pad(a, [(0, 0)] * len(batch) + [(0, cp - c), (0, cp - c)])
+    hi = jax.lax.Precision.HIGHEST
+    x = jnp.ones(batch + (cp, 1, 1), a.dtype)  # (..., m, s, s): inverses of the diagonal blocks
+    s = 1
+    while s < cp:
+        m = cp // (2 * s)
+        lower_left = a.reshape(batch + (m, 2, s, m, 2, s))[..., :, 1, :, :, 0, :]
+        a21 = jnp.moveaxis(jnp.diagonal(lower_left, axis1=-4, axis2=-2), -1, -3)  # (..., m, s, s)
+        xr = x.reshape(batch + (m, 2, s, s))
+        x11, x22 = xr[..., 0, :, :], xr[..., 1, :, :]
+        x21 = -jnp.matmul(x22, jnp.matmul(a21, x11, precision=hi), precision=hi)
+        top = jnp.concatenate([x11, jnp.zeros_like(x11)], axis=-1)
+        x = jnp.concatenate([top, jnp.concatenate([x21, x22], axis=-1)], axis=-2)
+        s *= 2
+    return x.reshape(batch + (cp, cp))[..., :c, :c]
 
 
 def delta_rule(q: Array, k: Array, v: Array, beta: Array, *, chunk_size: int = 64) -> Array:
@@ -50,15 +91,12 @@ def delta_rule(q: Array, k: Array, v: Array, beta: Array, *, chunk_size: int = 6
     qs, ks, vs, bs = prep(q), prep(k), prep(v), prep(beta)
     strict = jnp.tril(jnp.ones((c, c), bool), -1)
     causal = jnp.tril(jnp.ones((c, c), bool))
-    eye = jnp.eye(c, dtype=jnp.float32)
 
     def step(s, x):
         qc, kc, vc, bc = x  # (B,N,C,Hk) ×2, (B,N,C,Hv), (B,N,C)
         kk = jnp.einsum("bnih,bnjh->bnij", kc, kc)  # (B, N, C, C)
         a = jnp.where(strict, bc[..., :, None] * kk, 0.0)
-        tmat = jax.scipy.linalg.solve_triangular(
-            eye + a, jnp.broadcast_to(eye, a.shape) * bc[..., None, :], lower=True
-        )  # (I + A)⁻¹ diag(β): (B, N, C, C)
+        tmat = _unit_lower_inverse(a) * bc[..., None, :]  # (I + A)⁻¹ diag(β): (B, N, C, C)
         w = jnp.einsum("bnij,bnjh->bnih", tmat, kc)  # (B, N, C, Hk)
         u = jnp.einsum("bnij,bnjv->bniv", tmat, vc)  # (B, N, C, Hv)
         u = u - jnp.einsum("bnih,bnhv->bniv", w, s)
