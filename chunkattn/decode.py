@@ -31,7 +31,7 @@ from jax.experimental import checkify
 
 from chunkattn import masks
 from chunkattn.arguments import normalize_arguments, resolve_precision
-from chunkattn.summary import ChunkSummary, merge, merge_stacked, summarize
+from chunkattn.summary import ChunkSummary, accum_dtype, merge, merge_stacked, summarize
 
 Array = jax.Array
 
@@ -250,7 +250,8 @@ def _decode_impl(q, k, v, arrays, spec, scale, soft_cap, chunk, splits, precisio
         return merge(acc, merge_stacked(per_chunk))
 
     waves = -(-(hi - lo) // splits)
-    acc = jax.lax.fori_loop(0, waves, body, ChunkSummary.empty(batch, num_heads, seq_q, head_dim_v))
+    empty = ChunkSummary.empty(batch, num_heads, seq_q, head_dim_v, accum_dtype(q.dtype))
+    acc = jax.lax.fori_loop(0, waves, body, empty)
     return acc.output(q.dtype), acc.lse()
 
 

@@ -4,7 +4,8 @@ One file for the kernel family (as jax's own `pallas/ops/gpu/attention.py`): the
 `PallasConfig`, the forward kernel (output and log-sum-exp), the two backward kernels (dK/dV
 looping over query blocks, dQ looping over key blocks; FlashAttention-2, arXiv 2307.08691
 §3.1), and the custom_vjp wiring. Scores live in the log2 domain inside the kernels
-(s₂ = s·log₂e, so exp(s − m) = 2^(s₂ − m₂)), which turns every exponential into one `exp2`.
+(s₂ = s·log₂e, so exp(s − m) = 2^(s₂ − m₂)), which turns every exponential into one `exp2`;
+with a bias or score_fn they stay in the natural domain, where any finite score is finite.
 
 Masks are computed in the kernel from indices (causal, window, q_offset, lengths, segment ids,
 tail padding); the loop over blocks runs in three phases — partial blocks before, full blocks
@@ -128,6 +129,12 @@ class Static(NamedTuple):
     atomic_dq: bool  # PallasConfig.backward == "atomic"
     precision: Any
     interpret: bool
+
+    @property
+    def log2_domain(self) -> bool:
+        """Scores in the log2 domain (one exp2 per weight) unless a bias or score_fn can push
+        them past float32's range once scaled by log₂e; those run in the natural domain."""
+        return self.bias_dims is None and self.score_fn is None
 
     @property
     def index_masks_only(self) -> bool:
@@ -298,7 +305,8 @@ def _apply_score_fn(st: Static, s, pos: _Pos):
 
 
 def _block_scores(st: Static, raw, pos: _Pos, bias):
-    """(biased, s₂) of a block from raw = q·kᵀ: score_fn's input and the final log2 scores.
+    """(biased, s) of a block from raw = q·kᵀ: score_fn's input and the final scores (in the
+    log2 domain without bias and score_fn, else natural: `Static.log2_domain`).
 
     Order (as everywhere): scale·q·kᵀ → soft cap → + bias → score_fn. Without bias and
     score_fn the scale and log₂e fold into one multiply and `biased` is None.
@@ -315,10 +323,12 @@ def _block_scores(st: Static, raw, pos: _Pos, bias):
     biased = s
     if st.score_fn is not None:
         s = _apply_score_fn(st, s, pos)
-    # A finite score past ±2^127.5 would overflow in the log2 domain; a finite bias must still
-    # give the softmax (DESIGN edge rules), so only a −inf score stays −inf.
-    s2 = jnp.clip(s * LOG2E, -F32_MAX, F32_MAX)
-    return biased, jnp.where(s == -jnp.inf, -jnp.inf, s2)
+    return biased, s  # natural domain (`Static.log2_domain`): a huge finite bias stays finite
+
+
+def _exp(st: Static, x):
+    """exp in the kernels' score domain: 2^x for log2-domain scores, e^x otherwise."""
+    return jnp.exp2(x) if st.log2_domain else jnp.exp(x)
 
 
 def _allowed(st: Static, pos: _Pos, rows, bounds, kv_len, segq, segk, mask):
@@ -434,8 +444,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, meta_ref, *refs, st: Static, nk: int):
             s = jnp.where(_allowed(st, pos, rows, bounds, kv_len, segq, segk, mask), s, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no key yet: 2^(−inf − 0) = 0
-        alpha = jnp.exp2(m - shift)
-        p = jnp.exp2(s - shift[:, None])
+        alpha = _exp(st, m - shift)
+        p = _exp(st, s - shift[:, None])
         l = l * alpha + jnp.sum(p, axis=1)  # the normaliser counts dropped weights too
         if st.dropout_rate:
             p = jnp.where(_keep(st, seed, pos, rows), p * _keep_scale(st), 0.0)
@@ -452,7 +462,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, meta_ref, *refs, st: Static, nk: int):
     valid = (l > 0) & (rows < q_len)  # saw at least one key (a finite bias keeps l ≥ 1)
     safe_l = jnp.where(valid, l, 1.0)
     o_ref[...] = jnp.where(valid[:, None], acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(valid, (m + jnp.log2(safe_l)) * LN2, -jnp.inf)
+    lse = m * LN2 + jnp.log(safe_l) if st.log2_domain else m + jnp.log(safe_l)
+    lse_ref[...] = jnp.where(valid, lse, -jnp.inf)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs, st, nk):
@@ -479,7 +490,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs,
             segk = ops.segk[ks] if st.has_segments else None
             mask = _dense(ops.mask, st.mask_dims, None, ks)
             s = jnp.where(_allowed(st, pos, rows, bounds, kv_len, segq, segk, mask), s, -jnp.inf)
-        p = jnp.exp2(s - lse2[:, None])  # P = exp(s − lse); 0 where masked
+        p = _exp(st, s - lse2[:, None])  # P = exp(s − lse); 0 where masked
         dp = plgpu.dot(do, v, trans_b=True, precision=st.precision)  # dO·Vᵀ
         if st.dropout_rate:
             dp = jnp.where(_keep(st, seed, pos, rows), dp * _keep_scale(st), 0.0)
@@ -521,7 +532,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *ref
             segq = ops.segq[qs] if st.has_segments else None
             mask = _dense(ops.mask, st.mask_dims, qs, None)
             s = jnp.where(_allowed(st, pos, rows, bounds, kv_len, segq, segk, mask), s, -jnp.inf)
-        p = jnp.exp2(s - lse2[:, None])
+        p = _exp(st, s - lse2[:, None])
         dp = plgpu.dot(do, v, trans_b=True, precision=st.precision)
         p_drop = p
         if st.dropout_rate:
@@ -646,7 +657,7 @@ def _backward(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
     delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
     delta = delta - dlse.astype(jnp.float32)
     no_key = ~jnp.isfinite(lse) | (lse >= F32_MAX)  # −inf, or the residual's F32_MAX
-    lse2 = jnp.where(no_key, jnp.inf, lse * LOG2E)  # no key: P = 2^(s − ∞) = 0
+    lse2 = jnp.where(no_key, jnp.inf, lse * LOG2E if st.log2_domain else lse)  # no key: P = 0
     extra = _extra_inputs(st, bias, marr, seq_k)
     full_row = pl.BlockSpec((None, None, seq_q), lambda j, b, n: (b, n, 0))
     dq = None
