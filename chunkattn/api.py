@@ -128,6 +128,50 @@ def _run_xla(args: Arguments, opts: Options) -> tuple[Array, Array]:
     )
 
 
+def _run_cudnn(args: Arguments, opts: Options, q_offset: Any, return_lse: bool) -> Array:
+    """`jax.nn.dot_product_attention(implementation="cudnn")`, for requests it can serve.
+
+    One API covers every backend a user compares: what cuDNN's fused attention lacks is
+    refused with NotImplementedError naming it (it is never run by `implementation=None`).
+    """
+    offset_given = not (isinstance(q_offset, int) and q_offset == 0)
+    missing = [
+        name
+        for name, present in (
+            ("return_lse", return_lse),
+            ("q_offset", offset_given),
+            ("segment_ids", args.segment_ids is not None),
+            ("mask_fn", opts.mask_fn is not None),
+            ("score_fn", opts.score_fn is not None),
+            ("logits_soft_cap", args.logits_soft_cap is not None),
+            ("dropout", opts.dropout_rate > 0),
+            ("config", opts.config is not None),
+            (
+                f"{args.query.dtype} inputs (cuDNN takes bfloat16 or float16)",
+                args.query.dtype not in (jnp.bfloat16, jnp.float16),
+            ),
+        )
+        if present
+    ]
+    if missing:
+        raise NotImplementedError(f"the cudnn implementation does not serve {', '.join(missing)}")
+    if jax.default_backend() != "gpu":
+        raise NotImplementedError("the cudnn implementation needs an NVIDIA GPU backend")
+    return jax.nn.dot_product_attention(
+        args.query,
+        args.key,
+        args.value,
+        args.bias,
+        args.mask,
+        scale=args.scale,
+        is_causal=opts.is_causal,
+        query_seq_lengths=args.query_seq_lengths,
+        key_value_seq_lengths=args.key_value_seq_lengths,
+        local_window_size=args.local_window_size,
+        implementation="cudnn",
+    )
+
+
 def _run_pallas(args: Arguments, opts: Options) -> tuple[Array, Array]:
     from chunkattn import pallas  # imported lazily: never at package import
 
@@ -202,7 +246,8 @@ def dot_product_attention(
       precision: passed to the matrix products; None means HIGHEST for float32 inputs (no
         TF32 on GPUs) and the backend default otherwise.
       implementation: None (fastest available), "chunked" (pure JAX, every backend), "pallas"
-        (fused GPU kernels) or "xla" (dense).
+        (fused GPU kernels), "xla" (dense) or "cudnn" (`jax.nn.dot_product_attention`'s cuDNN
+        kernel, for the requests it serves; never chosen by None).
       config: the implementation's config, e.g. `ChunkConfig(q_chunk_size=..., kv_chunk_size=...)`.
 
     Returns:
@@ -251,6 +296,8 @@ def dot_product_attention(
     errors = []
     for name in names:
         try:
+            if name == "cudnn":
+                return args.finish(_run_cudnn(args, opts, q_offset, return_lse), None, False)
             out, lse = _run(name, args, opts)
             return args.finish(out, lse, return_lse)
         except NotImplementedError as e:

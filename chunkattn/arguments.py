@@ -27,7 +27,7 @@ from chunkattn import masks
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("chunked", "pallas", "xla")
+IMPLEMENTATIONS = ("chunked", "pallas", "xla", "cudnn")
 INT32_MAX = 2**31 - 1
 INT32_MIN = -(2**31)
 MAX_SEQ_LEN = 2**29  # positions differ by less than 2^30: no int32 difference can wrap
@@ -76,10 +76,12 @@ class Arguments:
         lse_dtype = jnp.float64 if self.query.dtype == jnp.float64 else jnp.float32
         return out, jnp.full((batch, num_heads, seq_q), -jnp.inf, lse_dtype)
 
-    def finish(self, out: Array, lse: Array, return_lse: bool) -> Array | tuple[Array, Array]:
+    def finish(
+        self, out: Array, lse: Array | None, return_lse: bool
+    ) -> Array | tuple[Array, Array]:
         """Undo the normalisation: drop the batch axis of 3-D calls, return lse if asked."""
         if not self.batched:
-            out, lse = out[0], lse[0]
+            out, lse = out[0], None if lse is None else lse[0]
         return (out, lse) if return_lse else out
 
 

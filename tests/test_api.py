@@ -148,3 +148,29 @@ def test_reference_agrees_with_jax_nn_where_defined():
         got = chunkattn.reference_attention(qq, kk, vv, **kw)
         rows = np.asarray(jnp.any(jnp.asarray(got) != 0, axis=(-1, -2)))  # rows that saw a key
         np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=2e-5)
+
+
+def test_cudnn_serves_what_it_can_and_names_what_it_cannot():
+    """implementation="cudnn" routes to jax.nn's cuDNN kernel; features it lacks are named."""
+    q = k = v = jnp.ones((1, 8, 2, 16), jnp.bfloat16)
+    cases = [
+        ({"segment_ids": jnp.zeros((1, 8), jnp.int32)}, "segment_ids"),
+        ({"logits_soft_cap": 2.0}, "logits_soft_cap"),
+        ({"q_offset": 3, "is_causal": True}, "q_offset"),
+        ({"return_lse": True}, "return_lse"),
+        ({"mask_fn": lambda b, h, i, j: j <= i}, "mask_fn"),
+    ]
+    for kwargs, name in cases:
+        with pytest.raises(NotImplementedError, match=name):
+            chunkattn.dot_product_attention(q, k, v, implementation="cudnn", **kwargs)
+    with pytest.raises(NotImplementedError, match="float32 inputs"):
+        chunkattn.dot_product_attention(
+            *(x.astype(jnp.float32) for x in (q, k, v)), implementation="cudnn"
+        )
+    if jax.default_backend() != "gpu":
+        with pytest.raises(NotImplementedError, match="GPU"):
+            chunkattn.dot_product_attention(q, k, v, implementation="cudnn", is_causal=True)
+    else:
+        got = chunkattn.dot_product_attention(q, k, v, implementation="cudnn", is_causal=True)
+        want = chunkattn.reference_attention(q, k, v, is_causal=True)
+        assert testing.relative_error(got, want) <= testing.tolerance(q.dtype)

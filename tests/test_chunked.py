@@ -217,3 +217,30 @@ def test_chunks_of_one_slice_dense_masks_and_biases(tq, tk):
         *a, config=chunkattn.ChunkConfig(tq, tk), **kw
     )
     testing.assert_matches_reference(fn, q, k, v, bias, mask=mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a CUDA GPU")
+class TestCudnnGPU(AttentionSuite):
+    """jax.nn's cuDNN kernel through the one API: what it serves matches the reference; what
+    it lacks (segments, mask_fn, float32, lse...) is declined by name and skipped."""
+
+    implementation = "cudnn"
+    config = None
+    may_decline = True
+
+    def check(self, q, k, v, bias=None, grads=True, **kwargs):
+        # cuDNN returns no lse: compare the output and the input gradients only.
+        def loss(f, q, k, v):
+            return jnp.sum(jnp.sin(f(q, k, v, bias, **kwargs).astype(jnp.float32)))
+
+        got = self.attention(q, k, v, bias, **kwargs)
+        want = chunkattn.reference_attention(q, k, v, bias, **kwargs)
+        assert testing.relative_error(got, want) <= testing.tolerance(q.dtype)
+        if grads:
+            g = jax.grad(lambda *a: loss(self.attention, *a), argnums=(0, 1, 2))(q, k, v)
+            w = jax.grad(lambda *a: loss(chunkattn.reference_attention, *a), argnums=(0, 1, 2))(
+                q, k, v
+            )
+            for a, b in zip(g, w, strict=True):
+                assert testing.relative_error(a, b) <= testing.tolerance(q.dtype, grad=True)
