@@ -175,7 +175,10 @@ def _segment_array(name: str, seg: Any) -> Array:
     return seg
 
 
-def _segment_ids(x: Any, batch: int, seq_q: int, seq_k: int, batched: bool):
+def normalize_segment_ids(
+    x: Any, batch: int, seq_q: int, seq_k: int, batched: bool = True
+) -> tuple[Array, Array]:
+    """(q ids [B, T], kv ids [B, S]) from one array (T == S) or a pair, values kept exactly."""
     if isinstance(x, tuple | list):
         if len(x) != 2:
             raise ValueError(
@@ -445,7 +448,7 @@ def normalize_arguments(
         key_value_seq_lengths=lengths[1],
         segment_ids=None
         if segment_ids is None
-        else _segment_ids(segment_ids, batch, seq_q, seq_k, batched),
+        else normalize_segment_ids(segment_ids, batch, seq_q, seq_k, batched),
         logits_soft_cap=logits_soft_cap,
         dropout_seed=seed,
         batched=batched,

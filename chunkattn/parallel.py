@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from chunkattn import chunked, masks
+from chunkattn.arguments import normalize_segment_ids
 from chunkattn.summary import ChunkSummary, merge
 
 Array = jax.Array
@@ -210,13 +211,8 @@ def ring_attention(
         )
     seg_q = seg_k = None
     if segment_ids is not None:
-        seg_q, seg_k = segment_ids if isinstance(segment_ids, tuple | list) else (segment_ids,) * 2
-        if seg_q.shape != (batch, seq_q) or seg_k.shape != (batch, seq_k):
-            raise ValueError(
-                f"segment_ids must be [B, T]=({batch}, {seq_q}) and [B, S]=({batch}, {seq_k}), "
-                f"got {seg_q.shape} and {seg_k.shape}"
-            )
-        seg_q, seg_k = seg_q.astype(jnp.int32), seg_k.astype(jnp.int32)
+        # Values kept exactly (uint32 reinterpreted, 64-bit refused unless x64): no wrapping.
+        seg_q, seg_k = normalize_segment_ids(segment_ids, batch, seq_q, seq_k)
     tq_local, tk_local = seq_q // n, seq_k // n
     tq, tk = (config or chunked.ChunkConfig()).resolve(tq_local, tk_local, batch * num_heads)
     ring = _Ring(

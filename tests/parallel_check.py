@@ -1,12 +1,28 @@
-"""Run by tests/test_parallel.py in a subprocess with 8 host CPU devices (XLA_FLAGS set there)."""
+"""Ring attention on 8 host CPU devices: results as one JSON line (tests/test_parallel.py).
+
+    .venv/bin/python tests/parallel_check.py
+
+It sets up its 8 host devices itself (XLA_FLAGS, JAX_PLATFORMS=cpu) unless they are set.
+"""
 
 from __future__ import annotations
+
+import os
+
+# 8 host CPU devices, set up before jax is imported (it reads these once, at its first use), so
+# that `.venv/bin/python tests/parallel_check.py` works as it stands; flags already given are kept.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json
 import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import chunkattn
 from chunkattn import testing
@@ -20,6 +36,7 @@ def main() -> int:
     results = {}
     cfg = chunkattn.ChunkConfig(4, 4)
     seg = jnp.sort(jax.random.randint(jax.random.PRNGKey(7), (2, 64), 0, 3), axis=1)
+    seg = seg.astype(jnp.uint32) + jnp.uint32(2**31 - 1)  # ids past int32: compared exactly
     cases = {
         "full": (dict(num_heads=4, num_kv_heads=4), dict()),
         "causal": (dict(num_heads=4, num_kv_heads=4), dict(is_causal=True)),
@@ -51,6 +68,12 @@ def main() -> int:
         grad_err = max(testing.relative_error(g, w) for g, w in zip(got[1], want[1], strict=True))
         results[name] = {"out": out_err, "grads": grad_err}
     q, k, v = testing.random_qkv(jax.random.PRNGKey(0), seq_q=64, head_dim=16)
+    try:  # 64-bit ids that do not fit int32 (no x64): refused, never truncated
+        wide = np.tile(np.repeat(np.array([2**40, 0], np.int64), 32), (2, 1))
+        ring_attention(q, k, v, mesh=mesh, axis_name="sp", segment_ids=wide)
+        results["wide_segments"] = "accepted"
+    except ValueError as e:
+        results["wide_segments"] = str(e)
     sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "sp"))
     q, k, v = (jax.device_put(x, sharded) for x in (q, k, v))
     f = jax.jit(
