@@ -1,6 +1,21 @@
-"""Run by tests/test_parallel.py with 8 host CPU devices: --mesh dp=2,sp=4 equals one device."""
+"""--mesh dp=2,sp=4 on 8 host CPU devices equals one device: losses as JSON (test_parallel.py).
+
+    .venv/bin/python tests/mesh_train_check.py
+
+It sets up its 8 host devices itself (XLA_FLAGS, JAX_PLATFORMS=cpu) unless they are set.
+"""
 
 from __future__ import annotations
+
+import os
+
+# 8 host CPU devices, set up before jax is imported (it reads these once, at its first use), so
+# that `.venv/bin/python tests/mesh_train_check.py` works as it stands; given flags are kept.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    ).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json
 import pathlib
