@@ -4,8 +4,8 @@ Times forward and forward+backward of `dot_product_attention(implementation="chu
 several (q_chunk_size, kv_chunk_size), next to dense XLA attention in the same run, and prints
 TFLOP/s (DESIGN §5: 4·B·N·T·S·H, halved for causal; fwd+bwd = 3.5× forward).
 
-    python bench/chunk_sizes.py                      # GPU defaults (bf16, N=16, H=128)
-    python bench/chunk_sizes.py --quick              # CPU-sized
+    .venv/bin/python bench/chunk_sizes.py            # GPU defaults (bf16, N=16, H=128)
+    .venv/bin/python bench/chunk_sizes.py --quick    # CPU-sized
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     device = jax.devices()[0].device_kind
     date = datetime.date.today().isoformat()
     rows = []
+    progress = common.Progress(len(cases) * 2 * (len(chunks) + 1))
     for batch, T in cases:
         keys = jax.random.split(jax.random.PRNGKey(0), 3)
         sets = []
@@ -86,15 +87,16 @@ def main(argv=None) -> int:
                 except Exception as e:  # noqa: BLE001 - an OOM is a result, not a crash
                     row.update(status=f"{type(e).__name__}: {str(e)[:80]}")
                 rows.append(row)
-                print(
+                progress.row(
                     f"{name:>22} B={batch:<3} T={T:<6} causal={causal!s:5} "
                     + (
-                        f"fwd {row['fwd_ms']:8.2f} ms {row['fwd_tflops']:6.1f} TF/s  "
-                        f"fwd+bwd {row['fwdbwd_ms']:8.2f} ms {row['fwdbwd_tflops']:6.1f} TF/s"
+                        f"fwd {row['fwd_ms']:8.2f} ms "
+                        f"{common.format_tflops(row['fwd_tflops']):>7} TFLOP/s  fwd+bwd "
+                        f"{row['fwdbwd_ms']:8.2f} ms "
+                        f"{common.format_tflops(row['fwdbwd_tflops']):>7} TFLOP/s"
                         if "fwd_ms" in row
                         else row["status"]
-                    ),
-                    flush=True,
+                    )
                 )
     if args.out:
         fields = sorted({k for r in rows for k in r})

@@ -5,12 +5,20 @@ Every implementation is a function `fn(q, k, v, causal) -> out` on [B, T, N, H] 
 importable), and the linear-time variants of `chunkattn.variants` (causal only) as
 `variant_*`. Memory comes from the compiled program (`memory_analysis().temp_size_in_bytes`)
 and, on GPU, from the device's peak allocation; an out-of-memory is a result, not a crash.
+
+Results go to `bench/out/` (untracked) unless a run is meant to be committed: `--out
+bench/results`. Every script prints one line per finished row with the time left (`Progress`);
+plots name implementations as people do (`label`) and the device by its model (`device_model`).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
+import os
+import pathlib
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -22,6 +30,18 @@ import chunkattn
 from chunkattn.variants import caterpillar, delta_rule, dpfp, linear_attention
 
 Fn = Callable[[jax.Array, jax.Array, jax.Array, bool], jax.Array]
+
+# Untracked (.gitignore): a run lands in bench/results/, which README cites, only on purpose.
+DEFAULT_OUT = pathlib.Path(__file__).resolve().parent / "out"
+
+
+def add_out_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--out",
+        default=str(DEFAULT_OUT),
+        help="folder for the CSV and plot (default bench/out/, untracked; "
+        "--out bench/results to commit the run)",
+    )
 
 
 def dense_xla(q, k, v, causal):
@@ -197,13 +217,58 @@ def attention_flops(batch, heads, seq_len, head_dim, causal) -> float:
     return 4.0 * batch * heads * seq_len * seq_len * head_dim / (2.0 if causal else 1.0)
 
 
+def device_model() -> str:
+    """The device by its model, for plot titles: the GPU/TPU kind, or the CPU's model name.
+
+    `device_kind` of a CPU device is just "cpu", so the CPU's name comes from the OS.
+    """
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        return dev.device_kind
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            name = next((x.split(":", 1)[1].strip() for x in fh if x.startswith("model name")), "")
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine() or "CPU"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name} CPU, {cores} cores" if "cpu" not in name.lower() else f"{name}, {cores} cores"
+
+
 def environment() -> dict[str, str]:
     return {
         "backend": jax.default_backend(),
         "device": jax.devices()[0].device_kind,
+        "device_model": device_model(),
         "jax_version": jax.__version__,
         "date": datetime.date.today().isoformat(),
     }
+
+
+def read_rows(path) -> list[dict]:
+    """A results CSV back as rows: numbers as int/float, True/False as bool, empty cells absent."""
+    import csv
+
+    def value(text: str):
+        if text in ("True", "False"):
+            return text == "True"
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+
+    with open(path) as fh:
+        return [{k: value(v) for k, v in r.items() if v != ""} for r in csv.DictReader(fh)]
+
+
+def device_title(row: dict) -> str:
+    """The device for a plot title: its model, or for runs that predate that column, the kind."""
+    if row.get("device_model"):
+        return row["device_model"]
+    return "CPU" if row["device"] == "cpu" else row["device"]
 
 
 def tag_arg(text: str) -> str:
@@ -216,3 +281,100 @@ def tag_arg(text: str) -> str:
 def result_stem(bench: str, tag: str, env: dict[str, str]) -> str:
     """`<bench>_[<tag>_]<backend>_<date>`: a tag keeps a focused run beside the main one."""
     return "_".join(x for x in (bench, tag, env["backend"], env["date"]) if x)
+
+
+# Legend names: what people call each implementation (the CSVs keep the ids).
+LABELS = {
+    "chunkattn_chunked": "chunkattn (chunked)",
+    "chunkattn_pallas": "chunkattn (Pallas)",
+    "dense_xla": "dense XLA",
+    "jax_nn_xla": "jax.nn (XLA)",
+    "jax_nn_cudnn": "cuDNN (jax.nn)",
+    "rabe_staats": "Rabe & Staats (scan + checkpoint)",
+    "tokamax_xla_chunked": "tokamax (XLA chunked)",
+    "tokamax_triton": "tokamax (Triton)",
+    "tokamax_mosaic": "tokamax (Mosaic)",
+    "variant_linear": "linear attention",
+    "variant_delta": "delta rule (DPFP ν=1)",
+    "variant_caterpillar": "Caterpillar (CH=4, CL=16)",
+}
+
+
+def label(impl: str) -> str:
+    return LABELS.get(impl, impl)
+
+
+def format_tflops(x: float | None) -> str:
+    """Four significant digits: 514.3 on a GPU, 0.01234 on a CPU (never a bare "0.0")."""
+    return "-" if x is None or x != x else f"{x:.4g}"
+
+
+def format_bytes(b: float) -> str:
+    """1 GiB, 512 MiB, 96 TiB: binary units, as memory is reported."""
+    for unit, p in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if b >= 2**p:
+            v = b / 2**p
+            return f"{v:,.0f} {unit}" if v >= 10 or v == int(v) else f"{v:.1f} {unit}"
+    return f"{b:.0f} B"
+
+
+def format_tokens(t: float) -> str:
+    """512, 1k, 16k, 1M: sequence lengths as people say them."""
+    for unit, p in (("M", 20), ("k", 10)):
+        if t >= 2**p and t % 2**p == 0:
+            return f"{int(t) // 2**p}{unit}"
+    return f"{t:,.0f}"
+
+
+def log2_ticks(lo: float, hi: float, max_ticks: int = 8) -> list[float]:
+    """Powers of two covering [lo, hi], thinned to at most about max_ticks."""
+    a, b = math.floor(math.log2(lo)), math.ceil(math.log2(hi))
+    step = max(1, math.ceil((b - a + 1) / max_ticks))
+    return [2.0**e for e in range(a, b + 1, step)]
+
+
+def memory_axis(ax, values: list[float], axis: str = "y") -> None:
+    """A log axis of bytes with ticks at powers of two labelled in MiB / GiB / TiB."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log", base=2)
+    target.set_major_locator(FixedLocator(log2_ticks(min(values), max(values))))
+    target.set_minor_locator(NullLocator())
+    target.set_major_formatter(FuncFormatter(lambda b, _: format_bytes(b)))
+
+
+def tokens_axis(ax, values: list[float]) -> None:
+    """A log2 x axis of sequence lengths labelled 1k, 16k, 1M."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(log2_ticks(min(values), max(values))))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda t, _: format_tokens(t)))
+
+
+def _hms(seconds: float) -> str:
+    s = round(seconds)
+    if s >= 3600:
+        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+    return f"{s // 60}:{s % 60:02d}"
+
+
+class Progress:
+    """One line per finished row: `[3/12] <row>  (0:41 elapsed, ETA 2:03)`.
+
+    The ETA assumes the remaining rows take the mean time of the finished ones.
+    """
+
+    def __init__(self, total: int):
+        self.total = max(total, 1)
+        self.done = 0
+        self.start = time.perf_counter()
+
+    def row(self, text: str) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / self.done * max(self.total - self.done, 0)
+        count = f"[{self.done:>{len(str(self.total))}}/{self.total}]"
+        print(f"{count} {text}  ({_hms(elapsed)} elapsed, ETA {_hms(eta)})", flush=True)

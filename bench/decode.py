@@ -1,7 +1,7 @@
 """A decode step (one new token against a KV cache): time and cache bandwidth against cache length.
 
-    python bench/decode.py                      # cache lengths 4k..128k, filled to 3/4
-    python bench/decode.py --lengths 4096 --reps 3 --out /tmp/x
+    .venv/bin/python bench/decode.py                      # cache lengths 4k..128k, filled to 3/4
+    .venv/bin/python bench/decode.py --lengths 4096 --reps 3 --out /tmp/x
 
 A decode step reads the filled part of the cache once, so it is memory-bound: the figure of
 merit is the bytes of K and V read per second. Compared in one run, all jitted with the cache
@@ -12,7 +12,8 @@ length traced (one compilation for every fill):
               key_value_seq_lengths (a sequential loop over the filled chunks)
   pallas      the same with implementation="pallas" (GPU only)
   dense_xla   `jax.nn.dot_product_attention` over the whole cache with a length mask
-Writes decode_[<tag>_]<backend>_<date>.csv and .png into --out.
+Writes decode_[<tag>_]<backend>_<date>.csv and .png into --out (default bench/out/, untracked;
+`--out bench/results` for a run to commit), one progress line per finished row with an ETA.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ FIELDS = [
     "impl",
     "backend",
     "device",
+    "device_model",
     "jax_version",
     "date",
     "cache_len",
@@ -89,13 +91,15 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--tag", type=common.tag_arg, default="")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    common.add_out_arg(p)
     a = p.parse_args(argv)
     if not 0.0 < a.fill <= 1.0:
         p.error(f"--fill must be in (0, 1], got {a.fill}")
     env = common.environment()
     dtype = jnp.dtype(a.dtype or ("bfloat16" if env["backend"] == "gpu" else "float32"))
     rows = []
+    fns = _step_fns(env["backend"])
+    progress = common.Progress(len(a.lengths) * len(fns))
     for cache_len in a.lengths:
         filled = max(1, int(cache_len * a.fill))
         keys = jax.random.split(jax.random.PRNGKey(cache_len), 3)
@@ -105,7 +109,7 @@ def main(argv=None) -> int:
         n = jnp.full((a.batch,), filled, jnp.int32)
         read = 2 * a.batch * filled * a.kv_heads * a.head_dim * dtype.itemsize  # K and V
         results = {}
-        for name, fn in _step_fns(env["backend"]).items():
+        for name, fn in fns.items():
             row = dict(
                 env,
                 impl=name,
@@ -125,10 +129,9 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001 - recorded, e.g. an OOM of the dense path
                 row["status"] = common.status_of(e)
             rows.append(row)
-            print(
+            progress.row(
                 f"L={cache_len:>7} {name:>9} {row.get('ms', float('nan')):9.3f} ms "
-                f"{row.get('cache_gb_per_s', float('nan')):8.2f} GB/s {row['status']}",
-                flush=True,
+                f"{row.get('cache_gb_per_s', float('nan')):8.2f} GB/s {row['status']}"
             )
         for row in rows[-len(results) :]:
             if "chunked" in results and row["impl"] in results:
@@ -145,28 +148,40 @@ def main(argv=None) -> int:
     return 0
 
 
-def _plot(rows, path, env, fill: float) -> None:
-    import matplotlib
+LABELS = {
+    "decode": "chunkattn.decode_attention",
+    "chunked": "chunkattn (chunked)",
+    "pallas": "chunkattn (Pallas)",
+    "dense_xla": "dense XLA (jax.nn)",
+}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+def _plot(rows, path, env, fill: float):
+    """ms per step against the cache length, log-log; returns the saved Figure."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend is set or changed
+
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    lengths = []
     for impl in dict.fromkeys(r["impl"] for r in rows):
         pts = [(r["cache_len"], r["ms"]) for r in rows if r["impl"] == impl and "ms" in r]
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=impl)
-    ax.set(
-        xscale="log",
-        yscale="log",
-        xlabel=f"cache length L (filled {fill:.0%})",
-        ylabel="ms per step",
-        title=f"decode step, {env['device']}",
+            ax.plot(*zip(*pts, strict=True), marker="o", label=LABELS.get(impl, impl))
+            lengths += [t for t, _ in pts]
+    ax.set(yscale="log", xlabel=f"cache length L (tokens, filled {fill:.0%})", ylabel="ms per step")
+    if lengths:
+        common.tokens_axis(ax, lengths)
+    r0 = rows[0]
+    ax.set_title(
+        f"decode step, {common.device_title(env)}: B={r0['batch']}, N={r0['heads']}, "
+        f"K={r0['kv_heads']}, H={r0['head_dim']}, {r0['dtype']}",
+        fontsize=9,
     )
+    ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """One long sequence, forward and forward+backward, on one device: does it fit, and how fast.
 
-    python bench/long_context.py --seq-len 1048576 --impl chunked
+    .venv/bin/python bench/long_context.py --seq-len 1048576 --impl chunked
 
 Reports wall time (one warm-up-free timed run after compilation, block_until_ready), TFLOP/s
 (DESIGN §5, causal at half), compiled temp bytes and, on GPU, peak device memory.
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         stats = jax.devices()[0].memory_stats() or {}
         result[f"{name}_peak_bytes"] = stats.get("peak_bytes_in_use")
         print(
-            f"{name}: {dt:.3f} s, {mult * flops / dt / 1e12:.1f} TFLOP/s, temp "
+            f"{name}: {dt:.3f} s, {mult * flops / dt / 1e12:.4g} TFLOP/s, temp "
             f"{result[f'{name}_temp_bytes'] / 2**30:.2f} GiB, peak "
             f"{(result[f'{name}_peak_bytes'] or 0) / 2**30:.2f} GiB",
             flush=True,

@@ -5,14 +5,15 @@ full: the compiled program's temp bytes (`memory_analysis()`), and on GPU the me
 device memory of running it (each measurement in a fresh process, so peaks do not mix). An
 out-of-memory is recorded as status OOM; larger T for that implementation are then skipped.
 
-    python bench/memory_vs_seqlen.py --quick        # T = 1k..16k (CPU: compile only, ~1 min)
-    python bench/memory_vs_seqlen.py                # T = 1k..1M (GPU: compiled and run)
-    python bench/memory_vs_seqlen.py --seq-lens 1048576 --impls chunkattn_chunked
-    python bench/memory_vs_seqlen.py --quick --tag variants \
+    .venv/bin/python bench/memory_vs_seqlen.py --quick   # T = 1k..16k (CPU: compile only)
+    .venv/bin/python bench/memory_vs_seqlen.py           # T = 1k..1M (GPU: compiled and run)
+    .venv/bin/python bench/memory_vs_seqlen.py --seq-lens 1048576 --impls chunkattn_chunked
+    .venv/bin/python bench/memory_vs_seqlen.py --quick --tag variants \
         --impls chunkattn_chunked variant_linear variant_delta variant_caterpillar
 
-Writes memory_vs_seqlen_[<tag>_]<backend>_<date>.csv and .png into --out (default
-bench/results/). The linear-time variants (`variant_*`, causal only) are included by default.
+Writes memory_vs_seqlen_[<tag>_]<backend>_<date>.csv and .png into --out (default bench/out/,
+untracked; `--out bench/results` for a run to commit), one progress line per finished row with
+an ETA. The linear-time variants (`variant_*`, causal only) are included by default.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 COLUMNS = [
-    "impl", "backend", "device", "jax_version", "date", "seq_len", "batch", "heads", "head_dim",
-    "dtype", "causal", "fwd_temp_bytes", "fwdbwd_temp_bytes", "fwd_peak_bytes",
+    "impl", "backend", "device", "device_model", "jax_version", "date", "seq_len", "batch",
+    "heads", "head_dim", "dtype", "causal", "fwd_temp_bytes", "fwdbwd_temp_bytes", "fwd_peak_bytes",
     "fwdbwd_peak_bytes", "status",
 ]  # fmt: skip
 
@@ -116,43 +117,58 @@ def _row(impl: str, seq_len: int, causal: bool, args) -> dict:
     )
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
+def plot(rows: list[dict], path: pathlib.Path):
+    """Memory against T, log-log, forward and forward+backward; returns the saved Figure."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend is set or changed
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    fig = Figure(figsize=(12, 4.8))
+    axes = fig.subplots(1, 2, sharey=True)
+    peak = any(r.get("fwd_peak_bytes") for r in rows)
+    series = list(dict.fromkeys((r["impl"], r["causal"]) for r in rows))
+    masks = {c for _, c in series}
+    values, lengths = [], []
     for ax, key, title in ((axes[0], "fwd", "forward"), (axes[1], "fwdbwd", "forward+backward")):
-        series = sorted({(r["impl"], r["causal"]) for r in rows})
         for n, (impl, causal) in enumerate(series):
+            # One kind of figure per plot: measured peaks (a GPU run; a program that ran out of
+            # memory has none) or compiled temp bytes.
+            kind = f"{key}_peak_bytes" if peak else f"{key}_temp_bytes"
             pts = sorted(
-                (r["seq_len"], r.get(f"{key}_peak_bytes") or r.get(f"{key}_temp_bytes"))
+                (r["seq_len"], r[kind])
                 for r in rows
-                if r["impl"] == impl and r["causal"] == causal and r.get(f"{key}_temp_bytes")
+                if r["impl"] == impl and r["causal"] == causal and r.get(kind)
             )
             if pts:
-                label = f"{impl} ({'causal' if causal else 'full'})"
-                ax.loglog(
-                    *zip(*[(t, b / 2**20) for t, b in pts], strict=True),
+                name = common.label(impl)
+                if len(masks) > 1:
+                    name += f", {'causal' if causal else 'full'}"
+                xs, ys = zip(*pts, strict=True)
+                values += ys
+                lengths += xs
+                ax.plot(
+                    xs,
+                    ys,
                     marker="os^vDx*+"[n % 8],
                     linestyle=("-", "--", ":")[n % 3],
-                    label=label,
-                    base=2,
+                    label=name,
                 )
-        kind = "peak" if any(r.get("fwd_peak_bytes") for r in rows) else "compiled temp"
-        ax.set_title(f"{title}: {kind} memory")
-        ax.set_xlabel("sequence length T")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("MiB")
+        ax.set_title(f"{title}: {'peak' if peak else 'compiled temporary'} memory")
+        ax.set_xlabel("sequence length T (tokens)")
+        ax.grid(True, which="major", alpha=0.3)
+    if values:
+        for ax in axes:
+            common.memory_axis(ax, values)
+            common.tokens_axis(ax, lengths)
+    axes[0].set_ylabel("peak device memory" if peak else "compiled temp memory (memory_analysis)")
     axes[1].legend(fontsize=7)
     r0 = rows[0]
+    mask = "causal" if masks == {True} else "full" if masks == {False} else "causal and full"
     fig.suptitle(
-        f"{r0['device']} ({r0['backend']}), jax {r0['jax_version']}, {r0['date']}: "
-        f"B={r0['batch']}, N={r0['heads']}, H={r0['head_dim']}, {r0['dtype']}"
+        f"{common.device_title(r0)}, jax {r0['jax_version']}, {r0['date']}: "
+        f"B={r0['batch']}, N={r0['heads']}, H={r0['head_dim']}, {r0['dtype']}, {mask}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig
 
 
 def table(rows: list[dict]) -> str:
@@ -188,12 +204,18 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default=None, help="default float32 (CPU) / bfloat16 (GPU)")
     p.add_argument("--mask", choices=["causal", "full", "both"], default="causal")
-    p.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results"))
+    common.add_out_arg(p)
     p.add_argument(
         "--tag", type=common.tag_arg, default="", help="inserted in the file names, e.g. 'variants'"
     )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--replot", metavar="CSV", help="redraw the plot of a results CSV beside it")
     args = p.parse_args(argv)
+    if args.replot:
+        path = pathlib.Path(args.replot)
+        plot(common.read_rows(path), path.with_suffix(".png"))
+        print(f"wrote {path.with_suffix('.png')}")
+        return 0
     if not args.worker:
         os.environ.update(PARENT_ENV)  # read when jax first touches a device, just below
     gpu = jax.default_backend() == "gpu"
@@ -214,6 +236,7 @@ def main(argv=None) -> int:
         impls = [i for i in impls if i in args.impls]
     masks = {"causal": [True], "full": [False], "both": [True, False]}[args.mask]
     rows = []
+    progress = common.Progress(len(impls) * len(masks) * len(args.seq_lens))
     for impl in impls:
         for causal in masks:
             failed = None
@@ -236,12 +259,11 @@ def main(argv=None) -> int:
                     if row["status"] in ("OOM", "unsupported"):
                         failed = row["status"]
                 rows.append(row)
-                print(
+                progress.row(
                     f"{impl:>22} T={seq_len:<8} {'causal' if causal else 'full':6} "
                     f"fwd {_mib(row.get('fwd_temp_bytes'))} fwd+bwd "
                     f"{_mib(row.get('fwdbwd_temp_bytes'))} MiB temp  peak "
-                    f"{_mib(row.get('fwdbwd_peak_bytes'))} MiB  {row['status']}",
-                    flush=True,
+                    f"{_mib(row.get('fwdbwd_peak_bytes'))} MiB  {row['status']}"
                 )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,12 +5,13 @@ figure is the median of several timed runs after warm-up, rotating between input
 caches do not flatter anyone; ratios are to dense XLA and (on GPU) to cuDNN measured in the
 same run.
 
-    python bench/speed.py             # GPU: bf16, N=16, H=128, B·T=16384, T in 1k, 4k, 16k
-    python bench/speed.py --quick     # CPU-sized
-    python bench/speed.py --quick --mask causal --tag variants \
+    .venv/bin/python bench/speed.py           # GPU: bf16, N=16, H=128, B·T=16384, T 1k, 4k, 16k
+    .venv/bin/python bench/speed.py --quick   # CPU-sized
+    .venv/bin/python bench/speed.py --quick --mask causal --tag variants \
         --impls chunkattn_chunked dense_xla variant_linear variant_delta variant_caterpillar
 
-Writes speed_[<tag>_]<backend>_<date>.csv and .png into --out (default bench/results/). The
+Writes speed_[<tag>_]<backend>_<date>.csv and .png into --out (default bench/out/, untracked;
+`--out bench/results` for a run to commit), one progress line per finished row with an ETA. The
 linear-time variants (`variant_*`) are causal only: "unsupported" for full attention; their
 TFLOP/s use the softmax FLOP count too, so they compare as times (they do less work).
 """
@@ -29,21 +30,20 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 COLUMNS = [
-    "impl", "backend", "device", "jax_version", "date", "seq_len", "batch", "heads", "head_dim",
-    "dtype", "causal", "fwd_ms", "fwdbwd_ms", "fwd_tflops", "fwdbwd_tflops",
+    "impl", "backend", "device", "device_model", "jax_version", "date", "seq_len", "batch",
+    "heads", "head_dim", "dtype", "causal", "fwd_ms", "fwdbwd_ms", "fwd_tflops", "fwdbwd_tflops",
     "fwd_vs_dense_xla", "fwdbwd_vs_dense_xla", "fwd_vs_cudnn", "fwdbwd_vs_cudnn", "status",
 ]  # fmt: skip
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(rows: list[dict], path: pathlib.Path):
+    """Bars of TFLOP/s per case, forward and forward+backward; returns the saved Figure."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend is set or changed
 
     cases = sorted({(r["seq_len"], r["causal"]) for r in rows})
     impls = list(dict.fromkeys(r["impl"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+    fig = Figure(figsize=(13, 4.5))
+    axes = fig.subplots(1, 2, sharey=True)
     width = 0.8 / max(len(impls), 1)
     for ax, key in ((axes[0], "fwd_tflops"), (axes[1], "fwdbwd_tflops")):
         for n, impl in enumerate(impls):
@@ -58,20 +58,57 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
                     None,
                 )
                 vals.append((r or {}).get(key) or 0.0)
-            ax.bar([i + n * width for i in range(len(cases))], vals, width, label=impl)
+            ax.bar(
+                [i + n * width for i in range(len(cases))], vals, width, label=common.label(impl)
+            )
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-        ax.set_xticklabels([f"T={t}\n{'causal' if c else 'full'}" for t, c in cases], fontsize=8)
+        ax.set_xticklabels(
+            [f"T={common.format_tokens(t)}\n{'causal' if c else 'full'}" for t, c in cases],
+            fontsize=8,
+        )
         ax.set_title("forward" if key == "fwd_tflops" else "forward+backward")
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0].set_ylabel("TFLOP/s")
+    axes[0].set_ylabel("TFLOP/s (causal counted at half)")
     axes[1].legend(fontsize=7)
     r0 = rows[0]
     fig.suptitle(
-        f"{r0['device']}, jax {r0['jax_version']}, {r0['date']}: N={r0['heads']}, "
-        f"H={r0['head_dim']}, {r0['dtype']}, B·T={r0['batch'] * r0['seq_len']}"
+        f"{common.device_title(r0)}, jax {r0['jax_version']}, {r0['date']}: "
+        f"N={r0['heads']}, H={r0['head_dim']}, {r0['dtype']}, B·T={r0['batch'] * r0['seq_len']}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    return fig
+
+
+def row_line(r: dict) -> str:
+    """One finished row: times and TFLOP/s (four significant digits, so CPU rows are not 0.0)."""
+    head = (
+        f"{r['impl']:>20} B={r['batch']:<3} T={r['seq_len']:<6} "
+        f"{'causal' if r['causal'] else 'full':6} "
+    )
+    if r["status"] != "ok":
+        return head + r["status"]
+    return head + (
+        f"fwd {r['fwd_ms']:9.2f} ms {common.format_tflops(r['fwd_tflops']):>7} TFLOP/s  "
+        f"fwd+bwd {r['fwdbwd_ms']:9.2f} ms {common.format_tflops(r['fwdbwd_tflops']):>7} TFLOP/s"
+    )
+
+
+def table(rows: list[dict]) -> str:
+    """TFLOP/s forward / forward+backward and the ratio to dense XLA, one line per row."""
+    lines = ["TFLOP/s forward / forward+backward, fwd+bwd speed vs dense XLA"]
+    for r in rows:
+        case = f"T={r['seq_len']} B={r['batch']} {'causal' if r['causal'] else 'full'}"
+        if r["status"] != "ok":
+            lines.append(f"{r['impl']:>20} {case:<22} {r['status']}")
+            continue
+        ratio = r.get("fwdbwd_vs_dense_xla")
+        lines.append(
+            f"{r['impl']:>20} {case:<22} {common.format_tflops(r['fwd_tflops']):>7} / "
+            f"{common.format_tflops(r['fwdbwd_tflops']):<7}"
+            + (f" {ratio:.2f}× dense" if ratio else "")
+        )
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -85,11 +122,17 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None)
     p.add_argument("--mask", choices=["causal", "full", "both"], default="both")
     p.add_argument("--reps", type=int, default=None, help="timed runs (default 10; quick 3)")
-    p.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results"))
+    common.add_out_arg(p)
     p.add_argument(
         "--tag", type=common.tag_arg, default="", help="inserted in the file names, e.g. 'variants'"
     )
+    p.add_argument("--replot", metavar="CSV", help="redraw the plot of a results CSV beside it")
     args = p.parse_args(argv)
+    if args.replot:
+        path = pathlib.Path(args.replot)
+        plot(common.read_rows(path), path.with_suffix(".png"))
+        print(f"wrote {path.with_suffix('.png')}")
+        return 0
     gpu = jax.default_backend() == "gpu"
     quick = args.quick or not gpu
     tokens = args.tokens or (2048 if quick else 16384)
@@ -106,6 +149,7 @@ def main(argv=None) -> int:
         impls = {k: v for k, v in impls.items() if k in args.impls}
     masks = {"causal": [True], "full": [False], "both": [True, False]}[args.mask]
     rows = []
+    progress = common.Progress(len(seq_lens) * len(masks) * len(impls))
     for seq_len in seq_lens:
         batch = max(tokens // seq_len, 1)
         sets = common.inputs(
@@ -135,26 +179,15 @@ def main(argv=None) -> int:
                 except Exception as e:  # noqa: BLE001 - OOM / unsupported are results
                     row["status"] = common.status_of(e)
                 case.append(row)
+                progress.row(row_line(row))
             for base, col in (("dense_xla", "dense_xla"), ("jax_nn_cudnn", "cudnn")):
                 ref = next((r for r in case if r["impl"] == base and r["status"] == "ok"), None)
                 for r in case:
                     for name in ("fwd", "fwdbwd"):
                         if ref and r.get(f"{name}_ms"):
                             r[f"{name}_vs_{col}"] = ref[f"{name}_ms"] / r[f"{name}_ms"]
-            for r in case:
-                print(
-                    f"{r['impl']:>20} B={batch:<3} T={seq_len:<6} "
-                    f"{'causal' if causal else 'full':6} "
-                    + (
-                        f"fwd {r['fwd_ms']:8.2f} ms {r['fwd_tflops']:6.1f} TF/s  fwd+bwd "
-                        f"{r['fwdbwd_ms']:8.2f} ms {r['fwdbwd_tflops']:6.1f} TF/s  "
-                        f"x dense {r.get('fwdbwd_vs_dense_xla', float('nan')):5.2f}"
-                        if r["status"] == "ok"
-                        else r["status"]
-                    ),
-                    flush=True,
-                )
             rows.extend(case)
+    print(table(rows))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = common.environment()

@@ -7,10 +7,13 @@ batch of B·T bytes, too noisy to rank models that differ by a few hundredths of
 interleaved (seed 0 of every kind, then seed 1, ...) so that other load on the machine spreads
 over all kinds; the 1-minute load average before each run is recorded beside its throughput.
 
-    python bench/variants.py                  # 200 steps, T=128, B=8, 2 layers, D=64, 3 seeds
-    python bench/variants.py --steps 1000 --attention chunked delta --seeds 0
+    .venv/bin/python bench/variants.py          # about 2 min on 2 CPU cores: 200 steps, 1 seed
+    .venv/bin/python bench/variants.py --full   # README's table: 200 steps, 3 seeds, 32 batches
+    .venv/bin/python bench/variants.py --steps 1000 --attention chunked delta --seeds 0
 
-Writes variants_<backend>_<date>.csv and .png into --out (default bench/results/).
+Both use T=128, B=8, 2 layers, D=64, 4 heads. Writes variants_[<tag>_]<backend>_<date>.csv and
+.png into --out (default bench/out/, untracked; `--out bench/results` for a run to commit), one
+progress line per finished run with an ETA.
 """
 
 from __future__ import annotations
@@ -34,10 +37,14 @@ import common  # noqa: E402
 from chunkattn import train  # noqa: E402
 
 KINDS = ("chunked", "linear", "delta", "caterpillar")
+# The default run (about 2 minutes) and --full (README's table); explicit options win over both.
+QUICK = dict(steps=200, seeds=[0], val_batches=8)
+FULL = dict(steps=200, seeds=[0, 1, 2], val_batches=32)
 COLUMNS = [
     "attention", "variant_config", "seed", "steps", "seq_len", "batch", "layers", "heads", "dim",
     "val_loss", "heldout_loss", "val_batches", "train_loss", "tokens_per_s_last_log",
-    "tokens_per_s_median", "load_avg_1m", "backend", "device", "cpu_count", "jax_version", "date",
+    "tokens_per_s_median", "load_avg_1m", "backend", "device", "device_model", "cpu_count",
+    "jax_version", "date",
 ]  # fmt: skip
 
 
@@ -133,51 +140,75 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
-    import matplotlib
+def kind_label(kind: str, rows: list[dict]) -> str:
+    """Legend name of an attention kind with its knobs, e.g. "Caterpillar (CH=4, CL=16)"."""
+    name = {"chunked": "softmax (chunkattn, chunked)", "linear": "linear attention"}.get(kind)
+    if name:
+        return name
+    flags = next((r["variant_config"] for r in rows if r["attention"] == kind), "").split()
+    knobs = dict(zip(flags[::2], flags[1::2], strict=False))
+    short = {"--dpfp-nu": "DPFP ν", "--caterpillar-heads": "CH", "--caterpillar-length": "CL"}
+    config = ", ".join(f"{short.get(f, f)}={x}" for f, x in knobs.items())
+    name = {"delta": "delta rule", "caterpillar": "Caterpillar"}.get(kind, kind)
+    return f"{name} ({config})" if config else name
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def plot(rows: list[dict], path: pathlib.Path):
+    """Validation curves and throughput per attention kind; returns the saved Figure."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend is set or changed
 
     kinds = list(dict.fromkeys(r["attention"] for r in rows))
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    ax0, ax1 = fig.subplots(1, 2)
     for n, kind in enumerate(kinds):
         curves = [dict(r["curve"]) for r in rows if r["attention"] == kind]
         steps = sorted(curves[0])
         mean = [statistics.fmean(c[s] for c in curves) for s in steps]
-        ax0.plot(steps, mean, color=f"C{n}", marker=".", label=kind)
+        ax0.plot(steps, mean, color=f"C{n}", marker=".", label=kind_label(kind, rows))
     ax0.set_xlabel("step")
     ax0.set_ylabel("validation loss (nats/byte)")
-    ax0.set_title(f"CLI val_loss, mean of {len(set(r['seed'] for r in rows))} seeds", fontsize=9)
+    seeds = len(set(r["seed"] for r in rows))
+    ax0.set_title(f"CLI val_loss, mean of {seeds} seed{'s' if seeds > 1 else ''}", fontsize=9)
     ax0.grid(alpha=0.3)
-    ax0.legend()
+    ax0.legend(fontsize=8)
     tps = [
         statistics.median(r["tokens_per_s_median"] for r in rows if r["attention"] == k)
         for k in kinds
     ]
     held = [statistics.fmean(r["heldout_loss"] for r in rows if r["attention"] == k) for k in kinds]
-    ax1.bar(kinds, tps, color=[f"C{n}" for n in range(len(kinds))])
+    ax1.bar(range(len(kinds)), tps, color=[f"C{n}" for n in range(len(kinds))])
+    ax1.set_xticks(range(len(kinds)))
+    ax1.set_xticklabels([kind_label(k, rows).replace(" (", "\n(") for k in kinds], fontsize=8)
     for x, (t, h) in enumerate(zip(tps, held, strict=True)):
         ax1.text(x, t, f"held-out {h:.3f}", ha="center", va="bottom", fontsize=8)
     ax1.set_ylabel("training tokens/s (median)")
+    ax1.yaxis.set_major_formatter("{x:,.0f}")
     ax1.grid(alpha=0.3, axis="y")
     r0 = rows[0]
     fig.suptitle(
         f"GPT {r0['layers']} layers, D={r0['dim']}, {r0['heads']} heads, T={r0['seq_len']}, "
-        f"B={r0['batch']}, {r0['steps']} steps; {r0['device']} ×{r0['cpu_count']}, "
+        f"B={r0['batch']}, {r0['steps']} steps; {common.device_title(r0)}, "
         f"jax {r0['jax_version']}, {r0['date']}",
         fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with --steps, --seeds and --val-batches from --full or the 2-minute default."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--attention", nargs="+", choices=KINDS, default=list(KINDS))
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help=f"README's table: {FULL['steps']} steps, seeds {FULL['seeds']}, "
+        f"{FULL['val_batches']} held-out batches (default: {QUICK['steps']} steps, seeds "
+        f"{QUICK['seeds']}, {QUICK['val_batches']} batches, about 2 minutes on 2 CPU cores)",
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--layers", type=int, default=2)
@@ -188,27 +219,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--caterpillar-length", type=int, default=16)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--val-batches", type=int, default=32, help="held-out batches scored per run")
+    p.add_argument("--val-batches", type=int, default=None, help="held-out batches scored per run")
     p.add_argument("--data", default=None, help="corpus (default: the CLI's, Python's stdlib)")
     p.add_argument("--runs", default=None, help="keep the runs here (default: a temp folder)")
-    p.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parent / "results"))
+    common.add_out_arg(p)
     p.add_argument("--tag", type=common.tag_arg, default="")
     args = p.parse_args(argv)
+    for name, value in (FULL if args.full else QUICK).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("steps", "log_every", "eval_every", "val_batches"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     _, val = train.load_corpus(args.data)
     rows = []
+    progress = common.Progress(len(args.seeds) * len(args.attention))
     with tempfile.TemporaryDirectory() as tmp:
         runs = pathlib.Path(args.runs or tmp)
         for seed in args.seeds:
             for kind in args.attention:
                 row = run_one(kind, seed, args, val, runs)
-                print(
+                progress.row(
                     f"{kind:>12} seed {seed}: held-out loss {row['heldout_loss']:.4f} "
                     f"(CLI val {row['val_loss']:.4f}), {row['tokens_per_s_median']:,} tok/s, "
-                    f"load {row['load_avg_1m']}",
-                    flush=True,
+                    f"load {row['load_avg_1m']}"
                 )
                 rows.append(row)
     out = pathlib.Path(args.out)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import os
 import pathlib
+import re
+import shutil
+import subprocess
 import sys
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
@@ -26,7 +30,123 @@ def _rows(path):
         return list(csv.DictReader(fh))
 
 
-def test_memory_vs_seqlen_writes_csv_and_plot(tmp_path):
+PROGRESS = re.compile(r"^\[\s*(\d+)/(\d+)\] (.*)  \(\d+:\d\d elapsed, ETA \d+:\d\d\)$")
+
+
+def _progress(text: str) -> list[tuple[int, int, str]]:
+    """The `[i/n] <row>  (m:ss elapsed, ETA m:ss)` lines a benchmark printed."""
+    found = [PROGRESS.match(line) for line in text.splitlines()]
+    return [(int(m[1]), int(m[2]), m[3]) for m in found if m]
+
+
+@pytest.fixture
+def default_out():
+    """A tag unique to this test run, and the files it leaves in the default folder removed."""
+    tag = f"pytest{os.getpid()}"
+    yield tag
+    for path in common.DEFAULT_OUT.glob(f"*_{tag}_*"):
+        path.unlink()
+    if common.DEFAULT_OUT.is_dir() and not any(common.DEFAULT_OUT.iterdir()):
+        common.DEFAULT_OUT.rmdir()
+
+
+def test_results_go_to_the_untracked_bench_out_by_default(capsys):
+    assert common.DEFAULT_OUT == BENCH / "out"
+    root = BENCH.parent
+    if shutil.which("git") and (root / ".git").exists():
+        probe = subprocess.run(
+            ["git", "check-ignore", "-q", "bench/out/speed_cpu_2026-01-01.csv"], cwd=root
+        )
+        assert probe.returncode == 0, "bench/out/ must be ignored by git"
+    import decode
+    import variants
+
+    for module in (speed, memory_vs_seqlen, decode, variants):
+        with pytest.raises(SystemExit):
+            module.main(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default bench/out/, untracked; --out bench/results to commit the run)" in text
+
+
+def test_progress_line_and_eta():
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        progress = common.Progress(3)
+        for name in "abc":
+            progress.row(f"row {name}")
+    assert [(i, n, t) for i, n, t in _progress(buf.getvalue())] == [
+        (1, 3, "row a"),
+        (2, 3, "row b"),
+        (3, 3, "row c"),
+    ]
+    assert buf.getvalue().splitlines()[-1].endswith("ETA 0:00)")
+
+
+def test_formats_for_humans():
+    assert common.format_tflops(0.01234) == "0.01234" and common.format_tflops(514.31) == "514.3"
+    assert common.format_tflops(0.0004321) != "0.0"
+    assert [common.format_bytes(b) for b in (2**20, 64 * 2**20, 2**30, 1.5 * 2**30)] == [
+        "1 MiB",
+        "64 MiB",
+        "1 GiB",
+        "1.5 GiB",
+    ]
+    assert common.format_bytes(96 * 2**40) == "96 TiB"
+    assert [common.format_tokens(t) for t in (512, 1024, 16384, 2**20)] == [
+        "512",
+        "1k",
+        "16k",
+        "1M",
+    ]
+    assert len(common.log2_ticks(2**25, 2**47)) <= 8
+    for impl in common.available():
+        assert common.label(impl) != impl, f"{impl} has no legend name"
+    assert common.label("chunkattn_chunked") == "chunkattn (chunked)"
+    assert common.label("dense_xla") == "dense XLA"
+    model = common.device_model()
+    if jax.default_backend() == "cpu":  # device_kind is just "cpu": the model comes from the OS
+        assert model.lower() != "cpu" and model.endswith(" cores"), model
+    else:
+        assert model == jax.devices()[0].device_kind
+
+
+def test_memory_plot_reads_at_a_glance(tmp_path):
+    """MiB/GiB ticks, human legend names, the device model in the title."""
+    env = dict(common.environment(), batch=1, heads=8, head_dim=128, dtype="float32")
+    rows = []
+    for impl, per_token in (("chunkattn_chunked", 2**12), ("dense_xla", None)):
+        for t in (1024, 4096, 16384):
+            b = per_token * t if per_token else 4 * 8 * t * t
+            rows.append(
+                dict(env, impl=impl, seq_len=t, causal=True, fwd_temp_bytes=b, fwdbwd_temp_bytes=b)
+            )
+    fig = memory_vs_seqlen.plot(rows, tmp_path / "m.png")
+    assert (tmp_path / "m.png").stat().st_size > 0
+    ax = fig.axes[0]
+    ticks = [t.get_text() for t in ax.get_yticklabels()]
+    assert ticks and all(re.fullmatch(r"[\d.,]+ (KiB|MiB|GiB|TiB)", t) for t in ticks), ticks
+    assert {"MiB", "GiB"} <= {t.split()[-1] for t in ticks}, ticks
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1k", "2k", "4k", "8k", "16k"]
+    legend = [t.get_text() for t in fig.axes[1].get_legend().get_texts()]
+    assert legend == ["chunkattn (chunked)", "dense XLA"]
+    title = fig._suptitle.get_text()
+    assert env["device_model"] in title and "cpu (cpu)" not in title
+    # --replot redraws a committed CSV's plot beside it, the values read back as numbers.
+    path = tmp_path / "memory_vs_seqlen_cpu_2026-01-01.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=memory_vs_seqlen.COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    assert common.read_rows(path)[0]["fwd_temp_bytes"] == rows[0]["fwd_temp_bytes"]
+    assert common.read_rows(path)[0]["causal"] is True
+    assert memory_vs_seqlen.main(["--replot", str(path)]) == 0
+    assert path.with_suffix(".png").stat().st_size > 0
+
+
+def test_memory_vs_seqlen_writes_csv_and_plot(tmp_path, capsys):
     assert (
         memory_vs_seqlen.main(
             [
@@ -47,6 +167,9 @@ def test_memory_vs_seqlen_writes_csv_and_plot(tmp_path):
     assert list(tmp_path.glob("memory_vs_seqlen_*.png"))
     rows = _rows(csv_path)
     assert set(REQUIRED) <= set(rows[0])
+    assert [(i, n) for i, n, _ in _progress(capsys.readouterr().out)] == [
+        (i, len(rows)) for i in range(1, len(rows) + 1)
+    ]
     impls = {r["impl"] for r in rows}
     assert {"chunkattn_chunked", "dense_xla", "jax_nn_xla", "rabe_staats"} <= impls
     temp = {(r["impl"], int(r["seq_len"])): int(r["fwdbwd_temp_bytes"]) for r in rows}
@@ -55,7 +178,7 @@ def test_memory_vs_seqlen_writes_csv_and_plot(tmp_path):
     assert temp["chunkattn_chunked", 4096] <= 2.2 * temp["chunkattn_chunked", 2048]
 
 
-def test_speed_writes_ratios(tmp_path):
+def test_speed_writes_ratios(default_out, capsys):
     assert (
         speed.main(
             [
@@ -75,19 +198,32 @@ def test_speed_writes_ratios(tmp_path):
                 "--impls",
                 "chunkattn_chunked",
                 "dense_xla",
-                "--out",
-                str(tmp_path),
+                "--tag",
+                default_out,
             ]
         )
         == 0
     )
-    (csv_path,) = tmp_path.glob("speed_*.csv")
+    # No --out: the CSV and plot land in the untracked bench/out/.
+    (csv_path,) = common.DEFAULT_OUT.glob(f"speed_{default_out}_*.csv")
+    assert list(common.DEFAULT_OUT.glob(f"speed_{default_out}_*.png"))
     rows = _rows(csv_path)
+    # One progress line per row as it finishes, counting up to the total, TFLOP/s never "0.0".
+    lines = _progress(capsys.readouterr().out)
+    assert [(i, n) for i, n, _ in lines] == [(1, 2), (2, 2)]
+    for (_, _, text), r in zip(lines, rows, strict=True):
+        assert r["impl"] in text
+        shown = [float(x) for x in re.findall(r"([\d.e+-]+) TFLOP/s", text)]
+        assert len(shown) == 2 and all(x > 0 for x in shown), text
+        assert abs(shown[0] / float(r["fwd_tflops"]) - 1) < 1e-3, (text, r["fwd_tflops"])
     assert {r["impl"] for r in rows} == {"chunkattn_chunked", "dense_xla"}
     for r in rows:
         assert r["status"] == "ok" and float(r["fwdbwd_ms"]) > 0 and float(r["fwd_tflops"]) > 0
     dense = next(r for r in rows if r["impl"] == "dense_xla")
     assert abs(float(dense["fwdbwd_vs_dense_xla"]) - 1.0) < 1e-9
+    png = csv_path.with_suffix(".png")
+    png.unlink()
+    assert speed.main(["--replot", str(csv_path)]) == 0 and png.stat().st_size > 0
 
 
 VARIANTS = ("variant_linear", "variant_delta", "variant_caterpillar")
@@ -176,15 +312,30 @@ def test_variants_training_comparison_writes_csv_and_plot(tmp_path):
     )
 
 
-def test_decode_times_every_path_and_writes_bandwidth(tmp_path):
+def test_variants_default_is_short_and_full_is_the_readme_table():
+    import variants
+
+    quick, full = variants.parse_args([]), variants.parse_args(["--full"])
+    assert (quick.steps, quick.seeds, quick.val_batches) == (200, [0], 8)
+    assert (full.steps, full.seeds, full.val_batches) == (200, [0, 1, 2], 32)
+    mixed = variants.parse_args(["--full", "--seeds", "5", "--steps", "7"])
+    assert (mixed.steps, mixed.seeds, mixed.val_batches) == (7, [5], 32)
+    readme = (BENCH.parent / "README.md").read_text()
+    assert "bench/variants.py --full" in readme and "200 steps" in readme
+
+
+def test_decode_times_every_path_and_writes_bandwidth(default_out, capsys):
     import decode
 
     argv = ["--lengths", "256", "1000", "--batch", "1", "--heads", "4", "--kv-heads", "2"]
-    argv += ["--head-dim", "16", "--reps", "2", "--out", str(tmp_path)]
+    argv += ["--head-dim", "16", "--reps", "2", "--tag", default_out]
     assert decode.main(argv) == 0
-    (csv_path,) = tmp_path.glob("decode_*.csv")
-    assert list(tmp_path.glob("decode_*.png"))
+    (csv_path,) = common.DEFAULT_OUT.glob(f"decode_{default_out}_*.csv")
+    assert list(common.DEFAULT_OUT.glob(f"decode_{default_out}_*.png"))
     rows = _rows(csv_path)
+    assert [(i, n) for i, n, _ in _progress(capsys.readouterr().out)] == [
+        (i, len(rows)) for i in range(1, len(rows) + 1)
+    ]
     assert {(r["impl"], r["cache_len"]) for r in rows} >= {
         (impl, n) for impl in ("decode", "chunked", "dense_xla") for n in ("256", "1000")
     }
