@@ -208,16 +208,22 @@ def _fdiv(a, b: int):
 META = ("q_offset", "q_len", "kv_len", "seed0", "seed1", "rel_lo", "rel_hi", "unused")
 
 
-def _meta(meta_ref):
+def _meta(st: Static, meta_ref):
     """(q_offset, q_len, kv_len, (rel_lo, rel_hi)) of this batch entry as int32 scalars.
 
     A key j is inside the causal/window bounds of row r iff rel_lo ≤ j − r ≤ rel_hi
-    (`masks.relative_bounds`: saturated, so huge windows and offsets never wrap).
+    (`masks.relative_bounds`: saturated, so huge windows and offsets never wrap). Causal alone
+    needs only rel_hi = q_offset clipped to ±REL_LIMIT, computed here (no window: no rel_lo).
     """
     m = meta_ref[...]
     idx = jnp.arange(len(META), dtype=jnp.int32)
     pick = lambda i: jnp.sum(jnp.where(idx == i, m, 0), dtype=jnp.int32)  # int32 under x64 too
-    return pick(0), pick(1), pick(2), (pick(5), pick(6))
+    off = pick(0)
+    if st.window is None:
+        bounds = (None, jnp.clip(off, -masks.REL_LIMIT, masks.REL_LIMIT))
+    else:
+        bounds = (pick(5), pick(6))
+    return off, pick(1), pick(2), bounds
 
 
 def _seed(st: Static, meta_ref):
@@ -423,7 +429,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, meta_ref, *refs, st: Static, nk: int):
     bq, bk = st.block_q, st.block_k
     q_start = pl.program_id(0) * bq
     batch, head = _grid_position(st)
-    off, q_len, kv_len, bounds = _meta(meta_ref)
+    off, q_len, kv_len, bounds = _meta(st, meta_ref)
     seed = _seed(st, meta_ref)
     q = q_ref[...]  # (bq, H)
     rows = q_start + jnp.arange(bq, dtype=jnp.int32)
@@ -471,7 +477,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs,
     bq, bk = st.block_q, st.block_k
     q_start = pl.program_id(0) * bq
     batch, head = _grid_position(st)
-    off, q_len, kv_len, bounds = _meta(meta_ref)
+    off, q_len, kv_len, bounds = _meta(st, meta_ref)
     seed = _seed(st, meta_ref)
     q, do = q_ref[...], do_ref[...]  # (bq, H), (bq, Hv)
     lse2, delta = lse_ref[...], delta_ref[...]  # (bq,) log2-domain lse (+inf: no key), D
@@ -512,7 +518,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *ref
     bq, bk = st.block_q_bwd, st.block_k_bwd
     k_start = pl.program_id(0) * bk
     batch, head = _grid_position(st)
-    off, q_len, kv_len, bounds = _meta(meta_ref)
+    off, q_len, kv_len, bounds = _meta(st, meta_ref)
     seed = _seed(st, meta_ref)
     k, v = k_ref[...], v_ref[...]  # (bk, H), (bk, Hv)
     cols = k_start + jnp.arange(bk, dtype=jnp.int32)
