@@ -7,20 +7,12 @@ It sets up its 8 host devices itself (XLA_FLAGS, JAX_PLATFORMS=cpu) unless they 
 
 from __future__ import annotations
 
-import os
-
-# 8 host CPU devices, set up before jax is imported (it reads these once, at its first use), so
-# that `.venv/bin/python tests/mesh_train_check.py` works as it stands; given flags are kept.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 import json
 import pathlib
 import sys
 import tempfile
+
+import host_devices  # noqa: F401  (8 host CPU devices, set up before jax is imported)
 
 from chunkattn import train
 

@@ -7,19 +7,10 @@ It sets up its 8 host devices itself (XLA_FLAGS, JAX_PLATFORMS=cpu) unless they 
 
 from __future__ import annotations
 
-import os
-
-# 8 host CPU devices, set up before jax is imported (it reads these once, at its first use), so
-# that `.venv/bin/python tests/parallel_check.py` works as it stands; flags already given are kept.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 import json
 import sys
 
+import host_devices  # noqa: F401  (8 host CPU devices, set up before jax is imported)
 import jax
 import jax.numpy as jnp
 import numpy as np
