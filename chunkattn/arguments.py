@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chunkattn import masks
+from chunkattn.summary import accum_dtype
 
 Array = jax.Array
 
@@ -73,8 +74,8 @@ class Arguments:
         """What a zero-size request returns: output 0 and lse −inf (no row sees a key)."""
         batch, seq_q, num_heads, _ = self.query.shape
         out = jnp.zeros((batch, seq_q, num_heads, self.value.shape[-1]), self.query.dtype)
-        lse_dtype = jnp.float64 if self.query.dtype == jnp.float64 else jnp.float32
-        return out, jnp.full((batch, num_heads, seq_q), -jnp.inf, lse_dtype)
+        lse = jnp.full((batch, num_heads, seq_q), -jnp.inf, accum_dtype(self.query.dtype))
+        return out, lse
 
     def finish(
         self, out: Array, lse: Array | None, return_lse: bool
