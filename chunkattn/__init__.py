@@ -7,7 +7,8 @@ Shape legend, used everywhere public:
 
 Start with `dot_product_attention`; `reference_attention` is the dense float32 oracle;
 `summarize` / `merge` / `ChunkSummary` are the chunk-summary primitives the core is built from;
-`decode_attention` serves a few new queries against a KV cache.
+`decode_attention` serves a few new queries against a KV cache; `varlen_attention` attends
+within packed variable-length sequences (FlashAttention's cu_seqlens API).
 """
 
 from chunkattn.api import dot_product_attention
@@ -15,6 +16,7 @@ from chunkattn.chunked import ChunkConfig
 from chunkattn.decode import DecodeConfig, decode_attention
 from chunkattn.reference import reference_attention
 from chunkattn.summary import ChunkSummary, merge, summarize
+from chunkattn.varlen import varlen_attention
 
 __version__ = "0.1.0"
 
@@ -27,4 +29,5 @@ __all__ = [
     "merge",
     "reference_attention",
     "summarize",
+    "varlen_attention",
 ]

@@ -8,7 +8,7 @@ segment ids, a user's dense mask in its own broadcast shape). From them this mod
   broadcastable to [B, N, tq, tk], or None when nothing in the block can be masked;
 - `kv_chunk_range` / `q_chunk_range`: the key chunks a query chunk can see, and the query
   chunks that can see a key chunk. Blocks outside these ranges are empty (causal, window,
-  lengths) and never computed;
+  lengths, segment ids) and never computed;
 - `slice_block` / `add_block`: a dense [b, n, t, s] mask/bias/bias-gradient's block, with size-1
   dimensions kept at size 1 (a bias of shape [1, N, 1, S] stays that size);
 - `dropout_keep`: a counter-based hash of (seed, batch, head, query row, key column), so a
@@ -177,6 +177,33 @@ def _ceil_div(a: Array, b: int) -> Array:
     return -(-a // b)
 
 
+def segment_ranges_meet(ids: Array, other_ids: Array, chunk: int) -> Array:
+    """bool [n]: which chunks of `other_ids` can hold an id equal to one in `ids`.
+
+    ids is one chunk's segment ids [B, t]; other_ids [B, n·chunk] is the other side's, cut into
+    n chunks. Chunk c can only hold an equal id if, for some batch entry, its id range
+    [min, max] meets the range of `ids`: exact for any ids (a chunk that fails the test holds
+    no equal pair), and tight for packed documents (non-decreasing ids), whose chunks that meet
+    are consecutive.
+    """
+    batch, length = other_ids.shape
+    assert length % chunk == 0, (other_ids.shape, chunk)  # padded to whole chunks by the caller
+    other = other_ids.reshape(batch, length // chunk, chunk)  # (B, n, chunk)
+    lo, hi = jnp.min(ids, axis=1), jnp.max(ids, axis=1)  # (B,)
+    meets = (jnp.min(other, axis=2) <= hi[:, None]) & (jnp.max(other, axis=2) >= lo[:, None])
+    return jnp.any(meets, axis=0)  # (n,)
+
+
+def _narrow(meets: Array, lo: Array, hi: Array) -> tuple[Array, Array]:
+    """[lo, hi) narrowed to [first, last] chunk that `meets` (empty when none does)."""
+    n = meets.shape[0]
+    first = jnp.argmax(meets).astype(jnp.int32)  # argmax of bool: the first True
+    last = n - jnp.argmax(meets[::-1]).astype(jnp.int32)  # one past the last True
+    lo = jnp.maximum(lo, first)
+    hi = jnp.where(jnp.any(meets), jnp.minimum(hi, last), lo)
+    return lo, hi
+
+
 def kv_chunk_range(
     spec: MaskSpec,
     arrays: MaskArrays,
@@ -196,6 +223,10 @@ def kv_chunk_range(
         hi = jnp.minimum(hi, _ceil_div(jnp.max(arrays.kv_lengths), tk))
     if arrays.q_lengths is not None:  # a chunk of padding queries needs no keys
         hi = jnp.where(q_start < jnp.max(arrays.q_lengths), hi, lo)
+    if arrays.q_segment_ids is not None:
+        q_ids = jax.lax.dynamic_slice_in_dim(arrays.q_segment_ids, q_start, tq, axis=1)
+        meets = segment_ranges_meet(q_ids, arrays.kv_segment_ids, tk)
+        lo, hi = _narrow(meets, lo, hi)
     hi = jnp.maximum(hi, lo)
     return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
@@ -219,6 +250,10 @@ def q_chunk_range(
         hi = jnp.minimum(hi, _ceil_div(jnp.max(arrays.q_lengths), tq))
     if arrays.kv_lengths is not None:  # a chunk of padding keys is seen by no query
         hi = jnp.where(k_start < jnp.max(arrays.kv_lengths), hi, lo)
+    if arrays.kv_segment_ids is not None:
+        kv_ids = jax.lax.dynamic_slice_in_dim(arrays.kv_segment_ids, k_start, tk, axis=1)
+        meets = segment_ranges_meet(kv_ids, arrays.q_segment_ids, tq)
+        lo, hi = _narrow(meets, lo, hi)
     hi = jnp.maximum(hi, lo)
     return lo.astype(jnp.int32), hi.astype(jnp.int32)
 
