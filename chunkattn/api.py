@@ -84,6 +84,7 @@ def _run_chunked(args: Arguments, opts: Options) -> tuple[Array, Array]:
         score_params,
         marr,
         args.dropout_seed,
+        args.sinks,
     )
     return out[:, :seq_q], lse[:, :, :seq_q]
 
@@ -124,6 +125,7 @@ def _run_xla(args: Arguments, opts: Options) -> tuple[Array, Array]:
         dropout_rate=opts.dropout_rate,
         dropout_seed=args.dropout_seed,
         broadcast_dropout=opts.broadcast_dropout,
+        sinks=args.sinks,
         precision=opts.precision,
     )
 
@@ -145,6 +147,7 @@ def _run_cudnn(args: Arguments, opts: Options, q_offset: Any, return_lse: bool) 
             ("score_fn", opts.score_fn is not None),
             ("logits_soft_cap", args.logits_soft_cap is not None),
             ("dropout", opts.dropout_rate > 0),
+            ("sinks", args.sinks is not None),
             ("config", opts.config is not None),
             (
                 f"{args.query.dtype} inputs (cuDNN takes bfloat16 or float16)",
@@ -212,6 +215,7 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     broadcast_dropout: bool = True,
+    sinks: Array | None = None,
     return_lse: bool = False,
     precision: Any = None,
     implementation: str | None = None,
@@ -242,6 +246,10 @@ def dot_product_attention(
       dropout_rate, dropout_rng, broadcast_dropout: dropout on the attention weights; the mask
         is a hash of (key, position), identical in the backward pass and for any chunking;
         with broadcast_dropout it is shared across batch and heads.
+      sinks: float [N], one learnable logit per query head (attention sinks, as in gpt-oss):
+        it joins every row's softmax denominator and carries no value, so
+        out_i = Σ_j e^(s_ij) v_j / (e^(sink) + Σ_j e^(s_ij)); differentiable. A row that may
+        attend no key then gives output 0 and lse = sink.
       return_lse: also return the log-sum-exp, float32 [B, N, T] (−inf for rows seeing no key).
       precision: passed to the matrix products; None means HIGHEST for float32 inputs (no
         TF32 on GPUs) and the backend default otherwise.
@@ -278,6 +286,7 @@ def dot_product_attention(
         logits_soft_cap=logits_soft_cap,
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
+        sinks=sinks,
     )
     batch, seq_q, num_heads, _ = args.query.shape
     check_user_functions(mask_fn, score_fn, batch, num_heads, seq_q, args.key.shape[1])

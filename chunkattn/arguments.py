@@ -51,6 +51,7 @@ class Arguments:
     segment_ids: tuple[Array, Array] | None  # int ([B, T], [B, S]): int32, or int64 under x64
     logits_soft_cap: float | None
     dropout_seed: Array | None  # uint32 [2]
+    sinks: Array | None  # float [N]: one logit per query head in every row's denominator
     batched: bool  # False when the caller passed 3-D [T, N, H] arrays
 
     def mask_arrays(self) -> masks.MaskArrays:
@@ -71,10 +72,14 @@ class Arguments:
         return min(batch, seq_q, num_heads, self.key.shape[1]) == 0
 
     def empty_result(self) -> tuple[Array, Array]:
-        """What a zero-size request returns: output 0 and lse −inf (no row sees a key)."""
+        """What a zero-size request returns: output 0 and lse −inf (no row sees a key), or
+        lse = the head's sink when sinks are given (a row with no key attends to its sink)."""
         batch, seq_q, num_heads, _ = self.query.shape
         out = jnp.zeros((batch, seq_q, num_heads, self.value.shape[-1]), self.query.dtype)
-        lse = jnp.full((batch, num_heads, seq_q), -jnp.inf, accum_dtype(self.query.dtype))
+        adt = accum_dtype(self.query.dtype)
+        lse = jnp.full((batch, num_heads, seq_q), -jnp.inf, adt)
+        if self.sinks is not None and self.key.shape[1] == 0:
+            lse = jnp.broadcast_to(self.sinks.astype(adt)[None, :, None], lse.shape)
         return out, lse
 
     def finish(
@@ -347,6 +352,7 @@ def normalize_arguments(
     logits_soft_cap: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: Any = None,
+    sinks: Any = None,
 ) -> Arguments:
     """Validate a request (ValueError naming the argument and its shape) and normalise it."""
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
@@ -426,6 +432,15 @@ def normalize_arguments(
         if dropout_rng is None:
             raise ValueError("dropout_rate > 0 needs dropout_rng (a jax.random key), got None")
         seed = jax.random.bits(dropout_rng, (2,), jnp.uint32)
+    if sinks is not None:
+        sinks = jnp.asarray(sinks)
+        if sinks.shape != (num_heads,) or not jnp.issubdtype(sinks.dtype, jnp.floating):
+            raise ValueError(
+                f"sinks must be a float array of shape [N]=({num_heads},), one logit per query "
+                f"head, got dtype {sinks.dtype} and sinks.shape={sinks.shape}"
+            )
+        if _is_concrete(sinks) and np.isnan(np.asarray(sinks, np.float32)).any():
+            raise ValueError(f"sinks must not be NaN, got {sinks!r}")
     offset = _per_batch_ints("q_offset", q_offset, batch, batched, allow_scalar=True)
     if _is_concrete(q_offset) and np.size(q_offset) and seq_q:
         _check_int_range("q_offset", q_offset, INT32_MIN, INT32_MAX - (seq_q - 1))
@@ -452,6 +467,7 @@ def normalize_arguments(
         else normalize_segment_ids(segment_ids, batch, seq_q, seq_k, batched),
         logits_soft_cap=logits_soft_cap,
         dropout_seed=seed,
+        sinks=sinks,
         batched=batched,
     )
 
@@ -470,6 +486,7 @@ jax.tree_util.register_dataclass(
         "key_value_seq_lengths",
         "segment_ids",
         "dropout_seed",
+        "sinks",
     ],
     meta_fields=["scale", "local_window_size", "logits_soft_cap", "batched"],
 )

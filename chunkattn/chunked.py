@@ -25,7 +25,14 @@ import jax
 import jax.numpy as jnp
 
 from chunkattn import masks
-from chunkattn.summary import ChunkSummary, accum_dtype, chunk_scores, merge, summarize_scores
+from chunkattn.summary import (
+    ChunkSummary,
+    accum_dtype,
+    chunk_scores,
+    merge,
+    sink_summary,
+    summarize_scores,
+)
 
 Array = jax.Array
 
@@ -191,8 +198,12 @@ def _forward(
     score_params: tuple[Array, ...],
     marr: masks.MaskArrays,
     seed: Array | None,
+    sinks: Array | None = None,
 ) -> tuple[Array, Array]:
-    """Output [B, Tp, N, Hv] (input dtype) and lse f32 [B, N, Tp] on padded inputs."""
+    """Output [B, Tp, N, Hv] (input dtype) and lse f32 [B, N, Tp] on padded inputs.
+
+    `sinks` [N]: each row's loop starts from its head's sink summary (`sink_summary`).
+    """
     batch, seq_q, num_heads, _ = q.shape
     seq_k, head_dim_v = k.shape[1], v.shape[-1]
     tq, tk = st.tq, st.tk
@@ -222,9 +233,10 @@ def _forward(
             part = summarize_scores(s, vc, keep=keep, keep_scale=keep_scale, precision=st.precision)
             return merge(acc, part)
 
-        acc = _masked_then_full(
-            lo, hi, full, kv_step, ChunkSummary.empty(batch, num_heads, tq, head_dim_v, adt)
-        )
+        init = ChunkSummary.empty(batch, num_heads, tq, head_dim_v, adt)
+        if sinks is not None:
+            init = sink_summary(sinks, batch, tq, head_dim_v, adt)
+        acc = _masked_then_full(lo, hi, full, kv_step, init)
         out = jax.lax.dynamic_update_slice_in_dim(out, acc.output(out.dtype), q_start, axis=1)
         lse = jax.lax.dynamic_update_slice_in_dim(lse, acc.lse(), q_start, axis=2)
         return out, lse
@@ -369,6 +381,20 @@ def _backward(
     return dq.astype(q.dtype), dk, dv, dbias, dparams
 
 
+def sink_gradient(sinks: Array, out: Array, lse: Array, dout: Array, dlse: Array) -> Array:
+    """d loss / d sinks from the residuals: −Σ_{b,i} P_sink·D_i, P_sink = exp(sink − lse).
+
+    out/dout [B, T, N, Hv], lse/dlse [B, N, T] (lse includes the sinks; a row whose lse is
+    not finite, or a residual standing for "no key", contributes nothing); D = rowsum(dO ∘ O)
+    − dlse, as in the backward of the keys.
+    """
+    adt = accum_dtype(out.dtype)
+    delta = jnp.einsum("btnh,btnh->bnt", dout.astype(adt), out.astype(adt)) - dlse.astype(adt)
+    p_sink = jnp.exp(sinks.astype(adt)[None, :, None] - lse.astype(adt))
+    p_sink = jnp.where(jnp.isfinite(p_sink), p_sink, 0.0)
+    return (-jnp.sum(p_sink * delta, axis=(0, 2))).astype(sinks.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def attention(
     st: Static,
@@ -379,29 +405,33 @@ def attention(
     score_params: tuple[Array, ...],
     marr: masks.MaskArrays,
     seed: Array | None,
+    sinks: Array | None = None,
 ) -> tuple[Array, Array]:
     """Chunked attention on padded 4-D inputs: (out [B, Tp, N, Hv], lse f32 [B, N, Tp]).
 
     `score_params` are the float arrays `st.score_fn` closes over, made explicit
-    (`jax.closure_convert`) so that they get gradients too.
+    (`jax.closure_convert`) so that they get gradients too. `sinks` [N] (or None) join every
+    row's denominator; their gradient is `sink_gradient`.
     """
-    return _forward(st, q, k, v, bias, score_params, marr, seed)
+    return _forward(st, q, k, v, bias, score_params, marr, seed, sinks)
 
 
-def _attention_fwd(st, q, k, v, bias, score_params, marr, seed):
-    out, lse = _forward(st, q, k, v, bias, score_params, marr, seed)
+def _attention_fwd(st, q, k, v, bias, score_params, marr, seed, sinks):
+    out, lse = _forward(st, q, k, v, bias, score_params, marr, seed, sinks)
     # Residuals are outputs of the forward program: keep them finite (a row that sees no key,
     # padding rows included, has s = −inf on every key, so any finite lse gives P = 0).
     lse_res = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    return (out, lse), (q, k, v, bias, score_params, marr, seed, out, lse_res)
+    return (out, lse), (q, k, v, bias, score_params, marr, seed, out, lse_res, sinks)
 
 
 def _attention_bwd(st, res, cotangents):
+    *res, sinks = res
     q, k, v, bias, score_params, marr, seed, out, lse = res
     dout, dlse = cotangents
-    dq, dk, dv, dbias, dparams = _first_order_backward(st, res, dout, dlse)
+    dq, dk, dv, dbias, dparams = _first_order_backward(st, tuple(res), dout, dlse)
+    dsinks = None if sinks is None else sink_gradient(sinks, out, lse, dout, dlse)
     no_grad = jax.tree_util.tree_map(lambda _: None, (marr, seed))
-    return (dq, dk, dv, dbias, dparams, *no_grad)
+    return (dq, dk, dv, dbias, dparams, *no_grad, dsinks)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))

@@ -31,7 +31,14 @@ from jax.experimental import checkify
 
 from chunkattn import masks
 from chunkattn.arguments import normalize_arguments, resolve_precision
-from chunkattn.summary import ChunkSummary, accum_dtype, merge, merge_stacked, summarize
+from chunkattn.summary import (
+    ChunkSummary,
+    accum_dtype,
+    merge,
+    merge_stacked,
+    sink_summary,
+    summarize,
+)
 
 Array = jax.Array
 
@@ -109,6 +116,7 @@ def decode_attention(
     local_window_size: int | tuple[int, int] | None = None,
     scale: float | None = None,
     logits_soft_cap: float | None = None,
+    sinks: Array | None = None,
     return_lse: bool = False,
     precision: Any = None,
     config: DecodeConfig | None = None,
@@ -127,7 +135,8 @@ def decode_attention(
         whose length is outside [0, L] come back NaN (never a silently wrong number).
       q_offset: int or [B], sequence position of query row 0; default `cache_lengths − T`
         (the queries are the last T filled positions).
-      is_causal, local_window_size, scale, logits_soft_cap: as `dot_product_attention`.
+      is_causal, local_window_size, scale, logits_soft_cap, sinks: as `dot_product_attention`
+        (a sink [N] joins every row's denominator; a row that sees no key gives 0).
       return_lse: also return the log-sum-exp [B, N, T] (to merge with attention elsewhere).
       precision: of the matrix products; None means HIGHEST for float32 inputs (no TF32).
       config: a `DecodeConfig` (chunk size and splits).
@@ -176,6 +185,7 @@ def decode_attention(
         q_offset=q_offset,
         key_value_seq_lengths=lengths,
         logits_soft_cap=logits_soft_cap,
+        sinks=sinks,
     )
     num_heads = args.query.shape[2]
     precision = resolve_precision(precision, args.query.dtype)
@@ -186,6 +196,7 @@ def decode_attention(
         args.key,
         args.value,
         args.mask_arrays(),
+        args.sinks,
         spec,
         args.scale,
         args.logits_soft_cap,
@@ -200,12 +211,12 @@ def decode_attention(
     return (out, lse) if return_lse else out
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=tuple(range(4, 10)))
-def _decode(q, k, v, arrays, spec, scale, soft_cap, chunk, splits, precision):
-    return _decode_impl(q, k, v, arrays, spec, scale, soft_cap, chunk, splits, precision)
+@functools.partial(jax.custom_vjp, nondiff_argnums=tuple(range(5, 11)))
+def _decode(q, k, v, arrays, sinks, spec, scale, soft_cap, chunk, splits, precision):
+    return _decode_impl(q, k, v, arrays, sinks, spec, scale, soft_cap, chunk, splits, precision)
 
 
-def _decode_impl(q, k, v, arrays, spec, scale, soft_cap, chunk, splits, precision):
+def _decode_impl(q, k, v, arrays, sinks, spec, scale, soft_cap, chunk, splits, precision):
     batch, seq_q, num_heads, _ = q.shape
     cache_len, head_dim_v = k.shape[1], v.shape[-1]
     wave = chunk * splits  # ≤ cache_len (DecodeConfig.resolve)
@@ -250,13 +261,16 @@ def _decode_impl(q, k, v, arrays, spec, scale, soft_cap, chunk, splits, precisio
         return merge(acc, merge_stacked(per_chunk))
 
     waves = -(-(hi - lo) // splits)
-    empty = ChunkSummary.empty(batch, num_heads, seq_q, head_dim_v, accum_dtype(q.dtype))
-    acc = jax.lax.fori_loop(0, waves, body, empty)
+    adt = accum_dtype(q.dtype)
+    init = ChunkSummary.empty(batch, num_heads, seq_q, head_dim_v, adt)
+    if sinks is not None:  # the sink's summary, merged once per row
+        init = sink_summary(sinks, batch, seq_q, head_dim_v, adt)
+    acc = jax.lax.fori_loop(0, waves, body, init)
     return acc.output(q.dtype), acc.lse()
 
 
-def _decode_fwd(q, k, v, arrays, spec, scale, soft_cap, chunk, splits, precision):
-    out = _decode_impl(q, k, v, arrays, spec, scale, soft_cap, chunk, splits, precision)
+def _decode_fwd(q, k, v, arrays, sinks, spec, scale, soft_cap, chunk, splits, precision):
+    out = _decode_impl(q, k, v, arrays, sinks, spec, scale, soft_cap, chunk, splits, precision)
     return out, None
 
 

@@ -91,9 +91,13 @@ def dense_attention(
     dropout_rate: float = 0.0,
     dropout_seed: Array | None = None,
     broadcast_dropout: bool = True,
+    sinks: Array | None = None,
     precision: Any = None,
 ) -> tuple[Array, Array]:
-    """Dense attention on normalised 4-D inputs; returns (out [B,T,N,Hv], lse f32 [B,N,T])."""
+    """Dense attention on normalised 4-D inputs; returns (out [B,T,N,Hv], lse f32 [B,N,T]).
+
+    `sinks` [N] is a column appended to every row's scores that carries no value (gpt-oss).
+    """
     batch, seq_q, num_heads, head_dim = query.shape
     _, seq_k, num_kv_heads, _ = key.shape
     groups = num_heads // num_kv_heads
@@ -135,11 +139,18 @@ def dense_attention(
     # weights are selected to 0 (no −inf is stored, so autodiff sees no inf − inf). A finite
     # bias, however negative, gives the softmax; a row with no allowed key (or only −inf
     # scores) gives output 0 and lse −inf, with zero gradient.
+    # A sink is one more column of every row: its score is the head's sink, its value 0.
     neg = jnp.finfo(acc).min
     m = jnp.maximum(jnp.max(jnp.where(allowed, s, neg), axis=-1, keepdims=True), neg)
+    sink = None
+    if sinks is not None:
+        sink = jnp.broadcast_to(sinks.astype(acc)[None, :, None, None], m.shape)
+        m = jnp.maximum(m, sink)
     m = jax.lax.stop_gradient(m)  # finite even when every allowed score is −inf
     w = jnp.where(allowed, jnp.exp(jnp.where(allowed, s - m, 0.0)), 0.0)
     denom = jnp.sum(w, axis=-1, keepdims=True)
+    if sink is not None:
+        denom = denom + jnp.exp(sink - m)
     seen = denom[..., 0] > 0
     lse = jnp.where(seen, m[..., 0] + jnp.log(jnp.where(seen, denom[..., 0], 1.0)), -jnp.inf)
     p = w / jnp.where(denom > 0, denom, 1.0)  # (B, N, T, S); all-zero rows for masked rows
@@ -177,6 +188,7 @@ def reference_attention(
     dropout_rate: float = 0.0,
     dropout_rng: Array | None = None,
     broadcast_dropout: bool = True,
+    sinks: Array | None = None,
     return_lse: bool = False,
     precision: Any = None,
     implementation: str | None = None,
@@ -208,6 +220,7 @@ def reference_attention(
         logits_soft_cap=logits_soft_cap,
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
+        sinks=sinks,
     )
     dtype = jnp.float64 if query.dtype == jnp.float64 else jnp.float32
     out, lse = dense_attention(
@@ -229,6 +242,7 @@ def reference_attention(
         dropout_rate=dropout_rate,
         dropout_seed=args.dropout_seed,
         broadcast_dropout=broadcast_dropout,
+        sinks=None if args.sinks is None else args.sinks.astype(dtype),
         precision=jax.lax.Precision.HIGHEST if precision is None else precision,
     )
     return args.finish(out, lse, return_lse)

@@ -63,6 +63,24 @@ def accum_dtype(dtype: Any) -> Any:
     return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
+def sink_summary(
+    sinks: Array, batch: int, tq: int, head_dim_v: int, dtype: Any = jnp.float32
+) -> ChunkSummary:
+    """The summary of a sink (DESIGN §3): max_score = sink_h, exp_weights = 1, exp_values = 0.
+
+    Merged into a row's summary once, it joins the softmax denominator and carries no value;
+    a row that sees no key then gives output 0 and lse = sink_h. Unlike a chunk's max_score, this
+    one is the sink's value itself, so it is not stop-gradient: lse depends on it.
+    """
+    num_heads = sinks.shape[0]
+    m = jnp.broadcast_to(sinks.astype(dtype)[None, :, None], (batch, num_heads, tq))
+    return ChunkSummary(
+        jnp.zeros((batch, num_heads, tq, head_dim_v), dtype),
+        jnp.where(m > -jnp.inf, 1.0, 0.0).astype(dtype),
+        m,
+    )
+
+
 def _finite_or_zero(m: Array) -> Array:
     return jnp.where(jnp.isfinite(m), m, 0.0)
 

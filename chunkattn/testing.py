@@ -97,16 +97,18 @@ def assert_matches_reference(
     """Check fn(q, k, v, bias, **kwargs) against `reference_attention` (forward, lse, gradients).
 
     Gradients are of a fixed random projection of the output (and of the lse where finite),
-    with respect to query, key, value and bias. Raises AssertionError naming the worst output.
+    with respect to query, key, value, bias and sinks (when given). Raises AssertionError naming
+    the worst output.
     """
     dtype = query.dtype
-    ref_args = _upcast((query, key, value, bias))
+    sinks = kwargs.pop("sinks", None)
+    ref_args = _upcast((query, key, value, bias, sinks))
 
     # Whole computations under jit: one compile each instead of op-by-op dispatch.
     def forward(f):
-        return jax.jit(lambda q, k, v, b: f(q, k, v, b, return_lse=True, **kwargs))
+        return jax.jit(lambda q, k, v, b, s: f(q, k, v, b, sinks=s, return_lse=True, **kwargs))
 
-    out, lse = forward(fn)(query, key, value, bias)
+    out, lse = forward(fn)(query, key, value, bias, sinks)
     ref_out, ref_lse = forward(reference_attention)(*ref_args)
     assert out.dtype == dtype, f"output dtype {out.dtype} != input dtype {dtype}"
     assert out.shape == ref_out.shape, f"output shape {out.shape} != {ref_out.shape}"
@@ -119,17 +121,20 @@ def assert_matches_reference(
         proj = jax.random.normal(jax.random.PRNGKey(17), out.shape, jnp.float32)
         lse_proj = jax.random.normal(jax.random.PRNGKey(18), lse.shape, jnp.float32)
 
-        def loss(f, q, k, v, b):
-            o, l = f(q, k, v, b, return_lse=True, **kwargs)
+        def loss(f, q, k, v, b, s):
+            o, l = f(q, k, v, b, sinks=s, return_lse=True, **kwargs)
             l = jnp.where(jnp.isfinite(l), l, 0.0)
             return jnp.sum(o.astype(jnp.float32) * proj) + 0.1 * jnp.sum(l * lse_proj)
 
-        argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-        got = jax.jit(jax.grad(lambda *a: loss(fn, *a), argnums=argnums))(query, key, value, bias)
+        names = [n for n, x in (("dbias", bias), ("dsinks", sinks)) if x is not None]
+        argnums = (0, 1, 2) + tuple(3 + ("dbias", "dsinks").index(n) for n in names)
+        got = jax.jit(jax.grad(lambda *a: loss(fn, *a), argnums=argnums))(
+            query, key, value, bias, sinks
+        )
         want = jax.jit(jax.grad(lambda *a: loss(reference_attention, *a), argnums=argnums))(
             *ref_args
         )
-        for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want, strict=False):
+        for name, g, w in zip(("dq", "dk", "dv", *names), got, want, strict=True):
             assert g.shape == w.shape, f"{name} shape {g.shape} != {w.shape}"
             errors[name] = relative_error(g, w)
     bad = {n: e for n, e in errors.items() if not e <= (tol if n in ("out", "lse") else tol_g)}

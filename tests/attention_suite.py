@@ -175,6 +175,41 @@ class AttentionSuite:
             assert np.all(np.asarray(g)[1] == 0), "a fully masked batch entry has zero gradient"
         self.check(q, k, v, **kwargs)
 
+    @pytest.mark.parametrize("name", list(mask_cases(19, 41)))
+    def test_sinks_with_every_mask_kind(self, name):
+        T, S = self.mask_shapes[0]
+        kwargs = dict(mask_cases(T, S)[name])
+        bias = kwargs.pop("bias", None)
+        q, k, v = testing.random_qkv(
+            _key(31), seq_q=T, seq_k=S, num_heads=N, num_kv_heads=K, head_dim=H
+        )
+        sinks = jnp.array([0.5, -2.0, 4.0, 0.0])  # one head's sink outweighs its keys
+        self.check(q, k, v, bias, sinks=sinks, **kwargs)
+
+    def test_sinks_on_fully_masked_rows(self):
+        q, k, v = testing.random_qkv(
+            _key(32), seq_q=21, seq_k=30, num_heads=N, num_kv_heads=K, head_dim=H
+        )
+        sinks = jnp.array([1.0, -3.0, 0.0, 2.5])
+        kwargs = dict(
+            query_seq_lengths=jnp.array([21, 9]),
+            key_value_seq_lengths=jnp.array([30, 0]),
+            sinks=sinks,
+        )
+        out, lse = self.attention(q, k, v, return_lse=True, **kwargs)
+        out, lse = np.asarray(out), np.asarray(lse)
+        # A row that sees no key attends only to its sink: output 0, lse = sink.
+        assert np.all(out[1] == 0) and np.all(out[0, 9:] == out[0, 9:]) and np.isfinite(out).all()
+        np.testing.assert_allclose(lse[1], np.broadcast_to(np.asarray(sinks)[:, None], (N, 21)))
+        grads = jax.grad(
+            lambda q, k, v, s: jnp.sum(self.attention(q, k, v, **{**kwargs, "sinks": s}) ** 2),
+            argnums=(0, 1, 2, 3),
+        )(q, k, v, sinks)
+        for g in grads:
+            assert np.all(np.isfinite(np.asarray(g))), "NaN/inf gradient"
+        assert np.all(np.asarray(grads[0])[1] == 0), "a row attending only to its sink: dq = 0"
+        self.check(q, k, v, **kwargs)
+
     def test_large_logits_f16(self):
         q, k, v = testing.random_qkv(
             _key(12), seq_q=20, seq_k=20, num_heads=2, head_dim=16, dtype=jnp.float16

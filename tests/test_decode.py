@@ -65,6 +65,56 @@ def test_matches_reference(seq_q, mask, config):
     np.testing.assert_allclose(lse, want_lse, atol=1e-5)
 
 
+@pytest.mark.parametrize("config", [None, DecodeConfig(64, 3)], ids=["default", "64x3"])
+def test_sinks_match_reference(config):
+    q, k, v = _inputs(2)
+    sinks = jnp.array([0.0, 3.0, -2.0, 1.0])
+    lengths = jnp.array([0, 517, 1000])  # an empty cache: its rows attend only to the sink
+    out, lse = decode_attention(q, k, v, lengths, sinks=sinks, config=config, return_lse=True)
+    want, want_lse = chunkattn.reference_attention(
+        q,
+        k,
+        v,
+        q_offset=lengths - 2,
+        key_value_seq_lengths=lengths,
+        is_causal=True,
+        sinks=sinks,
+        return_lse=True,
+    )
+    assert testing.relative_error(out, want) <= testing.tolerance(q.dtype)
+    np.testing.assert_allclose(lse, want_lse, atol=1e-5)
+    assert np.all(np.asarray(out[0]) == 0)
+    np.testing.assert_allclose(lse[0], np.broadcast_to(np.asarray(sinks)[:, None], (N, 2)))
+
+
+def test_mla_absorbed_shapes():
+    """MLA decoding with absorbed projections: q/k head dim 576, v 512, one kv head."""
+    q, k, v = testing.random_qkv(
+        jax.random.PRNGKey(3),
+        batch=2,
+        seq_q=1,
+        seq_k=300,
+        num_heads=8,
+        num_kv_heads=1,
+        head_dim=576,
+        head_dim_v=512,
+        dtype=jnp.bfloat16,
+    )
+    lengths = jnp.array([300, 41])
+    out = decode_attention(q, k, v, lengths, scale=192**-0.5, config=DecodeConfig(64, 2))
+    want = chunkattn.reference_attention(
+        q,
+        k,
+        v,
+        scale=192**-0.5,
+        q_offset=lengths - 1,
+        key_value_seq_lengths=lengths,
+        is_causal=True,
+    )
+    chex.assert_shape(out, (2, 1, 8, 512))
+    assert testing.relative_error(out, want) <= testing.tolerance(q.dtype)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision(dtype):
     q, k, v = _inputs(1, dtype)

@@ -194,6 +194,8 @@ _CUDA_FEATURES = {
     "dense_mask": dict(mask=jnp.ones((2, 1, _T, _T), bool)),
     "bias": dict(bias=jnp.zeros((1, 4, 1, _T))),
     "bias_2d": dict(bias=jnp.zeros((2, 4, _T, _T)), logits_soft_cap=20.0),
+    "sinks": dict(sinks=jnp.zeros(4), is_causal=True),
+    "sinks_score_fn": dict(sinks=jnp.ones(4), score_fn=lambda s, b, h, i, j: s * 0.5),
     "atomic": dict(is_causal=True, config=PallasConfig(backward="atomic")),
 }
 
@@ -229,11 +231,20 @@ def test_every_feature_lowers_to_triton_for_cuda(feature, backward, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-@pytest.mark.parametrize("head_dim", [64, 72, 96, 128, 256])
-def test_head_dims_and_dtypes_lower_for_cuda(head_dim, dtype, monkeypatch):
+@pytest.mark.parametrize(
+    "head_dim,head_dim_v", [(32, 32), (64, 64), (72, 72), (128, 128), (192, 128), (256, 256)]
+)
+def test_head_dims_and_dtypes_lower_for_cuda(head_dim, head_dim_v, dtype, monkeypatch):
+    """Head dims 32–256, MLA's 192/128 among them; a dim that is not a power of two is
+    masked inside the kernels, so the arrays handed to them keep the user's head dims."""
     monkeypatch.delenv("CHUNKATTN_PALLAS_INTERPRET", raising=False)
     q, k, v = testing.random_qkv(
-        jax.random.PRNGKey(0), seq_q=_T, seq_k=_T, head_dim=head_dim, dtype=dtype
+        jax.random.PRNGKey(0),
+        seq_q=_T,
+        seq_k=_T,
+        head_dim=head_dim,
+        head_dim_v=head_dim_v,
+        dtype=dtype,
     )
 
     def loss(q, k, v):
@@ -266,3 +277,47 @@ def test_dense_tiles_halve_the_default_key_block():
     assert tiles["block_q"] == plain["block_q"] and tiles["block_k_bwd"] == plain["block_k_bwd"]
     mine = pa._heuristic(128, jnp.bfloat16, 4096, 4096, PallasConfig(block_k=128), True)
     assert mine["block_k"] == 128
+
+
+def _pallas_operand_shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Shapes of every pallas_call's operands in a jaxpr (sub-jaxprs included)."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if str(eqn.primitive) == "pallas_call":
+            shapes += [tuple(v.aval.shape) for v in eqn.invars]
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    shapes += _pallas_operand_shapes(inner)
+    return shapes
+
+
+def test_head_dims_are_not_padded_in_memory():
+    """MLA's 192/128 head dims reach the kernels as they are: the padding to 256/128-wide
+    blocks is masked loads and stores inside the kernels, not padded copies of q, k, v."""
+    q, k, v = testing.random_qkv(
+        jax.random.PRNGKey(0), seq_q=32, seq_k=32, head_dim=192, head_dim_v=128
+    )
+
+    def loss(q, k, v):
+        out = chunkattn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="pallas", config=TestPallasInterpret.config
+        )
+        return jnp.sum(out)
+
+    shapes = _pallas_operand_shapes(
+        jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
+    )
+    head_dims = {s[-1] for s in shapes if len(s) == 4}
+    assert head_dims == {192, 128}, head_dims
+    testing.assert_matches_reference(
+        lambda *a, **kw: chunkattn.dot_product_attention(
+            *a, implementation="pallas", config=TestPallasInterpret.config, **kw
+        ),
+        q,
+        k,
+        v,
+        is_causal=True,
+        sinks=jnp.array([0.0, 1.0, -1.0, 2.0]),
+    )

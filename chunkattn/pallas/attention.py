@@ -114,6 +114,7 @@ class Static(NamedTuple):
     score_fn: Callable[..., Array] | None  # (score, batch, head, q_pos, k_pos) -> score
     bias_dims: Dims | None  # a dense bias, read block by block
     mask_dims: Dims | None  # a dense mask (as int8), read block by block
+    has_sinks: bool  # a per-head sink logit starts each row's running max and sum (forward)
     dropout_rate: float  # 0: no dropout
     broadcast_dropout: bool
     bias_grad: chunked.Static | None  # the chunked backward that computes the bias gradient
@@ -126,6 +127,7 @@ class Static(NamedTuple):
     num_warps_bwd: int
     num_stages_bwd: int
     groups: int  # query heads per kv head
+    head_dims: tuple[int, int]  # (H, Hv) of the arrays; blocks are `block_width` wide
     atomic_dq: bool  # PallasConfig.backward == "atomic"
     precision: Any
     interpret: bool
@@ -192,7 +194,34 @@ def _heuristic(
     )
 
 
+def block_width(head_dim: int) -> int:
+    """A head dim's block width in the kernels: the next power of two, at least 16.
+
+    The arrays keep their own head dims (no padded copy in HBM): a kernel loads a block with
+    the columns past the head dim masked to 0 and stores only the head dim's columns.
+    """
+    return max(16, pl.next_power_of_2(head_dim))
+
+
 # ----------------------------------------------------------------------------- in-kernel helpers
+
+
+def _load(ref, dim: int, rows=None):
+    """ref[rows, :] with the columns at or past `dim` (block padding) read as 0."""
+    view = ref if rows is None else ref.at[rows, :]
+    width = view.shape[-1]
+    if width == dim:
+        return view[...]
+    return plgpu.load(view, mask=(jnp.arange(width) < dim)[None, :], other=0)
+
+
+def _store(ref, value, dim: int):
+    """ref[...] = value, writing only the columns below `dim` (the array's head dim)."""
+    width = ref.shape[-1]
+    if width == dim:
+        ref[...] = value
+    else:
+        plgpu.store(ref, value, mask=(jnp.arange(width) < dim)[None, :])
 
 
 def _cdiv(a, b: int):
@@ -262,12 +291,19 @@ class _Refs(NamedTuple):
     segk: Any
     bias: Any
     mask: Any
+    sinks: Any  # the forward kernel's only: (16,) copies of this head's sink
 
 
-def _split_refs(st: Static, refs) -> tuple[_Refs, list]:
+def _split_refs(st: Static, refs, forward: bool = False) -> tuple[_Refs, list]:
     """(optional inputs, outputs) from a kernel's trailing refs, in `_extra_inputs` order."""
     refs = list(refs)
-    has = (st.has_segments, st.has_segments, st.bias_dims is not None, st.mask_dims is not None)
+    has = (
+        st.has_segments,
+        st.has_segments,
+        st.bias_dims is not None,
+        st.mask_dims is not None,
+        forward and st.has_sinks,
+    )
     return _Refs(*(refs.pop(0) if h else None for h in has)), refs
 
 
@@ -425,13 +461,14 @@ def _three_phase(lo, flo, fhi, hi, body, carry):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, meta_ref, *refs, st: Static, nk: int):
-    ops, (o_ref, lse_ref) = _split_refs(st, refs)
+    ops, (o_ref, lse_ref) = _split_refs(st, refs, forward=True)
     bq, bk = st.block_q, st.block_k
     q_start = pl.program_id(0) * bq
     batch, head = _grid_position(st)
     off, q_len, kv_len, bounds = _meta(st, meta_ref)
     seed = _seed(st, meta_ref)
-    q = q_ref[...]  # (bq, H)
+    hd, hdv = st.head_dims
+    q = _load(q_ref, hd)  # (bq, H)
     rows = q_start + jnp.arange(bq, dtype=jnp.int32)
     qpos = rows + off
     segq = ops.segq[pl.ds(q_start, bq)] if st.has_segments else None
@@ -440,7 +477,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, meta_ref, *refs, st: Static, nk: int):
         acc, m, l = carry
         k_start = j * bk
         ks = pl.ds(k_start, bk)
-        k, v = k_ref[ks, :], v_ref[ks, :]  # (bk, H), (bk, Hv)
+        k, v = _load(k_ref, hd, ks), _load(v_ref, hdv, ks)  # (bk, H), (bk, Hv)
         pos = _Pos(batch, head, qpos, k_start + jnp.arange(bk, dtype=jnp.int32))
         raw = plgpu.dot(q, k, trans_b=True, precision=st.precision)  # (bq, bk)
         _, s = _block_scores(st, raw, pos, _dense(ops.bias, st.bias_dims, None, ks))
@@ -459,15 +496,17 @@ def _fwd_kernel(q_ref, k_ref, v_ref, meta_ref, *refs, st: Static, nk: int):
         return acc, m_new, l
 
     lo, flo, fhi, hi = _kv_ranges(st, q_start, bq, bk, nk, bounds, q_len, kv_len)
-    init = (
-        jnp.zeros((bq, o_ref.shape[-1]), jnp.float32),
-        jnp.full((bq,), -jnp.inf, jnp.float32),
-        jnp.zeros((bq,), jnp.float32),
-    )
+    m0 = jnp.full((bq,), -jnp.inf, jnp.float32)
+    l0 = jnp.zeros((bq,), jnp.float32)
+    if st.has_sinks:  # the sink is one more score with no value: max = sink, sum = 1
+        sink = jnp.max(ops.sinks[...]) * (LOG2E if st.log2_domain else 1.0)
+        m0 = jnp.full((bq,), sink, jnp.float32)
+        l0 = jnp.where(m0 > -jnp.inf, 1.0, 0.0)
+    init = (jnp.zeros((bq, o_ref.shape[-1]), jnp.float32), m0, l0)
     acc, m, l = _three_phase(lo, flo, fhi, hi, body, init)
-    valid = (l > 0) & (rows < q_len)  # saw at least one key (a finite bias keeps l ≥ 1)
+    valid = (l > 0) & (rows < q_len)  # saw a key or a sink (a finite bias keeps l ≥ 1)
     safe_l = jnp.where(valid, l, 1.0)
-    o_ref[...] = jnp.where(valid[:, None], acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
+    _store(o_ref, jnp.where(valid[:, None], acc / safe_l[:, None], 0.0).astype(o_ref.dtype), hdv)
     lse = m * LN2 + jnp.log(safe_l) if st.log2_domain else m + jnp.log(safe_l)
     lse_ref[...] = jnp.where(valid, lse, -jnp.inf)
 
@@ -479,7 +518,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs,
     batch, head = _grid_position(st)
     off, q_len, kv_len, bounds = _meta(st, meta_ref)
     seed = _seed(st, meta_ref)
-    q, do = q_ref[...], do_ref[...]  # (bq, H), (bq, Hv)
+    hd, hdv = st.head_dims
+    q, do = _load(q_ref, hd), _load(do_ref, hdv)  # (bq, H), (bq, Hv)
     lse2, delta = lse_ref[...], delta_ref[...]  # (bq,) log2-domain lse (+inf: no key), D
     rows = q_start + jnp.arange(bq, dtype=jnp.int32)
     qpos = rows + off
@@ -488,7 +528,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs,
     def body(j, dq, masked):
         k_start = j * bk
         ks = pl.ds(k_start, bk)
-        k, v = k_ref[ks, :], v_ref[ks, :]
+        k, v = _load(k_ref, hd, ks), _load(v_ref, hdv, ks)
         pos = _Pos(batch, head, qpos, k_start + jnp.arange(bk, dtype=jnp.int32))
         raw = plgpu.dot(q, k, trans_b=True, precision=st.precision)
         biased, s = _block_scores(st, raw, pos, _dense(ops.bias, st.bias_dims, None, ks))
@@ -505,7 +545,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs,
 
     lo, flo, fhi, hi = _kv_ranges(st, q_start, bq, bk, nk, bounds, q_len, kv_len)
     dq = _three_phase(lo, flo, fhi, hi, body, jnp.zeros((bq, q_ref.shape[-1]), jnp.float32))
-    dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
+    _store(dq_ref, (dq * st.scale).astype(dq_ref.dtype), hd)
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs, st, nq):
@@ -520,7 +560,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *ref
     batch, head = _grid_position(st)
     off, q_len, kv_len, bounds = _meta(st, meta_ref)
     seed = _seed(st, meta_ref)
-    k, v = k_ref[...], v_ref[...]  # (bk, H), (bk, Hv)
+    hd, hdv = st.head_dims
+    k, v = _load(k_ref, hd), _load(v_ref, hdv)  # (bk, H), (bk, Hv)
     cols = k_start + jnp.arange(bk, dtype=jnp.int32)
     segk = ops.segk[pl.ds(k_start, bk)] if st.has_segments else None
 
@@ -528,7 +569,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *ref
         dk, dv = carry
         q_start = i * bq
         qs = pl.ds(q_start, bq)
-        q, do = q_ref[qs, :], do_ref[qs, :]
+        q, do = _load(q_ref, hd, qs), _load(do_ref, hdv, qs)
         lse2, delta = lse_ref[qs], delta_ref[qs]
         rows = q_start + jnp.arange(bq, dtype=jnp.int32)
         pos = _Pos(batch, head, rows + off, cols)
@@ -550,7 +591,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *ref
         dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True, precision=st.precision)
         if dq_ref is not None:
             dq = plgpu.dot(ds.astype(k.dtype), k, precision=st.precision) * st.scale
-            plgpu.atomic_add(dq_ref, (qs, slice(None)), dq)
+            width = dq.shape[-1]
+            in_head = None if width == hd else (jnp.arange(width) < hd)[None, :]
+            plgpu.atomic_add(dq_ref, (qs, slice(None)), dq, mask=in_head)
         return dk, dv
 
     lo, flo, fhi, hi = _q_ranges(st, k_start, bq, bk, nq, bounds, q_len, kv_len)
@@ -559,8 +602,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *ref
         jnp.zeros((bk, v_ref.shape[-1]), jnp.float32),
     )
     dk, dv = _three_phase(lo, flo, fhi, hi, body, init)
-    dk_ref[...] = (dk * st.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    _store(dk_ref, (dk * st.scale).astype(dk_ref.dtype), hd)
+    _store(dv_ref, dv.astype(dv_ref.dtype), hdv)
 
 
 # ------------------------------------------------------------------------------ pallas_calls
@@ -622,9 +665,10 @@ def _extra_specs(st: Static, *, rows: int, cols: int, blocked: str) -> list[pl.B
     return specs
 
 
-def _forward(st: Static, q, k, v, bias, meta, marr):
-    batch, seq_q, num_heads, head_dim = q.shape
-    seq_k, head_dim_v = k.shape[1], v.shape[-1]
+def _forward(st: Static, q, k, v, bias, meta, marr, sinks):
+    batch, seq_q, num_heads, _ = q.shape
+    seq_k = k.shape[1]
+    head_dim, head_dim_v = map(block_width, st.head_dims)  # block widths
     bq, g = st.block_q, st.groups
     grid = (seq_q // bq, batch, num_heads)
     in_specs = [
@@ -634,12 +678,16 @@ def _forward(st: Static, q, k, v, bias, meta, marr):
         pl.BlockSpec((None, len(META)), lambda i, b, n: (b, 0)),
         *_extra_specs(st, rows=bq, cols=seq_k, blocked="q"),
     ]
+    extra = _extra_inputs(st, bias, marr, seq_k)
+    if st.has_sinks:  # 16 copies per head: a block the Triton lowering loads as a vector
+        in_specs.append(pl.BlockSpec((None, 16), lambda i, b, n: (n, 0)))
+        extra.append(jnp.broadcast_to(sinks.astype(jnp.float32)[:, None], (num_heads, 16)))
     out_specs = [
         pl.BlockSpec((None, bq, None, head_dim_v), lambda i, b, n: (b, i, n, 0)),
         pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i)),
     ]
     out_shape = [
-        jax.ShapeDtypeStruct((batch, seq_q, num_heads, head_dim_v), q.dtype),
+        jax.ShapeDtypeStruct((batch, seq_q, num_heads, st.head_dims[1]), q.dtype),
         jax.ShapeDtypeStruct((batch, num_heads, seq_q), jnp.float32),
     ]
     kernel = functools.partial(_fwd_kernel, st=st, nk=seq_k // st.block_k)
@@ -652,12 +700,13 @@ def _forward(st: Static, q, k, v, bias, meta, marr):
         compiler_params=_params(st),
         interpret=st.interpret,
         name="chunkattn_fwd",
-    )(q, k, v, meta, *_extra_inputs(st, bias, marr, seq_k))
+    )(q, k, v, meta, *extra)
 
 
 def _backward(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
-    batch, seq_q, num_heads, head_dim = q.shape
-    seq_k, num_kv_heads, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    batch, seq_q, num_heads, _ = q.shape
+    seq_k, num_kv_heads = k.shape[1], k.shape[2]
+    head_dim, head_dim_v = map(block_width, st.head_dims)  # block widths
     g = st.groups
     # D = rowsum(dO ∘ O) − dlse (the lse output's cotangent enters dS as +P·dlse).
     delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
@@ -688,8 +737,8 @@ def _backward(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
         pl.BlockSpec((None, bk, None, head_dim_v), lambda j, b, n: (b, j, n, 0)),
     ]
     out_shape = [
-        jax.ShapeDtypeStruct((batch, seq_k, num_heads, head_dim), part_dtype),
-        jax.ShapeDtypeStruct((batch, seq_k, num_heads, head_dim_v), part_dtype),
+        jax.ShapeDtypeStruct((batch, seq_k, num_heads, st.head_dims[0]), part_dtype),
+        jax.ShapeDtypeStruct((batch, seq_k, num_heads, st.head_dims[1]), part_dtype),
     ]
     operands = [q, k, v, dout, lse2, delta, meta, *extra]
     aliases = {}
@@ -714,15 +763,16 @@ def _backward(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
     if st.atomic_dq:
         dq = grads[2].astype(q.dtype)
     if g > 1:  # (B, S, K, G, H) summed over the group's query heads
-        dk = dk.reshape(batch, seq_k, num_kv_heads, g, head_dim).sum(3).astype(k.dtype)
-        dv = dv.reshape(batch, seq_k, num_kv_heads, g, head_dim_v).sum(3).astype(v.dtype)
+        dk = dk.reshape(batch, seq_k, num_kv_heads, g, k.shape[-1]).sum(3).astype(k.dtype)
+        dv = dv.reshape(batch, seq_k, num_kv_heads, g, v.shape[-1]).sum(3).astype(v.dtype)
     return dq, dk, dv
 
 
 def _dq_call(st: Static, q, k, v, dout, lse2, delta, meta, extra):
     """The dQ kernel's pallas_call: grid over query blocks, each looping over key blocks."""
-    batch, seq_q, num_heads, head_dim = q.shape
-    seq_k, head_dim_v = k.shape[1], v.shape[-1]
+    batch, seq_q, num_heads, _ = q.shape
+    seq_k = k.shape[1]
+    head_dim, head_dim_v = map(block_width, st.head_dims)  # block widths
     bq, g = st.block_q, st.groups
     row_spec = lambda blk: pl.BlockSpec((None, None, blk), lambda i, b, n: (b, n, i))
     return pl.pallas_call(
@@ -760,20 +810,22 @@ def _bias_grad(st: Static, q, k, v, bias, meta, marr, seed, out, lse, dout, dlse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def flash_attention(st: Static, q, k, v, bias, meta, marr, seed):
-    """Fused attention on padded inputs: (out [B, Tp, N, Hvp], lse f32 [B, N, Tp]).
+def flash_attention(st: Static, q, k, v, bias, meta, marr, seed, sinks):
+    """Fused attention on inputs padded to whole blocks: (out [B, Tp, N, Hv], lse f32 [B, N, Tp]).
 
     `meta` is int32 [B, 8] (`META`); `seed` (uint32 [2], or None) is also in meta's columns 3–4
-    for the kernels and is passed whole for the bias gradient's chunked backward.
+    for the kernels and is passed whole for the bias gradient's chunked backward. `sinks` [N]
+    (or None) start every row of the forward kernel; the backward kernels see them through
+    the lse, and their own gradient is `chunked.sink_gradient` of the residuals.
     """
-    return _first_order_forward(st, q, k, v, bias, meta, marr)
+    return _first_order_forward(st, q, k, v, bias, meta, marr, sinks)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _first_order_forward(st: Static, q, k, v, bias, meta, marr):
+def _first_order_forward(st: Static, q, k, v, bias, meta, marr, sinks):
     """The forward kernel. A second derivative differentiates it under a JVP, which pallas_call
     cannot do; the rule below says so instead of failing inside Pallas."""
-    return _forward(st, q, k, v, bias, meta, marr)
+    return _forward(st, q, k, v, bias, meta, marr, sinks)
 
 
 @_first_order_forward.defjvp
@@ -785,16 +837,15 @@ def _no_forward_jvp(st, primals, tangents):
     )
 
 
-def _flash_fwd(st, q, k, v, bias, meta, marr, seed):
-    out, lse = _first_order_forward(st, q, k, v, bias, meta, marr)
+def _flash_fwd(st, q, k, v, bias, meta, marr, seed, sinks):
+    out, lse = _first_order_forward(st, q, k, v, bias, meta, marr, sinks)
     # Residuals are outputs of the forward program: finite, so jax.debug_infs stays quiet.
     # F32_MAX stands for a row that saw no key (the backward reads it as +inf: P = 0).
     lse_res = jnp.where(jnp.isfinite(lse), lse, F32_MAX)
-    return (out, lse), (q, k, v, bias, meta, marr, seed, out, lse_res)
+    return (out, lse), (q, k, v, bias, meta, marr, seed, out, lse_res, sinks)
 
 
 def _flash_bwd(st, res, cotangents):
-    q, k, v, bias, meta, marr, seed, out, lse = res
     dout, dlse = cotangents
     return _first_order_bwd(st, res, dout, dlse)
 
@@ -803,13 +854,16 @@ def _flash_bwd(st, res, cotangents):
 def _first_order_bwd(st, res, dout, dlse):
     """The backward kernels; differentiating them again raises a clear error (their loops have
     data-dependent bounds, which JAX cannot reverse-differentiate)."""
-    q, k, v, bias, meta, marr, seed, out, lse = res
+    q, k, v, bias, meta, marr, seed, out, lse, sinks = res
     dq, dk, dv = _backward(st, q, k, v, bias, meta, marr, out, lse, dout, dlse)
     dbias = None
     if bias is not None:
         dbias = _bias_grad(st, q, k, v, bias, meta, marr, seed, out, lse, dout, dlse)
+    # The sink's dS = P_sink·(0 − D): one reduction over rows, beside D's (rows whose residual
+    # lse is F32_MAX, padding included, saw neither key nor sink in the kernel: P_sink = 0).
+    dsinks = None if sinks is None else chunked.sink_gradient(sinks, out, lse, dout, dlse)
     no_grad = jax.tree_util.tree_map(lambda _: None, (marr, seed))
-    return dq, dk, dv, dbias, None, *no_grad
+    return dq, dk, dv, dbias, None, *no_grad, dsinks
 
 
 _first_order_bwd.defjvp(_no_forward_jvp)
@@ -932,7 +986,7 @@ def attention(args: Any, opts: Any) -> tuple[Array, Array]:
     q, k, v = args.query, args.key, args.value
     batch, seq_q, num_heads, head_dim = q.shape
     seq_k, num_kv_heads, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
-    hp, hvp = max(16, pl.next_power_of_2(head_dim)), max(16, pl.next_power_of_2(head_dim_v))
+    hp, hvp = block_width(head_dim), block_width(head_dim_v)
     dense_tiles = any(d is not None and d[2] and d[3] for d in map(_dims, (args.bias, args.mask)))
     blocks = _heuristic(max(hp, hvp), q.dtype, seq_q, seq_k, cfg, dense_tiles)
     _check_user_fns(opts, blocks["block_q"], blocks["block_k"])
@@ -972,10 +1026,12 @@ def attention(args: Any, opts: Any) -> tuple[Array, Array]:
         score_fn=opts.score_fn,
         bias_dims=_dims(bias),
         mask_dims=_dims(marr.mask),
+        has_sinks=args.sinks is not None,
         dropout_rate=opts.dropout_rate,
         broadcast_dropout=opts.broadcast_dropout,
         bias_grad=bias_grad,
         groups=num_heads // num_kv_heads,
+        head_dims=(head_dim, head_dim_v),
         atomic_dq=cfg.backward == "atomic",
         precision=opts.precision,
         interpret=interpret,
@@ -1001,8 +1057,10 @@ def attention(args: Any, opts: Any) -> tuple[Array, Array]:
         ],
         axis=1,
     ).astype(jnp.int32)  # (B, 8): `META`
-    qp = _pad_to(_pad_to(q, 1, pq), 3, hp)
-    kp = _pad_to(_pad_to(k, 1, pk), 3, hp)
-    vp = _pad_to(_pad_to(v, 1, pk), 3, hvp)
-    out, lse = flash_attention(st, qp, kp, vp, bias, meta, marr, seed)
-    return out[:, :seq_q, :, :head_dim_v], lse[:, :, :seq_q]
+    qp, kp, vp = _pad_to(q, 1, pq), _pad_to(k, 1, pk), _pad_to(v, 1, pk)  # head dims: in-kernel
+    out, lse = flash_attention(st, qp, kp, vp, bias, meta, marr, seed, args.sinks)
+    out, lse = out[:, :seq_q], lse[:, :, :seq_q]
+    if args.sinks is not None:  # padding queries (past query_seq_lengths) attend to the sink
+        pad_rows = jnp.arange(seq_q)[None, None, :] >= meta[:, 1][:, None, None]
+        lse = jnp.where(pad_rows, args.sinks.astype(jnp.float32)[None, :, None], lse)
+    return out, lse
