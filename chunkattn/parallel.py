@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from chunkattn import chunked, masks
 from chunkattn.arguments import normalize_segment_ids
-from chunkattn.summary import ChunkSummary, merge
+from chunkattn.summary import ChunkSummary, merge, sink_summary
 
 Array = jax.Array
 
@@ -62,7 +62,7 @@ def _pass_on(ring: _Ring, tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: jax.lax.ppermute(x, ring.axis_name, perm), tree)
 
 
-def _ring_forward(ring: _Ring, q, k, v, seg_q, seg_k):
+def _ring_forward(ring: _Ring, q, k, v, seg_q, seg_k, sinks):
     batch, seq_q, num_heads, _ = q.shape
 
     def step(i, carry):
@@ -78,7 +78,10 @@ def _ring_forward(ring: _Ring, q, k, v, seg_q, seg_k):
         )
         return merge(acc, part), _pass_on(ring, (kb, vb, sb))
 
-    init = (ChunkSummary.empty(batch, num_heads, seq_q, v.shape[-1]), (k, v, seg_k))
+    start = ChunkSummary.empty(batch, num_heads, seq_q, v.shape[-1])
+    if sinks is not None:  # each row's sink, merged once, on the device that holds the row
+        start = sink_summary(sinks, batch, seq_q, v.shape[-1])
+    init = (start, (k, v, seg_k))
     acc, _ = jax.lax.fori_loop(0, ring.size, step, init)  # a loop bounds live memory
     return acc.output(q.dtype), acc.lse()
 
@@ -103,20 +106,26 @@ def _ring_backward(ring: _Ring, q, k, v, seg_q, seg_k, out, lse, dout):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(ring: _Ring, q, k, v, seg_q, seg_k):
-    return _ring_forward(ring, q, k, v, seg_q, seg_k)[0]
+def _ring(ring: _Ring, q, k, v, seg_q, seg_k, sinks):
+    return _ring_forward(ring, q, k, v, seg_q, seg_k, sinks)[0]
 
 
-def _ring_fwd(ring, q, k, v, seg_q, seg_k):
-    out, lse = _ring_forward(ring, q, k, v, seg_q, seg_k)
-    return out, (q, k, v, seg_q, seg_k, out, lse)
+def _ring_fwd(ring, q, k, v, seg_q, seg_k, sinks):
+    out, lse = _ring_forward(ring, q, k, v, seg_q, seg_k, sinks)
+    return out, (q, k, v, seg_q, seg_k, sinks, out, lse)
 
 
 def _ring_bwd(ring, res, dout):
-    q, k, v, seg_q, seg_k, out, lse = res
+    q, k, v, seg_q, seg_k, sinks, out, lse = res
     dq, dk, dv = _ring_backward(ring, q, k, v, seg_q, seg_k, out, lse, dout)
+    # This device's rows' share of d sinks; shard_map's transpose sums the shares over the
+    # mesh axes the (replicated) sinks are not split over.
+    dsinks = None
+    if sinks is not None:
+        lse_res = jnp.where(jnp.isfinite(lse), lse, 0.0)
+        dsinks = chunked.sink_gradient(sinks, out, lse_res, dout, jnp.zeros_like(lse))
     none = lambda x: None if x is None else jax.tree_util.tree_map(lambda _: None, x)
-    return dq, dk, dv, none(seg_q), none(seg_k)
+    return dq, dk, dv, none(seg_q), none(seg_k), dsinks
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -152,6 +161,7 @@ def ring_attention(
     is_causal: bool = False,
     scale: float | None = None,
     segment_ids: Array | tuple[Array, Array] | None = None,
+    sinks: Array | None = None,
     config: chunked.ChunkConfig | None = None,
     batch_axis: str | None = None,
 ) -> Array:
@@ -163,6 +173,8 @@ def ring_attention(
       mesh, axis_name: the mesh and the axis the sequence is split over.
       is_causal: causal masking (T == S); the striped order balances it over devices.
       scale: default 1/√H. segment_ids: [B, T] (T == S) or ([B, T], [B, S]).
+      sinks: float [N], a logit per query head joining every row's denominator (as in
+        `dot_product_attention`); replicated on every device, differentiable.
       config: a ChunkConfig for the per-device chunked computation.
       batch_axis: a mesh axis the batch is sharded over too (data parallelism), or None.
 
@@ -210,6 +222,13 @@ def ring_attention(
             f"for {n} devices, got query.shape={query.shape}"
         )
     seg_q = seg_k = None
+    if sinks is not None:
+        sinks = jnp.asarray(sinks)
+        if sinks.shape != (num_heads,) or not jnp.issubdtype(sinks.dtype, jnp.floating):
+            raise ValueError(
+                f"sinks must be a float array of shape [N]=({num_heads},), got dtype "
+                f"{sinks.dtype} and sinks.shape={sinks.shape}"
+            )
     if segment_ids is not None:
         # Values kept exactly (uint32 reinterpreted, 64-bit refused unless x64): no wrapping.
         seg_q, seg_k = normalize_segment_ids(segment_ids, batch, seq_q, seq_k)
@@ -241,20 +260,30 @@ def ring_attention(
         else (lambda x: jax.lax.with_sharding_constraint(x, sharding))
     )
     args = [place(x) for x in (query, key, value)]
+    specs = [seq] * 3
     if seg_q is not None:
         args += [place(seg_q), place(seg_k)]
+        specs += [seq] * 2
+    if sinks is not None:
+        args.append(sinks)
+        specs.append(P())
     stripe = functools.partial(_to_striped, axis_name=axis_name, n=n)
     unstripe = functools.partial(_from_striped, axis_name=axis_name, n=n)
 
-    def local(q, k, v, seg_q=None, seg_k=None):
+    has_segments, has_sinks = seg_q is not None, sinks is not None
+
+    def local(q, k, v, *rest):
+        rest = list(rest)
+        seg_q, seg_k = (rest.pop(0), rest.pop(0)) if has_segments else (None, None)
+        sinks = rest.pop(0) if has_sinks else None
         # Causal: striped order balances the triangle; otherwise contiguous blocks are fine.
         if is_causal:
             q, k, v = stripe(q), stripe(k), stripe(v)
             seg_q, seg_k = (None, None) if seg_q is None else (stripe(seg_q), stripe(seg_k))
-        out = _ring(ring, q, k, v, seg_q, seg_k)
+        out = _ring(ring, q, k, v, seg_q, seg_k, sinks)
         return unstripe(out) if is_causal else out
 
-    out = jax.shard_map(
-        local, mesh=mesh, in_specs=(seq,) * len(args), out_specs=seq, check_vma=False
-    )(*args)
+    out = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=seq, check_vma=False)(
+        *args
+    )
     return place(out)

@@ -58,6 +58,29 @@ def main() -> int:
         )
         grad_err = max(testing.relative_error(g, w) for g, w in zip(got[1], want[1], strict=True))
         results[name] = {"out": out_err, "grads": grad_err}
+    # Sinks: forward, and gradients for q, k, v and the (replicated) sinks themselves.
+    q, k, v = testing.random_qkv(jax.random.PRNGKey(5), seq_q=64, num_heads=4, num_kv_heads=2)
+    sinks = jnp.array([0.5, -1.0, 2.0, 0.0])
+    proj = jax.random.normal(jax.random.PRNGKey(1), q.shape)
+    kw = dict(is_causal=True, segment_ids=seg)
+
+    def sink_loss(f, q, k, v, s):
+        return jnp.sum(f(q, k, v, sinks=s, **kw) * proj)
+
+    ring = lambda q, k, v, **kw: ring_attention(
+        q, k, v, mesh=mesh, axis_name="sp", config=cfg, **kw
+    )
+    got = jax.jit(jax.grad(lambda *a: sink_loss(ring, *a), argnums=(0, 1, 2, 3)))(q, k, v, sinks)
+    want = jax.grad(lambda *a: sink_loss(chunkattn.reference_attention, *a), argnums=(0, 1, 2, 3))(
+        q, k, v, sinks
+    )
+    results["causal_segments_sinks"] = {
+        "out": testing.relative_error(
+            ring(q, k, v, sinks=sinks, **kw),
+            chunkattn.reference_attention(q, k, v, sinks=sinks, **kw),
+        ),
+        "grads": max(testing.relative_error(g, w) for g, w in zip(got, want, strict=True)),
+    }
     q, k, v = testing.random_qkv(jax.random.PRNGKey(0), seq_q=64, head_dim=16)
     try:  # 64-bit ids that do not fit int32 (no x64): refused, never truncated
         wide = np.tile(np.repeat(np.array([2**40, 0], np.int64), 32), (2, 1))

@@ -29,7 +29,9 @@ def results():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", ["full", "causal", "causal_gqa", "causal_segments"])
+@pytest.mark.parametrize(
+    "case", ["full", "causal", "causal_gqa", "causal_segments", "causal_segments_sinks"]
+)
 def test_forward_and_gradients_equal_the_reference(results, case):
     tol = testing.tolerance("float32")
     assert results[case]["out"] <= tol and results[case]["grads"] <= 2 * tol, results[case]
