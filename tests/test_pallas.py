@@ -19,6 +19,7 @@ from unittest import mock
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from attention_suite import AttentionSuite
 
@@ -320,4 +321,42 @@ def test_head_dims_are_not_padded_in_memory():
         v,
         is_causal=True,
         sinks=jnp.array([0.0, 1.0, -1.0, 2.0]),
+    )
+
+
+def test_segment_ranges_skip_blocks_of_other_documents():
+    """Per block, the loops visit only the blocks whose segment ids can meet its own: packed
+    documents cost ≈ Σ Tᵢ², and unsorted ids are still exact (first to last meeting block)."""
+    pa = importlib.import_module("chunkattn.pallas.attention")
+    docs = jnp.repeat(jnp.arange(8, dtype=jnp.int32), 16)[None]  # 8 documents of 16 tokens
+    full = jnp.array([128])
+    r = pa.segment_ranges(docs, docs, full, full, 16, 16, "q")
+    np.testing.assert_array_equal(r[0], np.stack([np.arange(8), np.arange(8) + 1], -1))
+    r = pa.segment_ranges(docs, docs, full, full, 32, 16, "k")  # key block j: query block j // 2
+    np.testing.assert_array_equal(r[0, :, 0], np.arange(8) // 2)
+    # Padding past the length takes no part; an unsorted id meets the first and last blocks.
+    odd = jnp.array([[5, 5, 1, 1, 2, 2, 5, 5]], jnp.int32)
+    r = pa.segment_ranges(odd, odd, jnp.array([8]), jnp.array([6]), 2, 2, "q")
+    np.testing.assert_array_equal(r[0], [[0, 1], [1, 2], [2, 3], [0, 1]])
+    none = pa.segment_ranges(odd, odd + 10, jnp.array([8]), jnp.array([8]), 2, 2, "q")
+    assert np.all(none[..., 0] == none[..., 1]), "no shared id: empty ranges"
+
+
+def test_packed_documents_match_the_reference():
+    """Many short documents over several blocks (the loops start and stop mid-sequence)."""
+    lengths = [1, 9, 30, 2, 17, 0, 22, 5]
+    seg = jnp.asarray(np.repeat(np.arange(len(lengths)), lengths)[None].repeat(2, 0))
+    q, k, v = testing.random_qkv(
+        jax.random.PRNGKey(4), seq_q=seg.shape[1], num_heads=4, num_kv_heads=2, head_dim=16
+    )
+    testing.assert_matches_reference(
+        lambda *a, **kw: chunkattn.dot_product_attention(
+            *a, implementation="pallas", config=TestPallasInterpret.config, **kw
+        ),
+        q,
+        k,
+        v,
+        segment_ids=seg,
+        is_causal=True,
+        sinks=jnp.array([0.0, 1.0, -1.0, 0.5]),
     )

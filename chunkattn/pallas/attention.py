@@ -289,6 +289,7 @@ class _Refs(NamedTuple):
 
     segq: Any
     segk: Any
+    seg_range: Any  # (2,): the blocks [lo, hi) whose segment ids can meet this block's
     bias: Any
     mask: Any
     sinks: Any  # the forward kernel's only: (16,) copies of this head's sink
@@ -298,6 +299,7 @@ def _split_refs(st: Static, refs, forward: bool = False) -> tuple[_Refs, list]:
     """(optional inputs, outputs) from a kernel's trailing refs, in `_extra_inputs` order."""
     refs = list(refs)
     has = (
+        st.has_segments,
         st.has_segments,
         st.has_segments,
         st.bias_dims is not None,
@@ -407,18 +409,29 @@ def _dscore(st: Static, ds, raw, biased, pos: _Pos):
     return ds
 
 
-def _kv_ranges(st: Static, q_start, bq: int, bk: int, nk: int, bounds, q_len, kv_len):
+def _segment_bounds(st: Static, ops: _Refs):
+    """(lo, hi) of the blocks whose segment ids can meet this program's (`segment_ranges`)."""
+    if not st.has_segments:
+        return None
+    r = ops.seg_range[...]
+    idx = jnp.arange(2, dtype=jnp.int32)
+    return tuple(jnp.sum(jnp.where(idx == i, r, 0), dtype=jnp.int32) for i in (0, 1))
+
+
+def _kv_ranges(st: Static, q_start, bq: int, bk: int, nk: int, bounds, q_len, kv_len, seg):
     """Key blocks [lo, hi) seen by rows [q_start, q_start+bq), and the full ones [flo, fhi)."""
     rel_lo, rel_hi = bounds
     lo = jnp.int32(0)
     hi = jnp.minimum(jnp.int32(nk), _cdiv(kv_len, bk))
+    if seg is not None:  # packed sequences: only blocks whose segment ids can meet ours
+        lo, hi = jnp.maximum(lo, seg[0]), jnp.minimum(hi, seg[1])
     fhi = jnp.minimum(hi, _fdiv(kv_len, bk))  # blocks wholly below kv_len
     flo = lo
     if st.is_causal or st.window is not None:  # keys j − r ∈ [rel_lo, rel_hi]
         hi = jnp.minimum(hi, _cdiv(jnp.maximum(q_start + bq + rel_hi, 0), bk))
         fhi = jnp.minimum(fhi, _fdiv(q_start + rel_hi + 1, bk))
     if st.window is not None:
-        lo = _fdiv(q_start + rel_lo, bk)
+        lo = jnp.maximum(lo, _fdiv(q_start + rel_lo, bk))
         flo = _cdiv(jnp.maximum(q_start + bq - 1 + rel_lo, 0), bk)
     hi = jnp.where(q_start < q_len, jnp.maximum(hi, lo), lo)  # padding queries need no keys
     if not st.index_masks_only:
@@ -428,16 +441,18 @@ def _kv_ranges(st: Static, q_start, bq: int, bk: int, nk: int, bounds, q_len, kv
     return lo, flo, fhi, hi
 
 
-def _q_ranges(st: Static, k_start, bq: int, bk: int, nq: int, bounds, q_len, kv_len):
+def _q_ranges(st: Static, k_start, bq: int, bk: int, nq: int, bounds, q_len, kv_len, seg):
     """Query blocks [lo, hi) that see keys [k_start, k_start+bk), and the full ones [flo, fhi)."""
     rel_lo, rel_hi = bounds
     k_last = k_start + bk - 1
     lo = jnp.int32(0)
     hi = jnp.minimum(jnp.int32(nq), _cdiv(q_len, bq))
+    if seg is not None:  # packed sequences: only blocks whose segment ids can meet ours
+        lo, hi = jnp.maximum(lo, seg[0]), jnp.minimum(hi, seg[1])
     flo = lo
     fhi = jnp.where(k_last < kv_len, hi, lo)
     if st.is_causal or st.window is not None:  # rows r ∈ [j − rel_hi, j − rel_lo]
-        lo = _fdiv(k_start - rel_hi, bq)
+        lo = jnp.maximum(lo, _fdiv(k_start - rel_hi, bq))
         flo = _cdiv(jnp.maximum(k_last - rel_hi, 0), bq)
     if st.window is not None:
         hi = jnp.minimum(hi, _cdiv(jnp.maximum(k_last - rel_lo + 1, 0), bq))
@@ -471,7 +486,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, meta_ref, *refs, st: Static, nk: int):
     q = _load(q_ref, hd)  # (bq, H)
     rows = q_start + jnp.arange(bq, dtype=jnp.int32)
     qpos = rows + off
-    segq = ops.segq[pl.ds(q_start, bq)] if st.has_segments else None
+    segq = ops.segq[...] if st.has_segments else None  # this program's query block
 
     def body(j, carry, masked):
         acc, m, l = carry
@@ -495,7 +510,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, meta_ref, *refs, st: Static, nk: int):
         acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=st.precision)
         return acc, m_new, l
 
-    lo, flo, fhi, hi = _kv_ranges(st, q_start, bq, bk, nk, bounds, q_len, kv_len)
+    seg = _segment_bounds(st, ops)
+    lo, flo, fhi, hi = _kv_ranges(st, q_start, bq, bk, nk, bounds, q_len, kv_len, seg)
     m0 = jnp.full((bq,), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((bq,), jnp.float32)
     if st.has_sinks:  # the sink is one more score with no value: max = sink, sum = 1
@@ -523,7 +539,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs,
     lse2, delta = lse_ref[...], delta_ref[...]  # (bq,) log2-domain lse (+inf: no key), D
     rows = q_start + jnp.arange(bq, dtype=jnp.int32)
     qpos = rows + off
-    segq = ops.segq[pl.ds(q_start, bq)] if st.has_segments else None
+    segq = ops.segq[...] if st.has_segments else None  # this program's query block
 
     def body(j, dq, masked):
         k_start = j * bk
@@ -543,7 +559,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs,
         ds = _dscore(st, p * (dp - delta[:, None]), raw, biased, pos)  # dS = P ∘ (dP − D)
         return dq + plgpu.dot(ds.astype(k.dtype), k, precision=st.precision)
 
-    lo, flo, fhi, hi = _kv_ranges(st, q_start, bq, bk, nk, bounds, q_len, kv_len)
+    seg = _segment_bounds(st, ops)
+    lo, flo, fhi, hi = _kv_ranges(st, q_start, bq, bk, nk, bounds, q_len, kv_len, seg)
     dq = _three_phase(lo, flo, fhi, hi, body, jnp.zeros((bq, q_ref.shape[-1]), jnp.float32))
     _store(dq_ref, (dq * st.scale).astype(dq_ref.dtype), hd)
 
@@ -563,7 +580,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *ref
     hd, hdv = st.head_dims
     k, v = _load(k_ref, hd), _load(v_ref, hdv)  # (bk, H), (bk, Hv)
     cols = k_start + jnp.arange(bk, dtype=jnp.int32)
-    segk = ops.segk[pl.ds(k_start, bk)] if st.has_segments else None
+    segk = ops.segk[...] if st.has_segments else None  # this program's key block
 
     def body(i, carry, masked):
         dk, dv = carry
@@ -596,7 +613,8 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *ref
             plgpu.atomic_add(dq_ref, (qs, slice(None)), dq, mask=in_head)
         return dk, dv
 
-    lo, flo, fhi, hi = _q_ranges(st, k_start, bq, bk, nq, bounds, q_len, kv_len)
+    seg = _segment_bounds(st, ops)
+    lo, flo, fhi, hi = _q_ranges(st, k_start, bq, bk, nq, bounds, q_len, kv_len, seg)
     init = (
         jnp.zeros((bk, k_ref.shape[-1]), jnp.float32),
         jnp.zeros((bk, v_ref.shape[-1]), jnp.float32),
@@ -615,15 +633,57 @@ def _params(st: Static, backward: bool = False):
     return plgpu.CompilerParams(num_warps=st.num_warps, num_stages=st.num_stages)
 
 
-def _extra_inputs(st: Static, bias, marr: masks.MaskArrays, padded_seq_k: int) -> list[Array]:
-    """The optional kernel inputs, in `_split_refs` order: segment ids, bias, mask (int8).
+def segment_ranges(q_seg, kv_seg, q_len, kv_len, bq: int, bk: int, blocked: str) -> Array:
+    """int32 [B, n, 2]: for each query block (blocked="q") the key blocks [lo, hi) whose
+    segment ids can equal one of its own, or for each key block (blocked="k") the query blocks.
+
+    A block's ids span [min, max] over its positions below the length (padding excluded); two
+    blocks can hold an allowed pair only if their spans meet, so the loops skip the rest:
+    packed documents cost ≈ Σ Tᵢ² rather than (Σ Tᵢ)². Exact for any ids (sorted or not):
+    [lo, hi) runs from the first block that meets to the last.
+    """
+    info = jnp.iinfo(q_seg.dtype)
+
+    def spans(seg, length, blk):
+        batch, size = seg.shape
+        valid = jnp.arange(size)[None, :] < length[:, None]
+        lo = jnp.where(valid, seg, info.max).reshape(batch, size // blk, blk).min(-1)
+        hi = jnp.where(valid, seg, info.min).reshape(batch, size // blk, blk).max(-1)
+        return lo, hi
+
+    q_lo, q_hi = spans(q_seg, q_len, bq)  # (B, nq)
+    k_lo, k_hi = spans(kv_seg, kv_len, bk)  # (B, nk)
+    meets = (k_lo[:, None, :] <= q_hi[:, :, None]) & (k_hi[:, None, :] >= q_lo[:, :, None])
+    if blocked == "k":
+        meets = jnp.swapaxes(meets, 1, 2)  # (B, nk, nq)
+    others = meets.shape[2]
+    idx = jnp.arange(others, dtype=jnp.int32)
+    last = jnp.max(jnp.where(meets, idx + 1, 0), axis=2)
+    first = jnp.minimum(jnp.min(jnp.where(meets, idx, others), axis=2), last)  # none: [0, 0)
+    return jnp.stack([first, last], axis=-1).astype(jnp.int32)
+
+
+def _ranges(st: Static, marr: masks.MaskArrays, meta: Array, blocked: str) -> Array | None:
+    """`segment_ranges` for the forward/dQ grid (blocked="q") or the dK/dV grid ("k")."""
+    if not st.has_segments:
+        return None
+    bq, bk = (st.block_q, st.block_k) if blocked == "q" else (st.block_q_bwd, st.block_k_bwd)
+    q_seg, kv_seg = marr.q_segment_ids, marr.kv_segment_ids
+    return segment_ranges(q_seg, kv_seg, meta[:, 1], meta[:, 2], bq, bk, blocked)
+
+
+def _extra_inputs(
+    st: Static, bias, marr: masks.MaskArrays, padded_seq_k: int, seg_range: Array | None
+) -> list[Array]:
+    """The optional kernel inputs, in `_split_refs` order: segment ids and the kernel's
+    `segment_ranges`, bias, mask (int8).
 
     A dense operand broadcast over both T and S is widened to S (B·N·S elements) so that every
     operand the kernels read has its key dim, or its query dim, or both.
     """
     out = []
     if st.has_segments:
-        out += [marr.q_segment_ids, marr.kv_segment_ids]
+        out += [marr.q_segment_ids, marr.kv_segment_ids, seg_range]
     for x, dims in ((bias, st.bias_dims), (marr.mask, st.mask_dims)):
         if dims is None:
             continue
@@ -647,6 +707,7 @@ def _extra_specs(st: Static, *, rows: int, cols: int, blocked: str) -> list[pl.B
         specs += [
             pl.BlockSpec((None, rows), lambda i, b, n: (b, i if q_block else 0)),
             pl.BlockSpec((None, cols), lambda i, b, n: (b, 0 if q_block else i)),
+            pl.BlockSpec((None, None, 2), lambda i, b, n: (b, i, 0)),  # segment_ranges
         ]
     for dims in (st.bias_dims, st.mask_dims):
         if dims is None:
@@ -678,7 +739,7 @@ def _forward(st: Static, q, k, v, bias, meta, marr, sinks):
         pl.BlockSpec((None, len(META)), lambda i, b, n: (b, 0)),
         *_extra_specs(st, rows=bq, cols=seq_k, blocked="q"),
     ]
-    extra = _extra_inputs(st, bias, marr, seq_k)
+    extra = _extra_inputs(st, bias, marr, seq_k, _ranges(st, marr, meta, "q"))
     if st.has_sinks:  # 16 copies per head: a block the Triton lowering loads as a vector
         in_specs.append(pl.BlockSpec((None, 16), lambda i, b, n: (n, 0)))
         extra.append(jnp.broadcast_to(sinks.astype(jnp.float32)[:, None], (num_heads, 16)))
@@ -713,7 +774,7 @@ def _backward(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
     delta = delta - dlse.astype(jnp.float32)
     no_key = ~jnp.isfinite(lse) | (lse >= F32_MAX)  # −inf, or the residual's F32_MAX
     lse2 = jnp.where(no_key, jnp.inf, lse * LOG2E if st.log2_domain else lse)  # no key: P = 0
-    extra = _extra_inputs(st, bias, marr, seq_k)
+    extra = _extra_inputs(st, bias, marr, seq_k, _ranges(st, marr, meta, "q"))
     full_row = pl.BlockSpec((None, None, seq_q), lambda j, b, n: (b, n, 0))
     dq = None
     if not st.atomic_dq:
@@ -740,6 +801,7 @@ def _backward(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
         jax.ShapeDtypeStruct((batch, seq_k, num_heads, st.head_dims[0]), part_dtype),
         jax.ShapeDtypeStruct((batch, seq_k, num_heads, st.head_dims[1]), part_dtype),
     ]
+    extra = _extra_inputs(st, bias, marr, seq_k, _ranges(st, marr, meta, "k"))
     operands = [q, k, v, dout, lse2, delta, meta, *extra]
     aliases = {}
     if st.atomic_dq:
