@@ -51,8 +51,8 @@ def _run_chunked(args: Arguments, opts: Options) -> tuple[Array, Array]:
     pq, pk = -(-seq_q // tq) * tq, -(-seq_k // tk) * tk
     marr = args.mask_arrays()
     marr = marr._replace(
-        q_segment_ids=_pad_axis(marr.q_segment_ids, 1, pq),
-        kv_segment_ids=_pad_axis(marr.kv_segment_ids, 1, pk),
+        q_segment_ids=masks.pad_segment_ids(marr.q_segment_ids, pq),
+        kv_segment_ids=masks.pad_segment_ids(marr.kv_segment_ids, pk),
         mask=_pad_axis(_pad_axis(marr.mask, 2, pq, False), 3, pk, False),
     )
     bias = _pad_axis(_pad_axis(args.bias, 2, pq), 3, pk)

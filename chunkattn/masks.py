@@ -173,6 +173,19 @@ def block_mask(
     return out
 
 
+def pad_segment_ids(ids: Array | None, size: int) -> Array | None:
+    """Segment ids [B, L] padded to [B, size] by repeating each row's last id.
+
+    A padded chunk's id span [min, max] then stays its last document's, so the per-chunk
+    segment ranges stay tight (a constant such as 0 would stretch the last chunk's span over
+    every document). Padding keys are masked by position and padding rows are dropped, so the
+    padded ids never decide an output.
+    """
+    if ids is None or ids.shape[1] == size:
+        return ids
+    return jnp.pad(ids, ((0, 0), (0, size - ids.shape[1])), mode="edge")
+
+
 def _ceil_div(a: Array, b: int) -> Array:
     return -(-a // b)
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import chunkattn
-from chunkattn import testing
+from chunkattn import masks, testing
 from chunkattn.summary import merge_stacked
 
 
@@ -245,3 +245,16 @@ class TestCudnnGPU(AttentionSuite):
             )
             for a, b in zip(g, w, strict=True):
                 assert testing.relative_error(a, b) <= testing.tolerance(q.dtype, grad=True)
+
+
+def test_padded_segment_ids_keep_the_chunk_ranges_tight():
+    """Ten documents of 100 tokens in chunks of 64 (T = 1000 pads to 1024): the last query
+    chunk sees only the last document's key chunks, and the first key chunk only the first
+    document's query chunks, as they would without padding."""
+    seg = masks.pad_segment_ids(jnp.asarray(np.repeat(np.arange(10), 100)[None]), 1024)
+    marr = masks.MaskArrays(jnp.zeros(1, jnp.int32), q_segment_ids=seg, kv_segment_ids=seg)
+    spec = masks.MaskSpec()
+    lo, hi = masks.kv_chunk_range(spec, marr, 960, 64, 64, 16)
+    assert (int(lo), int(hi)) == (14, 16)  # keys 896… hold document 9 (from 900)
+    lo, hi = masks.q_chunk_range(spec, marr, 0, 64, 64, 16)
+    assert (int(lo), int(hi)) == (0, 2)  # document 0 is rows 0–99
