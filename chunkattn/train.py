@@ -30,6 +30,7 @@ metrics.jsonl (one row per logged step, each step once), and at the end loss.png
     chunkattn-train --seq-len 16384 --dry-run --attention xla   # compiled memory of the step
     chunkattn-train --attention delta --dpfp-nu 2               # a linear-time variant
     chunkattn-train --attention caterpillar --caterpillar-heads 4 --caterpillar-length 32
+    chunkattn-train --sinks                                     # attention sinks (gpt-oss)
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from chunkattn.models.gpt import ATTENTION, GPT, GPTConfig, generate
+from chunkattn.models.gpt import ATTENTION, GPT, SINKS, GPTConfig, generate
 
 MAX_CORPUS_BYTES = 32 * 2**20
 _DEFAULTS = GPTConfig()
@@ -78,8 +79,11 @@ RUN_OPTIONS = (
     "heads",
     "dim",
     "attention",
+    "sinks",
     *VARIANT_KNOBS,
 )
+# Run options added after the first runs were saved: a config.json without one had this value.
+ADDED_OPTIONS = {"sinks": False}
 # Saved too, but a --resume may change them. --mesh describes the machine and is not saved.
 RESUME_OPTIONS = ("steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "sample")
 RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "sample.txt")  # and checkpoints/
@@ -223,6 +227,12 @@ def make_parser() -> argparse.ArgumentParser:
         help=f"attention, one of {', '.join(ATTENTION)}",
     )
     add(
+        "--sinks",
+        action="store_true",
+        help="attention sinks (gpt-oss): every layer learns one logit per head that joins each "
+        f"softmax's denominator; --attention {', '.join(SINKS)}",
+    )
+    add(
         "--dpfp-nu",
         type=int,
         metavar="N",
@@ -340,6 +350,11 @@ def check_args(a) -> None:
         raise UsageError(
             f"--attention {a.attention} needs a GPU, the backend here is {jax.default_backend()}"
         )
+    if a.sinks and a.attention not in SINKS:
+        raise UsageError(
+            f"--sinks applies to --attention {', '.join(SINKS)} (their softmax takes sinks), "
+            f"not {a.attention}"
+        )
     if a.resume and a.overwrite:
         raise UsageError("--resume continues the run in --out, --overwrite replaces it: pick one")
     positive = ("seq_len", "batch_size", "steps", "layers", "heads", "dim")
@@ -444,6 +459,7 @@ def build(a):
         num_heads=a.heads,
         dim=a.dim,
         attention=a.attention,
+        sinks=a.sinks,
         **{name: getattr(a, name) for name in VARIANT_KNOBS},
     )
     mesh = make_mesh(a.mesh_shape)
@@ -607,7 +623,7 @@ def _check_out(a, out: pathlib.Path) -> None:
             + (" and no config.json" if (out / "checkpoints").exists() else "")
         )
     try:
-        saved = json.loads(config.read_text())["options"]
+        saved = {**ADDED_OPTIONS, **json.loads(config.read_text())["options"]}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--resume: {config} is unreadable ({type(e).__name__})") from None
     differ = []

@@ -181,3 +181,42 @@ def test_layers_decode_under_x64():
             ys.append(y)
         assert ys[-1].dtype == jnp.float64
         np.testing.assert_allclose(np.concatenate(ys, 1), np.asarray(full), atol=1e-10)
+
+
+def test_gpt_with_sinks_trains():
+    """GPTConfig(sinks=True): every layer owns `sinks` [N], they get gradients and change, and
+    the loss falls (the layers' decoding with sinks: tests/test_nn.py)."""
+    import optax
+
+    cfg = GPTConfig(max_seq_len=16, num_layers=2, num_heads=4, num_kv_heads=2, dim=32, sinks=True)
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    assert [b.attn.sinks[...].shape for b in model.blocks] == [(4,), (4,)]
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (4, 16), 0, 256)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.adam(1e-2)
+
+    def loss_fn(params):
+        logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])  # (B, T, V)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    @jax.jit
+    def step(params, opt_state):
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, grads
+
+    opt_state, losses = tx.init(params), []
+    for _ in range(4):
+        params, opt_state, loss, grads = step(params, opt_state)
+        losses.append(float(loss))
+        for block in grads["blocks"].values():
+            assert (np.abs(np.asarray(block["attn"]["sinks"][...])) > 0).all()
+    assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.1, losses
+    trained = nnx.merge(graphdef, params, rest)
+    assert all((np.asarray(b.attn.sinks[...]) != 0).all() for b in trained.blocks)
+
+
+@pytest.mark.parametrize("attention", ["cudnn", "linear", "delta", "caterpillar"])
+def test_sinks_need_a_chunkattn_softmax(attention):
+    with pytest.raises(ValueError, match=f"GPTConfig.sinks needs .*attention='{attention}'"):
+        GPTConfig(attention=attention, sinks=True)

@@ -1,6 +1,9 @@
-"""chunkattn.nn.attention_fn is an exact drop-in for Flax's default attention (linen and nnx)."""
+"""chunkattn.nn.attention_fn is an exact drop-in for Flax's default attention (linen and nnx);
+attention sinks through it and through the layers equal the dense softmax with a sink column."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import chex
 import flax.linen as lnn
@@ -280,3 +283,177 @@ def test_make_attention_fn_bakes_options_in():
     assert layer.apply(params, _x()).shape == (B, T, D)
     with pytest.raises(ValueError, match="mask"):
         chunkattn.nn.make_attention_fn(mask=jnp.ones((T, T), bool))
+
+
+# Attention sinks (gpt-oss): one logit per query head joins every row's softmax denominator.
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _weights_with_sinks(q, k, sinks, mask=None):
+    """Dense [B, N, T, S]: the softmax of each row's scores with its head's sink appended as one
+    more column, that column dropped (a sink carries no value). q [B, T, N, H], k [B, S, K, H]."""
+    k = jnp.repeat(k, q.shape[2] // k.shape[2], axis=2)  # (B, S, N, H): head n reads kv n // G
+    s = jnp.einsum("btnh,bsnh->bnts", q, k, precision=HIGHEST) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+    sink = jnp.broadcast_to(sinks[:, None, None], (*s.shape[:3], 1))  # (B, N, T, 1)
+    return jax.nn.softmax(jnp.concatenate([s, sink], -1), -1)[..., :-1]
+
+
+def _attention_with_sinks(q, k, v, sinks, mask=None):
+    w = _weights_with_sinks(q, k, sinks, mask)
+    v = jnp.repeat(v, q.shape[2] // v.shape[2], axis=2)  # (B, S, N, H)
+    return jnp.einsum("bnts,bsnh->btnh", w, v, precision=HIGHEST)
+
+
+class _SinkAttention(lnn.Module):
+    """linen attention that owns a `sinks` parameter and hands it to `make(sinks)`, the
+    attention_fn, on every call."""
+
+    make: Any
+
+    @lnn.compact
+    def __call__(self, x, mask=None, sow_weights=False):
+        sinks = self.param("sinks", lnn.initializers.normal(1.0), (HEADS,))
+        mha = lnn.MultiHeadDotProductAttention(
+            num_heads=HEADS, qkv_features=D, deterministic=True, attention_fn=self.make(sinks)
+        )
+        return mha(x, mask=mask, sow_weights=sow_weights)
+
+
+def test_make_attention_fn_carries_learnable_sinks():
+    """make_attention_fn(sinks=...) built from a module's parameter: the outputs and every
+    parameter gradient (the sinks' included) of the dense softmax with a sink column."""
+    mask = _masks()["causal_and_padding"]  # rows past the padding attend only to their sink
+    dense = lambda s: (
+        lambda q, k, v, bias=None, mask=None, **_: _attention_with_sinks(q, k, v, s, mask)
+    )
+    ref = _SinkAttention(dense)
+    ours = _SinkAttention(lambda s: chunkattn.nn.make_attention_fn(sinks=s))
+    x = _x(11)
+    params = ref.init(jax.random.PRNGKey(0), x)
+    w = jax.random.normal(jax.random.PRNGKey(12), (B, T, D))
+
+    def loss(module):
+        def f(p):
+            y = module.apply(p, x, mask=mask)
+            return jnp.sum(y * w), y
+
+        return f
+
+    (_, y_ref), g_ref = jax.jit(jax.value_and_grad(loss(ref), has_aux=True))(params)
+    (_, y_ours), g_ours = jax.jit(jax.value_and_grad(loss(ours), has_aux=True))(params)
+    np.testing.assert_allclose(y_ours, y_ref, atol=2e-5)
+    assert g_ours["params"]["sinks"].shape == (HEADS,)
+    assert (np.abs(np.asarray(g_ours["params"]["sinks"])) > 1e-4).all(), g_ours["params"]["sinks"]
+    chex.assert_trees_all_close(g_ours, g_ref, atol=5e-5, rtol=5e-5)
+    # sown weights leave each row's sink share out: the dense weights of the keys
+    sow = lambda p: ours.apply(p, x, mask=mask, sow_weights=True, mutable=["intermediates"])
+    y, sown = jax.jit(sow)(params)
+    np.testing.assert_allclose(y, y_ours, atol=1e-6)
+    p = params["params"]["MultiHeadDotProductAttention_0"]
+    proj = lambda n: (
+        jnp.einsum("btd,dnh->btnh", x, p[n]["kernel"], precision=HIGHEST) + p[n]["bias"]
+    )
+    want = _weights_with_sinks(proj("query"), proj("key"), params["params"]["sinks"], mask)
+    (got,) = jax.tree.leaves(sown)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert float(want.sum(-1).max()) < 1.0  # so the sinks took a share
+
+
+def test_layers_with_sinks_match_the_dense_softmax_and_decode_like_the_full_pass():
+    """use_sinks=True: a float32 zero-initialised parameter `sinks` [N] (nnx and linen); the nnx
+    layer gives the dense softmax with a sink column and its exact gradient, and the linen layer
+    with the same weights gives the same numbers through a long prefill (dot_product_attention)
+    and decode steps (decode_attention)."""
+    from chunkattn.nn import KVCache, LinenMultiHeadAttention, MultiHeadAttention, rotary
+
+    seq, kv_heads, hd = 20, 2, D // HEADS
+    layer = MultiHeadAttention(D, HEADS, kv_heads, use_sinks=True, rngs=nnx.Rngs(0))
+    assert layer.sinks[...].dtype == jnp.float32
+    np.testing.assert_array_equal(layer.sinks[...], np.zeros(HEADS))
+    layer.sinks[...] = jnp.array([-2.0, 0.0, 1.0, 3.0])  # from "ignored" to "dominant"
+    graphdef, state = nnx.split(layer)
+    x = jax.random.normal(jax.random.PRNGKey(13), (B, seq, D))
+    w = jax.random.normal(jax.random.PRNGKey(14), (B, seq, D))
+
+    def dense(state):
+        m = nnx.merge(graphdef, state)
+        pos = jnp.arange(seq)
+        q = rotary(m.wq(x).reshape(B, seq, HEADS, hd), pos)  # (B, T, N, H)
+        k = rotary(m.wk(x).reshape(B, seq, kv_heads, hd), pos)  # (B, T, K, H)
+        v = m.wv(x).reshape(B, seq, kv_heads, hd)
+        out = _attention_with_sinks(q, k, v, m.sinks[...], np.tril(np.ones((seq, seq), bool)))
+        return m.wo(out.reshape(B, seq, D))  # (B, T, D)
+
+    def output_and_grads(f):
+        def loss(state):
+            y = f(state)
+            return jnp.sum(y * w), y
+
+        (_, y), grads = jax.value_and_grad(loss, has_aux=True)(state)
+        return y, grads
+
+    ours = lambda state: nnx.merge(graphdef, state)(x)
+    (full, grads), (want, want_grads) = jax.jit(
+        lambda: [output_and_grads(ours), output_and_grads(dense)]
+    )()
+    np.testing.assert_allclose(full, want, atol=2e-5)
+    assert (np.abs(np.asarray(want_grads["sinks"][...])) > 1e-4).all(), want_grads["sinks"]
+    chex.assert_trees_all_close(grads, want_grads, atol=5e-5, rtol=5e-5)
+
+    linen_layer = LinenMultiHeadAttention(D, HEADS, kv_heads, use_sinks=True)
+    init = linen_layer.lazy_init(jax.random.PRNGKey(0), jax.ShapeDtypeStruct(x.shape, x.dtype))
+    params = {n: {"kernel": state[n]["kernel"][...]} for n in ("wq", "wk", "wv", "wo")}
+    params = {"params": {**params, "sinks": state["sinks"][...]}}
+    chex.assert_trees_all_equal_shapes_and_dtypes(init, params)
+    np.testing.assert_array_equal(init["params"]["sinks"], np.zeros(HEADS))
+    step = jax.jit(lambda x, cache: linen_layer.apply(params, x, cache=cache))
+    y, cache = step(x[:, :17], KVCache.empty(B, 24, kv_heads, hd))  # 17 > DECODE_MAX_QUERIES
+    ys = [y]
+    for t in range(17, seq):
+        y, cache = step(x[:, t : t + 1], cache)  # decode_attention
+        ys.append(y)
+    np.testing.assert_allclose(np.concatenate(ys, 1), full, atol=1e-5)
+
+
+def test_a_layer_with_a_mesh_hands_its_sinks_to_ring_attention(monkeypatch):
+    """With a mesh the layer runs ring attention (which tests/test_parallel.py checks with sinks
+    on 8 devices); here that the layer's sinks get there, through a stand-in that records them."""
+    import chunkattn.parallel
+    from chunkattn.nn import MultiHeadAttention
+
+    seen = []
+
+    def ring(q, k, v, *, mesh, axis_name, is_causal, sinks=None, **_):
+        seen.append(sinks)
+        return chunkattn.dot_product_attention(q, k, v, is_causal=is_causal, sinks=sinks)
+
+    monkeypatch.setattr(chunkattn.parallel, "ring_attention", ring)
+    mesh = jax.make_mesh((1,), ("sp",), axis_types=(jax.sharding.AxisType.Auto,))
+    sinks = jnp.array([-2.0, 0.0, 1.0, 3.0])
+    layers = [
+        MultiHeadAttention(D, HEADS, 2, use_sinks=True, rngs=nnx.Rngs(0), **kw)
+        for kw in ({}, {"mesh": mesh})
+    ]
+    for layer in layers:
+        layer.sinks[...] = sinks
+    x = _x(15)
+    np.testing.assert_array_equal(layers[1](x), layers[0](x))
+    assert len(seen) == 1
+    np.testing.assert_array_equal(seen[0], sinks)
+
+
+def test_sinks_follow_param_dtype():
+    from chunkattn.nn import LinenMultiHeadAttention, MultiHeadAttention
+
+    bf16 = jnp.bfloat16
+    layer = MultiHeadAttention(D, HEADS, use_sinks=True, param_dtype=bf16, rngs=nnx.Rngs(0))
+    assert layer.sinks[...].dtype == bf16 and layer.wq.kernel[...].dtype == bf16
+    assert MultiHeadAttention(D, HEADS, rngs=nnx.Rngs(0)).sinks is None
+    linen_layer = LinenMultiHeadAttention(dim=D, num_heads=HEADS, use_sinks=True, param_dtype=bf16)
+    shapes = jax.eval_shape(linen_layer.init, jax.random.PRNGKey(0), _x())["params"]
+    assert shapes["sinks"].shape == (HEADS,)
+    assert {a.dtype for a in jax.tree.leaves(shapes)} == {jnp.dtype(bf16)}
+    plain = LinenMultiHeadAttention(dim=D, num_heads=HEADS)
+    assert "sinks" not in jax.eval_shape(plain.init, jax.random.PRNGKey(0), _x())["params"]

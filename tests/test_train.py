@@ -22,6 +22,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from chunkattn import train
 
@@ -299,6 +300,7 @@ def test_corrupt_checkpoint_exits_2(straight, tmp_path, capsys):
         (["--attention", "caterpillar", "--caterpillar-length", "0"], "must be positive"),
         (["--dpfp-nu", "2"], "--dpfp-nu applies to --attention delta, not chunked"),
         (["--attention", "delta", "--caterpillar-length", "8"], "applies to --attention cater"),
+        (["--attention", "linear", "--sinks"], "--sinks applies to --attention chunked, pallas"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
@@ -398,3 +400,31 @@ def test_sequence_parallelism_needs_the_chunked_attention(capsys, monkeypatch):
         assert train.main(["--mesh", "sp=2", "--attention", attention, "--steps", "1"]) == 2
         err = capsys.readouterr().err
         assert "use --attention chunked" in err and attention in err
+
+
+def test_sinks_flag_trains_is_saved_and_resumes(straight, corpus, tmp_path, capsys):
+    """--sinks: saved in config.json, taken from it by --resume (whose restore needs the sinks'
+    parameters), refused where the run had none (also a run saved before the option existed);
+    the layers' sinks train."""
+    out = tmp_path / "sinks"
+    argv = ["--data", corpus, *SMALL, "--out", str(out)]
+    assert _main_on_cpu([*argv, "--steps", "2", "--sinks"]) == 0
+    assert json.loads((out / "config.json").read_text())["options"]["sinks"] is True
+    assert all(np.isfinite(r["loss"]) for r in _rows(out))
+    capsys.readouterr()
+    assert _main_on_cpu(["--out", str(out), "--resume"]) == 0
+    assert "nothing to train: the run is at step 2 of 2" in capsys.readouterr().out
+    a = train.parse_args(["--data", corpus, *SMALL, "--sinks", "--out", str(out)])
+    model, _, _, params, tx, *_ = train.build(a)
+    params, _, step = train.restore(out, params, tx.init(params))
+    nnx.update(model, params)
+    assert step == 2 and all(np.asarray(b.attn.sinks[...]).all() for b in model.blocks)
+    old = tmp_path / "old"  # a run saved before --sinks existed had none
+    old.mkdir()
+    config = json.loads((straight["out"] / "config.json").read_text())
+    del config["options"]["sinks"]
+    (old / "config.json").write_text(json.dumps(config))
+    for run in (straight["out"], old):
+        assert _main_on_cpu(["--out", str(run), "--resume", "--sinks"]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and "--sinks True differs from the run's False" in err[0], err

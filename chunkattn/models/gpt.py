@@ -4,6 +4,7 @@ positions, optional tied embeddings, chunkattn attention, and `generate()` with 
 Byte-level by default (vocab 256). The attention implementation is a config field:
 "chunked", "pallas", "xla" (chunkattn's dispatcher), "cudnn" (`jax.nn.dot_product_attention`), or
 a linear-time variant "linear", "delta", "caterpillar" (`chunkattn.variants.layers`, no KV cache).
+`sinks=True` gives every attention layer learnable attention sinks (gpt-oss), one logit per head.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from chunkattn.nn.layers import KVCache, MultiHeadAttention
 Array = jax.Array
 
 ATTENTION = ("chunked", "pallas", "xla", "cudnn", "linear", "delta", "caterpillar")
+SINKS = ("chunked", "pallas", "xla")  # the attentions whose softmax takes sinks (chunkattn's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,7 @@ class GPTConfig:
     dpfp_nu: int = 1  # attention="delta": DPFP ν, key features 2·H·ν (capacity of the fast weights)
     caterpillar_heads: int = 4  # attention="caterpillar": CH, recurrent rows mixed by the gates
     caterpillar_length: int = 16  # attention="caterpillar": CL, the period and softmax window
+    sinks: bool = False  # attention sinks: a learned logit per head in each softmax denominator
 
     def __post_init__(self):
         if self.attention not in ATTENTION:
@@ -57,6 +60,11 @@ class GPTConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.sinks and self.attention not in SINKS:
+            raise ValueError(
+                f"GPTConfig.sinks needs attention in {SINKS} (their softmax takes sinks), got "
+                f"attention={self.attention!r}"
+            )
         if self.dim % self.num_heads:
             raise ValueError(f"GPTConfig.dim={self.dim} must divide by num_heads={self.num_heads}")
 
@@ -103,6 +111,7 @@ class Block(nnx.Module):
             dtype=cfg.dtype,
             rngs=rngs,
             **({} if mesh is None else {"mesh": mesh}),
+            **({"use_sinks": True} if cfg.sinks else {}),
             **variant,
         )
         self.ln2 = nnx.LayerNorm(cfg.dim, dtype=cfg.dtype, rngs=rngs)

@@ -243,10 +243,15 @@ def make_attention_fn(**options: Any) -> Callable[..., Array]:
 
     Options are any keyword arguments of `chunkattn.dot_product_attention` that Flax does not
     pass itself: `is_causal`, `local_window_size`, `segment_ids`, `query_seq_lengths`,
-    `key_value_seq_lengths`, `mask_fn`, `score_fn`, `logits_soft_cap`, `implementation`,
-    `config`... so masks that should never be materialised are computed per chunk. A baked-in
-    `is_causal=True` and the `is_causal` an nnx module passes at call time combine with OR:
-    either one makes the attention causal (`is_causal=False` at call time cannot undo it).
+    `key_value_seq_lengths`, `mask_fn`, `score_fn`, `logits_soft_cap`, `sinks`,
+    `implementation`, `config`... so masks that should never be materialised are computed per
+    chunk. A baked-in `is_causal=True` and the `is_causal` an nnx module passes at call time
+    combine with OR: either one makes the attention causal (`is_causal=False` at call time
+    cannot undo it).
+
+    `sinks` [N] (attention sinks, one logit per query head) may be a traced value: built inside
+    a module's call from a parameter it owns, the function carries that parameter's gradient
+    (sown weights then leave each row's sink share out, so they sum to less than 1).
 
     Example:
         >>> layer = nnx.MultiHeadAttention(

@@ -1,5 +1,5 @@
 """An nnx multi-head attention layer on chunkattn: grouped-query heads, rotary positions, masks
-computed per chunk, and a KV cache for decoding.
+computed per chunk, optional attention sinks, and a KV cache for decoding.
 
 The cache is a value (`KVCache`), passed in and returned, so a decode step is a pure function
 that jits once: `y, cache = layer(x, cache=cache)`. A call with a cache writes its keys and
@@ -7,6 +7,10 @@ values at `cache.length` (a multi-token prefill or a single token) and attends w
 `q_offset = length` and `key_value_seq_lengths = length + T`, so only the filled part of the
 cache is read: a decode step (T ≤ `DECODE_MAX_QUERIES`) by `chunkattn.decode.decode_attention`,
 a prefill by `dot_product_attention`.
+
+With `use_sinks=True` a layer owns a parameter `sinks` [N] (zeros at init): one logit per query
+head that joins every row's softmax denominator and carries no value (gpt-oss), passed as `sinks=`
+to every one of those calls, so the full pass, a prefill and the decode steps agree.
 
 A write never corrupts the cache silently. A call whose tokens do not fit (`cache.length + T`
 past the cache's `max_len`, or a negative length) raises ValueError when `cache.length` is
@@ -116,12 +120,18 @@ def _write_cache(cache: KVCache, k: Array, v: Array) -> tuple[KVCache, Array | N
 
 
 def _attend(
-    layer: Any, q: Array, k: Array, v: Array, cache: KVCache | None, segment_ids: Array | None
+    layer: Any,
+    q: Array,
+    k: Array,
+    v: Array,
+    cache: KVCache | None,
+    segment_ids: Array | None,
+    sinks: Array | None,
 ) -> tuple[Array, KVCache | None]:
     """Shared by both layers: RoPE, the cache update and the chunkattn call.
 
-    q [B, T, N, H], k and v [B, T, K, H]; `layer` supplies rope, rope_base, is_causal,
-    local_window_size, implementation, config and decode_config.
+    q [B, T, N, H], k and v [B, T, K, H], sinks [N] or None; `layer` supplies rope, rope_base,
+    is_causal, local_window_size, implementation, config and decode_config.
     """
     batch, seq = q.shape[:2]
     if cache is not None and not isinstance(cache, KVCache):
@@ -144,6 +154,7 @@ def _attend(
             mesh=mesh,
             axis_name="sp",
             is_causal=layer.is_causal,
+            sinks=sinks,
             config=layer.config,
             batch_axis=batch_axis,
         )
@@ -153,6 +164,7 @@ def _attend(
         local_window_size=layer.local_window_size,
         implementation=layer.implementation,
         config=layer.config,
+        sinks=sinks,
     )
     if cache is not None:
         if segment_ids is not None:
@@ -172,6 +184,7 @@ def _attend(
                 is_causal=layer.is_causal,
                 local_window_size=layer.local_window_size,
                 config=layer.decode_config,
+                sinks=sinks,
             )
         else:
             kwargs.update(q_offset=start, key_value_seq_lengths=filled)
@@ -197,6 +210,10 @@ class MultiHeadAttention(nnx.Module):
         a cache, implementation None or "chunked"), which go through `decode_attention`.
       mesh: a `jax.sharding.Mesh` with an axis "sp" (and optionally "dp"): attention runs as
         `chunkattn.parallel.ring_attention` with the sequence sharded over "sp".
+      use_sinks: own a parameter `sinks` [num_heads] (zeros at init), one logit per query head
+        that joins each row's softmax denominator and carries no value (gpt-oss).
+      dtype: the computation dtype. param_dtype: the parameters' dtype (the projections and
+        `sinks`), float32 by default as in Flax.
 
     A call with `cache=` writes T tokens at `cache.length`; tokens that do not fit raise
     ValueError (concrete length) or, under jit, a checkify error when the step runs under
@@ -225,7 +242,9 @@ class MultiHeadAttention(nnx.Module):
         config: Any = None,
         decode_config: DecodeConfig | None = None,
         dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
         mesh: Any = None,
+        use_sinks: bool = False,
         rngs: nnx.Rngs,
     ):
         num_kv_heads = num_kv_heads or num_heads
@@ -249,9 +268,13 @@ class MultiHeadAttention(nnx.Module):
         )
         self.decode_config = decode_config
         hd = self.head_dim
-        lin = lambda i, o: nnx.Linear(i, o, use_bias=False, dtype=dtype, rngs=rngs)
+        lin = lambda i, o: nnx.Linear(
+            i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
         self.wq, self.wk = lin(dim, num_heads * hd), lin(dim, num_kv_heads * hd)
         self.wv, self.wo = lin(dim, num_kv_heads * hd), lin(num_heads * hd, dim)
+        # Used as stored, not cast to `dtype`: the core keeps softmax statistics in float32.
+        self.sinks = nnx.Param(jnp.zeros((num_heads,), param_dtype)) if use_sinks else None
 
     def __call__(
         self, x: Array, *, cache: KVCache | None = None, segment_ids: Array | None = None
@@ -260,7 +283,8 @@ class MultiHeadAttention(nnx.Module):
         q = self.wq(x).reshape(batch, seq, self.num_heads, self.head_dim)  # (B, T, N, H)
         k = self.wk(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)  # (B, T, K, H)
         v = self.wv(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)  # (B, T, K, H)
-        out, cache = _attend(self, q, k, v, cache, segment_ids)
+        sinks = None if self.sinks is None else self.sinks[...]  # (N,)
+        out, cache = _attend(self, q, k, v, cache, segment_ids, sinks)
         y = self.wo(out.reshape(batch, seq, self.num_heads * self.head_dim))
         return y if cache is None else (y, cache)
 
@@ -269,6 +293,7 @@ class LinenMultiHeadAttention(linen.Module):
     """The linen counterpart of `MultiHeadAttention` (same parameters' roles, same masks).
 
     Call as `y = layer(x)` or, decoding, `y, cache = layer(x, cache=cache)` with a `KVCache`.
+    `use_sinks=True` adds the parameter "sinks" [num_heads] (zeros at init, `param_dtype`).
     """
 
     dim: int
@@ -281,6 +306,8 @@ class LinenMultiHeadAttention(linen.Module):
     implementation: str | None = None
     config: Any = None
     decode_config: DecodeConfig | None = None
+    use_sinks: bool = False
+    param_dtype: Any = jnp.float32
 
     @linen.compact
     def __call__(
@@ -289,10 +316,16 @@ class LinenMultiHeadAttention(linen.Module):
         kv_heads = self.num_kv_heads or self.num_heads
         hd = self.dim // self.num_heads
         batch, seq, _ = x.shape
-        dense = lambda n, name: linen.Dense(n, use_bias=False, name=name)
+        dense = lambda n, name: linen.Dense(
+            n, use_bias=False, param_dtype=self.param_dtype, name=name
+        )
         q = dense(self.num_heads * hd, "wq")(x).reshape(batch, seq, self.num_heads, hd)
         k = dense(kv_heads * hd, "wk")(x).reshape(batch, seq, kv_heads, hd)  # (B, T, K, H)
         v = dense(kv_heads * hd, "wv")(x).reshape(batch, seq, kv_heads, hd)
-        out, cache = _attend(self, q, k, v, cache, segment_ids)
+        sinks = None
+        if self.use_sinks:
+            zeros = linen.initializers.zeros_init()
+            sinks = self.param("sinks", zeros, (self.num_heads,), self.param_dtype)  # (N,)
+        out, cache = _attend(self, q, k, v, cache, segment_ids, sinks)
         y = dense(self.dim, "wo")(out.reshape(batch, seq, self.num_heads * hd))
         return y if cache is None else (y, cache)
