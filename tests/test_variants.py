@@ -7,7 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chunkattn.variants import caterpillar, delta_rule, dpfp, linear_attention
+from chunkattn.variants import (
+    caterpillar,
+    delta_rule,
+    delta_rule_reference,
+    delta_rule_step,
+    dpfp,
+    linear_attention,
+)
 
 
 def linear_recurrence(q, k, v, phi, normalize):
@@ -220,3 +227,175 @@ def test_layer_knobs_change_the_computation_and_are_checked():
     for field in ("dpfp_nu", "caterpillar_heads", "caterpillar_length"):
         with pytest.raises(ValueError, match=field):
             GPTConfig(**{field: 0})
+
+
+def gated_delta_recurrence(q, k, v, beta, log_decay, w0):
+    """The definition, with matrices: W_t = α_t W_{t−1} (I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ,
+    α_t = exp(g_t), y_t = W_t q_t. W is [B, N, Hv, Hk]; returns (y, W_T)."""
+    eye = jnp.eye(q.shape[-1])
+
+    def step(w, x):
+        qt, kt, vt, bt, gt = x  # (B, N, H), (B, N, H), (B, N, Hv), (B, N), (B, N)
+        proj = eye - bt[..., None, None] * jnp.einsum("bnh,bni->bnhi", kt, kt)  # (B, N, H, H)
+        w = jnp.exp(gt)[..., None, None] * jnp.einsum("bnvh,bnhi->bnvi", w, proj)
+        w = w + bt[..., None, None] * jnp.einsum("bnv,bnh->bnvh", vt, kt)
+        return w, jnp.einsum("bnvh,bnh->bnv", w, qt)
+
+    xs = tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v, beta, log_decay))
+    w, ys = jax.lax.scan(step, w0, xs)
+    return jnp.swapaxes(ys, 0, 1), w
+
+
+def _gated_inputs(t, *, strong=False, seed=0, b=2, n=2, h=4, hv=3):
+    """q, k (unit rows), v, β ∈ (0, 1), g ∈ [−1, 0] (strong: half the steps at −20), W₀.
+
+    NumPy, not jax.random: eager random ops would each compile, slower than the test itself.
+    """
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: rng.standard_normal(shape, np.float32)
+    q, k, v = normal(b, t, n, h), normal(b, t, n, h), normal(b, t, n, hv)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    beta = 1 / (1 + np.exp(-normal(b, t, n)))
+    g = rng.uniform(-1.0, 0.0, (b, t, n)).astype(np.float32)
+    if strong:
+        g[rng.random(g.shape) < 0.5] = -20.0
+    return q, k, v, beta, g, normal(b, n, hv, h)
+
+
+GATED_CHUNK = 8
+
+
+@jax.jit
+def _gated_pair(q, k, v, beta, g, w0):
+    """(outputs, final states, gradients) of delta_rule and of the recurrence: one compilation
+    shared by every test with these shapes."""
+    proj = jax.random.normal(jax.random.PRNGKey(5), v.shape)
+
+    def chunked(q, k, v, beta, g, w0):
+        y, s = delta_rule(
+            q,
+            k,
+            v,
+            beta,
+            log_decay=g,
+            chunk_size=GATED_CHUNK,
+            initial_state=jnp.swapaxes(w0, -1, -2),
+            return_state=True,
+        )
+        return y, jnp.swapaxes(s, -1, -2)  # the state as W [B, N, Hv, Hk]
+
+    def loss(fn):  # the state's gradient too: a chunked prefill differentiates through it
+        return lambda *a: jnp.sum(fn(*a)[0] * proj) + jnp.sum(jnp.sin(fn(*a)[1]))
+
+    out = []
+    for fn in (chunked, gated_delta_recurrence):
+        y, w = fn(q, k, v, beta, g, w0)
+        out.append((y, w, jax.grad(loss(fn), argnums=tuple(range(6)))(q, k, v, beta, g, w0)))
+    return out
+
+
+@pytest.mark.parametrize("strong", [False, True], ids=["g_in_-1_0", "half_at_-20"])
+def test_gated_delta_rule_matches_the_recurrence(strong):
+    """Forward, final state and the gradients of q, k, v, β, log_decay and the initial state, at
+    T = 21 (not a multiple of the chunk, 8), with the decay down to −20 per step."""
+    args = _gated_inputs(21, strong=strong)
+    (y, w, grads), (y_ref, w_ref, grads_ref) = _gated_pair(*args)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(w, w_ref, rtol=1e-4, atol=1e-5)
+    names = ("q", "k", "v", "beta", "log_decay", "initial_state")
+    for name, a, b in zip(names, grads, grads_ref, strict=True):
+        assert np.isfinite(a).all(), name
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4, err_msg=name)
+    if strong:  # a step at −20 forgets the state before it: the output comes from the token
+        assert float(jnp.min(args[4])) == -20.0
+
+
+def test_delta_rule_state_carried_in_and_out():
+    """Chunked prefill in two pieces (13 tokens, then 4: neither a multiple of the chunk, the
+    second shorter than one), then 4 tokens of delta_rule_step, equal one pass over all 21."""
+    q, k, v, beta, g, w0 = _gated_inputs(21)
+    (y_full, w_full, _), _ = _gated_pair(q, k, v, beta, g, w0)
+    s = jnp.swapaxes(w0, -1, -2)  # the state is Wᵀ: [B, N, Hk, Hv]
+    ys = []
+    for lo, hi in ((0, 13), (13, 17)):
+        piece = (x[:, lo:hi] for x in (q, k, v, beta))
+        y, s = delta_rule(
+            *piece, log_decay=g[:, lo:hi], chunk_size=GATED_CHUNK, initial_state=s,
+            return_state=True,
+        )  # fmt: skip
+        ys.append(y)
+    step = jax.jit(delta_rule_step)
+    for i in range(17, 21):
+        y, s = step(s, q[:, i], k[:, i], v[:, i], beta[:, i], g[:, i])
+        ys.append(y[:, None])
+    assert s.dtype == jnp.float32 and s.shape == (2, 2, 4, 3)
+    np.testing.assert_allclose(jnp.concatenate(ys, axis=1), y_full, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jnp.swapaxes(s, -1, -2), w_full, rtol=1e-4, atol=1e-5)
+
+
+@jax.jit
+def _references(q, k, v, beta, g, w0):
+    s0 = jnp.swapaxes(w0, -1, -2)
+    zero = jnp.zeros_like(g)
+    return (
+        delta_rule_reference(q, k, v, beta, log_decay=g, initial_state=s0, return_state=True),
+        gated_delta_recurrence(q, k, v, beta, g, w0),
+        delta_rule(q, k, v, beta, chunk_size=GATED_CHUNK, initial_state=s0, return_state=True),
+        gated_delta_recurrence(q, k, v, beta, zero, w0),
+    )
+
+
+def test_delta_rule_reference_and_the_ungated_state():
+    """delta_rule_reference (a scan of delta_rule_step) is the definition; without log_decay
+    the chunked form takes and returns the state too."""
+    (y, s), (y_def, w_def), (y1, s1), (y1_def, w1_def) = _references(*_gated_inputs(11, seed=1))
+    for got, want in ((y, y_def), (y1, y1_def)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    for got, want in ((s, w_def), (s1, w1_def)):  # the state is Wᵀ
+        np.testing.assert_allclose(jnp.swapaxes(got, -1, -2), want, rtol=1e-4, atol=1e-5)
+
+
+def test_gated_delta_rule_bf16_inputs():
+    """bf16 in, bf16 out, float32 inside: close to the float32 recurrence, state in float32."""
+    q, k, v, beta, g, w0 = _gated_inputs(19, strong=True, seed=2)
+    half = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v, beta))
+    y, s = delta_rule(
+        *half, log_decay=jnp.asarray(g, jnp.bfloat16), chunk_size=GATED_CHUNK, return_state=True
+    )
+    assert y.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+    y_ref, w_ref = gated_delta_recurrence(q, k, v, beta, g, np.zeros_like(w0))
+    np.testing.assert_allclose(y.astype(jnp.float32), y_ref, atol=0.1)
+    np.testing.assert_allclose(jnp.swapaxes(s, -1, -2), w_ref, atol=0.1)
+
+
+def test_delta_rule_argument_errors():
+    q, k, v, beta, g, w0 = _gated_inputs(5)
+    s0 = np.swapaxes(w0, -1, -2)
+    bad = [
+        (dict(log_decay=g[..., :1]), r"log_decay must be \[B, T, N\] = \(2, 5, 2\), got \(2, 5, 1"),
+        (dict(log_decay=-g), "log_decay must be <= 0 .* got a maximum of"),
+        (dict(log_decay=np.full_like(g, np.nan)), "log_decay must be <= 0"),
+        (dict(initial_state=w0), r"initial_state must be \[B, N, Hk, Hv\] = \(2, 2, 4, 3\)"),
+        (dict(chunk_size=0), "chunk_size must be >= 1, got 0"),
+    ]  # fmt: skip
+    for kwargs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            delta_rule(q, k, v, beta, **kwargs)
+    with pytest.raises(ValueError, match=r"k must be .* got k.shape=\(2, 5, 2, 3\)"):
+        delta_rule(q, k[..., :3], v, beta)
+    with pytest.raises(ValueError, match=r"v must be \[B, T, N, Hv\]"):
+        delta_rule(q, k, v[:, :4], beta)
+    with pytest.raises(ValueError, match="beta must be"):
+        delta_rule(q, k, v, beta[..., 0])
+    empty = (x[:, :0] for x in (q, k, v, beta))
+    y, s = delta_rule(*empty, initial_state=s0, return_state=True)
+    assert y.shape == (2, 0, 2, 3) and np.array_equal(s, s0)  # no tokens: the state unchanged
+    one = (q[:, 0], k[:, 0], v[:, 0], beta[:, 0])
+    with pytest.raises(ValueError, match=r"q must be \[B, N, Hk\] \(one token\)"):
+        delta_rule_step(s0, q, k, v, beta)
+    with pytest.raises(ValueError, match=r"state must be \[B, N, Hk, Hv\] = \(2, 2, 4, 3\)"):
+        delta_rule_step(w0, *one)
+    with pytest.raises(ValueError, match=r"log_decay must be \[B, N\] = \(2, 2\)"):
+        delta_rule_step(s0, *one, g)
+    with pytest.raises(ValueError, match="log_decay must be <= 0"):
+        delta_rule_step(s0, *one, -g[:, 0])
