@@ -31,6 +31,8 @@ metrics.jsonl (one row per logged step, each step once), and at the end loss.png
     chunkattn-train --attention delta --dpfp-nu 2               # a linear-time variant
     chunkattn-train --attention caterpillar --caterpillar-heads 4 --caterpillar-length 32
     chunkattn-train --sinks                                     # attention sinks (gpt-oss)
+    chunkattn-train --attention gated_delta                     # Gated DeltaNet layers
+    chunkattn-train --attention hybrid --hybrid-pattern gggs    # 3 Gated DeltaNet : 1 softmax
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ VARIANT_KNOBS = {
     "dpfp_nu": "delta",
     "caterpillar_heads": "caterpillar",
     "caterpillar_length": "caterpillar",
+    "hybrid_pattern": "hybrid",
 }
 NO_KV_CACHE = ("linear", "delta", "caterpillar")  # generate() needs a KV cache: no sample
 SAMPLE_BYTES = 200
@@ -83,7 +86,7 @@ RUN_OPTIONS = (
     *VARIANT_KNOBS,
 )
 # Run options added after the first runs were saved: a config.json without one had this value.
-ADDED_OPTIONS = {"sinks": False}
+ADDED_OPTIONS = {"sinks": False, "hybrid_pattern": _DEFAULTS.hybrid_pattern}
 # Saved too, but a --resume may change them. --mesh describes the machine and is not saved.
 RESUME_OPTIONS = ("steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "sample")
 RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "sample.txt")  # and checkpoints/
@@ -255,6 +258,13 @@ def make_parser() -> argparse.ArgumentParser:
         f"(default: {_DEFAULTS.caterpillar_length})",
     )
     add(
+        "--hybrid-pattern",
+        metavar="LETTERS",
+        default=None,
+        help="--attention hybrid: layer i is LETTERS[i %% len], g = Gated DeltaNet, s = softmax "
+        f"(chunked), e.g. gggs (default: {_DEFAULTS.hybrid_pattern})",
+    )
+    add(
         "--seed",
         type=int,
         metavar="N",
@@ -385,8 +395,13 @@ def check_args(a) -> None:
             raise UsageError(f"{flag} applies to --attention {owner}, not {a.attention}")
         if value is None:
             setattr(a, name, getattr(_DEFAULTS, name))
-        elif value < 1:
+        elif isinstance(value, int) and value < 1:
             raise UsageError(f"{flag} must be positive, got {value}")
+    if a.attention == "hybrid":
+        try:
+            GPTConfig(attention="hybrid", num_layers=a.layers, hybrid_pattern=a.hybrid_pattern)
+        except ValueError as e:
+            raise UsageError(f"--hybrid-pattern {a.hybrid_pattern}: {e}") from None
     prompt = _prompt_len(a.max_seq_len)
     room = a.max_seq_len - prompt
     if a.sample is None:

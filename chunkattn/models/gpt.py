@@ -3,7 +3,10 @@ positions, optional tied embeddings, chunkattn attention, and `generate()` with 
 
 Byte-level by default (vocab 256). The attention implementation is a config field:
 "chunked", "pallas", "xla" (chunkattn's dispatcher), "cudnn" (`jax.nn.dot_product_attention`), or
-a linear-time variant "linear", "delta", "caterpillar" (`chunkattn.variants.layers`, no KV cache).
+a linear-time variant "linear", "delta", "caterpillar" (`chunkattn.variants.layers`, no KV cache),
+"gated_delta" (Gated DeltaNet, which decodes from its recurrent state), or "hybrid": layer i is
+`hybrid_pattern[i % len(hybrid_pattern)]`, g for Gated DeltaNet and s for softmax (chunked), as
+Qwen3-Next interleaves them.
 `sinks=True` gives every attention layer learnable attention sinks (gpt-oss), one logit per head.
 """
 
@@ -20,7 +23,10 @@ from chunkattn.nn.layers import KVCache, MultiHeadAttention
 
 Array = jax.Array
 
-ATTENTION = ("chunked", "pallas", "xla", "cudnn", "linear", "delta", "caterpillar")
+ATTENTION = (
+    "chunked", "pallas", "xla", "cudnn", "linear", "delta", "caterpillar", "gated_delta", "hybrid",
+)  # fmt: skip
+HYBRID_LAYERS = {"g": "gated_delta", "s": "chunked"}  # the letters of GPTConfig.hybrid_pattern
 SINKS = ("chunked", "pallas", "xla")  # the attentions whose softmax takes sinks (chunkattn's)
 
 
@@ -35,12 +41,13 @@ class GPTConfig:
     mlp_ratio: int = 4  # MLP hidden width = mlp_ratio · D
     rope: bool = True  # rotary positions (else learned absolute positions)
     tie_embeddings: bool = True  # output projection = token embedding transposed
-    attention: str = "chunked"  # chunked | pallas | xla | cudnn | linear | delta | caterpillar
+    attention: str = "chunked"  # one of ATTENTION
     dtype: Any = jnp.float32  # computation dtype
     dpfp_nu: int = 1  # attention="delta": DPFP ν, key features 2·H·ν (capacity of the fast weights)
     caterpillar_heads: int = 4  # attention="caterpillar": CH, recurrent rows mixed by the gates
     caterpillar_length: int = 16  # attention="caterpillar": CL, the period and softmax window
     sinks: bool = False  # attention sinks: a learned logit per head in each softmax denominator
+    hybrid_pattern: str = "gs"  # attention="hybrid": layer i is pattern[i % len], g/s as above
 
     def __post_init__(self):
         if self.attention not in ATTENTION:
@@ -67,6 +74,26 @@ class GPTConfig:
             )
         if self.dim % self.num_heads:
             raise ValueError(f"GPTConfig.dim={self.dim} must divide by num_heads={self.num_heads}")
+        if not self.hybrid_pattern or set(self.hybrid_pattern) - set(HYBRID_LAYERS):
+            raise ValueError(
+                f"GPTConfig.hybrid_pattern must be letters {'/'.join(HYBRID_LAYERS)} "
+                f"({', '.join(f'{k}: {v}' for k, v in HYBRID_LAYERS.items())}), got "
+                f"{self.hybrid_pattern!r}"
+            )
+        if self.attention == "hybrid" and len(set(self.layer_attention)) < 2:
+            raise ValueError(
+                f"GPTConfig.hybrid_pattern={self.hybrid_pattern!r} with num_layers="
+                f"{self.num_layers} gives only {self.layer_attention[0]} layers: a hybrid needs"
+                " both"
+            )
+
+    @property
+    def layer_attention(self) -> tuple[str, ...]:
+        """The attention of each block: `attention`, or the hybrid pattern's letters cycled."""
+        if self.attention != "hybrid":
+            return (self.attention,) * self.num_layers
+        p = self.hybrid_pattern
+        return tuple(HYBRID_LAYERS[p[i % len(p)]] for i in range(self.num_layers))
 
 
 class _CudnnAttention(MultiHeadAttention):
@@ -89,25 +116,29 @@ class _CudnnAttention(MultiHeadAttention):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, mesh: Any = None):
-        cudnn = cfg.attention == "cudnn"
+    def __init__(
+        self, cfg: GPTConfig, *, rngs: nnx.Rngs, mesh: Any = None, attention: str | None = None
+    ):
+        """`attention`: this block's kind (default cfg.attention; a hybrid's layers differ)."""
+        attention = attention or cfg.attention
+        cudnn = attention == "cudnn"
         layer = _CudnnAttention if cudnn else MultiHeadAttention
         variant = {}  # the knobs of a chunkattn.variants layer (they ignore the softmax ones)
-        if cfg.attention in ("linear", "delta", "caterpillar"):
+        if attention in ("linear", "delta", "caterpillar", "gated_delta"):
             from chunkattn.variants.layers import LAYERS
 
-            layer = LAYERS[cfg.attention]
+            layer = LAYERS[attention]
             variant = {
                 "delta": {"nu": cfg.dpfp_nu},
                 "caterpillar": {"height": cfg.caterpillar_heads, "length": cfg.caterpillar_length},
-            }.get(cfg.attention, {})
+            }.get(attention, {})
         self.ln1 = nnx.LayerNorm(cfg.dim, dtype=cfg.dtype, rngs=rngs)
         self.attn = layer(
             cfg.dim,
             cfg.num_heads,
             cfg.num_kv_heads,
             rope=cfg.rope,
-            implementation=None if cudnn else cfg.attention,
+            implementation=None if cudnn else attention,
             dtype=cfg.dtype,
             rngs=rngs,
             **({} if mesh is None else {"mesh": mesh}),
@@ -138,7 +169,7 @@ class GPT(nnx.Module):
         self.pos = (
             None if cfg.rope else nnx.Embed(cfg.max_seq_len, cfg.dim, dtype=cfg.dtype, rngs=rngs)
         )
-        blocks = [Block(cfg, rngs=rngs, mesh=mesh) for _ in range(cfg.num_layers)]
+        blocks = [Block(cfg, rngs=rngs, mesh=mesh, attention=a) for a in cfg.layer_attention]
         self.blocks = nnx.List(blocks) if hasattr(nnx, "List") else blocks
         self.ln_f = nnx.LayerNorm(cfg.dim, dtype=cfg.dtype, rngs=rngs)
         self.head = (
@@ -170,14 +201,17 @@ class GPT(nnx.Module):
             else (logits.astype(jnp.float32), new_caches)
         )
 
-    def empty_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
+    def empty_caches(self, batch: int, max_len: int | None = None) -> list[Any]:
+        """A KVCache per softmax layer; a Gated DeltaNet layer's own (recurrent state) cache."""
         cfg = self.cfg
         kv = cfg.num_kv_heads or cfg.num_heads
         return [
-            KVCache.empty(
+            block.attn.empty_cache(batch)
+            if hasattr(block.attn, "empty_cache")
+            else KVCache.empty(
                 batch, max_len or cfg.max_seq_len, kv, cfg.dim // cfg.num_heads, cfg.dtype
             )
-            for _ in range(cfg.num_layers)
+            for block in self.blocks
         ]
 
 
