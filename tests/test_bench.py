@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import pathlib
@@ -60,8 +61,9 @@ def test_results_go_to_the_untracked_bench_out_by_default(capsys):
         assert probe.returncode == 0, "bench/out/ must be ignored by git"
     import decode
     import variants
+    import varlen
 
-    for module in (speed, memory_vs_seqlen, decode, variants):
+    for module in (speed, memory_vs_seqlen, decode, variants, varlen):
         with pytest.raises(SystemExit):
             module.main(["--help"])
         text = " ".join(capsys.readouterr().out.split())
@@ -352,3 +354,44 @@ def test_memory_workers_get_the_gpu_memory_the_parent_leaves(monkeypatch):
     assert env["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
     assert float(env["XLA_PYTHON_CLIENT_MEM_FRACTION"]) >= 0.9
     assert memory_vs_seqlen.PARENT_ENV == {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+
+
+def test_varlen_compares_packing_and_sweeps_documents(tmp_path, capsys):
+    import varlen
+
+    args = ["--tokens", "256", "--docs", "8", "--sweep", "1", "--heads", "2", "--head-dim", "8"]
+    args += ["--impls", "varlen", "padded", "--reps", "1", "--out", str(tmp_path)]
+    assert varlen.main(args) == 0
+    (csv_path,) = tmp_path.glob("varlen_*.csv")
+    assert list(tmp_path.glob("varlen_*.png"))
+    rows = _rows(csv_path)
+    assert list(rows[0]) == varlen.COLUMNS
+    assert [(i, n) for i, n, _ in _progress(capsys.readouterr().out)] == [(1, 3), (2, 3), (3, 3)]
+    assert [(r["part"], r["impl"], r["num_docs"]) for r in rows] == [
+        ("compare", "varlen", "8"),
+        ("compare", "padded", "8"),
+        ("sweep", "varlen", "1"),
+    ]
+    for r in rows:
+        assert r["status"] == "ok" and float(r["fwdbwd_ms"]) > 0 and int(r["fwdbwd_temp_bytes"]) > 0
+        assert int(r["total_tokens"]) == 256 and r["date"] and r["jax_version"] and r["device"]
+    assert float(rows[0]["fwdbwd_vs_varlen"]) == 1.0 and float(rows[1]["fwdbwd_vs_varlen"]) > 0
+    # Pairs: the documents' causal pairs, the padded batch's, the whole square's.
+    lengths = varlen.document_lengths(256, 8, 0)
+    assert lengths.sum() == 256 and lengths.min() >= 1 and int(rows[0]["max_len"]) == lengths.max()
+    assert int(rows[0]["causal_pairs"]) == sum(t * (t + 1) // 2 for t in lengths)
+    assert int(rows[2]["causal_pairs"]) == 256 * 257 // 2
+    assert [r["layout"] for r in rows] == ["[256, N, H]", f"[8, {lengths.max()}, N, H]"] + [
+        "[256, N, H]"
+    ]
+    # A program past the memory limit is compiled (its temp bytes known) but not run.
+    tiny = argparse.Namespace(
+        heads=2, head_dim=8, reps=1, warmup=0, implementation=None, time_limit_gib=1e-9
+    )
+    row = varlen.measure("dense_segments", lengths, tiny, "compare", jax.numpy.dtype("float32"), {})
+    assert row["status"].startswith("not timed") and row["fwdbwd_temp_bytes"] > 0
+    assert "fwdbwd_ms" not in row and row["status"].endswith("limit")
+    # --replot redraws the committed CSV's plot.
+    png = csv_path.with_suffix(".png")
+    png.unlink()
+    assert varlen.main(["--replot", str(csv_path)]) == 0 and png.stat().st_size > 0
