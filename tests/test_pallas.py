@@ -14,7 +14,6 @@ to the GPU.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from unittest import mock
 
 import jax
@@ -26,6 +25,8 @@ from attention_suite import AttentionSuite
 import chunkattn
 from chunkattn import testing
 from chunkattn.pallas import PallasConfig
+from chunkattn.pallas.config import heuristic
+from chunkattn.pallas.kernel_common import segment_ranges
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -271,12 +272,11 @@ def test_declined_functions_fall_back_to_chunked_on_gpu(monkeypatch):
 def test_dense_tiles_halve_the_default_key_block():
     """A bias/mask varying along T and S streams a tile per step: the default key block halves
     (shared memory, bench/NOTES.md v5); index-only masks and a user's block_k are untouched."""
-    pa = importlib.import_module("chunkattn.pallas.attention")
-    plain = pa._heuristic(128, jnp.bfloat16, 4096, 4096, PallasConfig())
-    tiles = pa._heuristic(128, jnp.bfloat16, 4096, 4096, PallasConfig(), dense_tiles=True)
+    plain = heuristic(128, jnp.bfloat16, 4096, 4096, PallasConfig())
+    tiles = heuristic(128, jnp.bfloat16, 4096, 4096, PallasConfig(), dense_tiles=True)
     assert (plain["block_k"], tiles["block_k"]) == (128, 64)
     assert tiles["block_q"] == plain["block_q"] and tiles["block_k_bwd"] == plain["block_k_bwd"]
-    mine = pa._heuristic(128, jnp.bfloat16, 4096, 4096, PallasConfig(block_k=128), True)
+    mine = heuristic(128, jnp.bfloat16, 4096, 4096, PallasConfig(block_k=128), True)
     assert mine["block_k"] == 128
 
 
@@ -327,18 +327,17 @@ def test_head_dims_are_not_padded_in_memory():
 def test_segment_ranges_skip_blocks_of_other_documents():
     """Per block, the loops visit only the blocks whose segment ids can meet its own: packed
     documents cost ≈ Σ Tᵢ², and unsorted ids are still exact (first to last meeting block)."""
-    pa = importlib.import_module("chunkattn.pallas.attention")
     docs = jnp.repeat(jnp.arange(8, dtype=jnp.int32), 16)[None]  # 8 documents of 16 tokens
     full = jnp.array([128])
-    r = pa.segment_ranges(docs, docs, full, full, 16, 16, "q")
+    r = segment_ranges(docs, docs, full, full, 16, 16, "q")
     np.testing.assert_array_equal(r[0], np.stack([np.arange(8), np.arange(8) + 1], -1))
-    r = pa.segment_ranges(docs, docs, full, full, 32, 16, "k")  # key block j: query block j // 2
+    r = segment_ranges(docs, docs, full, full, 32, 16, "k")  # key block j: query block j // 2
     np.testing.assert_array_equal(r[0, :, 0], np.arange(8) // 2)
     # Padding past the length takes no part; an unsorted id meets the first and last blocks.
     odd = jnp.array([[5, 5, 1, 1, 2, 2, 5, 5]], jnp.int32)
-    r = pa.segment_ranges(odd, odd, jnp.array([8]), jnp.array([6]), 2, 2, "q")
+    r = segment_ranges(odd, odd, jnp.array([8]), jnp.array([6]), 2, 2, "q")
     np.testing.assert_array_equal(r[0], [[0, 1], [1, 2], [2, 3], [0, 1]])
-    none = pa.segment_ranges(odd, odd + 10, jnp.array([8]), jnp.array([8]), 2, 2, "q")
+    none = segment_ranges(odd, odd + 10, jnp.array([8]), jnp.array([8]), 2, 2, "q")
     assert np.all(none[..., 0] == none[..., 1]), "no shared id: empty ranges"
 
 

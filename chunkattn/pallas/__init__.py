@@ -1,5 +1,22 @@
-"""Fused GPU kernels (Pallas). Imported lazily by `api.py`, never at `import chunkattn`."""
+"""Fused FlashAttention-2 kernels in Pallas (Triton lowering) for NVIDIA GPUs.
 
-from chunkattn.pallas.attention import PallasConfig, attention, interpret_mode
+Imported lazily by `api.py`, never at `import chunkattn`. One file per job, imports one way
+(config -> kernel_common -> forward, backward -> dispatch):
+
+- `config.py`: `PallasConfig` (validated block sizes, warps, stages, backward mode), the block
+  sizes per head dim and dtype (`heuristic`), `block_width`, and `interpret_mode`
+  (CHUNKATTN_PALLAS_INTERPRET=1 runs the kernels in the Pallas interpreter: the CPU tests).
+- `kernel_common.py`: what the kernels share: `Static`, the `META` columns, the in-kernel
+  helpers (masked loads, masks from indices, score order, block ranges, the three-phase loop)
+  and the optional inputs and BlockSpecs around the pallas_calls (`segment_ranges`).
+- `forward.py`: the forward kernel (output and log-sum-exp) and its pallas_call.
+- `backward.py`: the dK/dV kernel (looping over query blocks; with backward="atomic" it also
+  adds dQ), the dQ kernel (looping over key blocks), and the dense bias's gradient.
+- `dispatch.py`: the custom_vjp `flash_attention`, the checks of a user's mask_fn/score_fn,
+  and `attention(args, opts)`, the entry `api.py` calls.
+"""
+
+from chunkattn.pallas.config import PallasConfig, interpret_mode
+from chunkattn.pallas.dispatch import attention
 
 __all__ = ["PallasConfig", "attention", "interpret_mode"]
