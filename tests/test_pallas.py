@@ -170,11 +170,28 @@ def test_atomic_backward(kwargs):
     )
 
 
+# The GPU that Pallas's Triton lowering compiles for. jax 0.11 and 0.12 read its compute
+# capability from the default device or from the abstract mesh's device, and fail without one
+# ("No supported GPU devices found"); jax 0.10 falls back to sm_90 by itself and ignores this.
+# No CUDA plugin is needed.
+_ABSTRACT_H100 = jax.sharding.AbstractMesh(
+    (1,),
+    ("gpu",),
+    abstract_device=jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"
+    ),
+)
+
+
 def _triton_kernels_for_cuda(fn, *args) -> int:
     """Lower `fn` for CUDA on any host (the Pallas → Triton lowering runs here) and count the
-    Triton kernel calls in the program. Only PTX compilation, which needs a GPU, is left out."""
+    Triton kernel calls in the program. PTX compilation is left out (bench/compile_report.py
+    does it on the CPU with the cuda-aot extra)."""
     check = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-    with mock.patch.object(jax, "default_backend", lambda: "gpu"):  # the dispatcher's view
+    with (
+        mock.patch.object(jax, "default_backend", lambda: "gpu"),  # the dispatcher's view
+        jax.sharding.use_abstract_mesh(_ABSTRACT_H100),  # the lowering's view
+    ):
         exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[check])(
             *args
         )
