@@ -21,6 +21,7 @@ from chunkattn.arguments import (
     Options,
     check_implementation,
     check_user_functions,
+    explicit_closure,
     index_shapes,
     normalize_arguments,
     resolve_precision,
@@ -60,8 +61,8 @@ def _run_chunked(args: Arguments, opts: Options) -> tuple[Array, Array]:
     block = jax.ShapeDtypeStruct(
         (batch, args.query.shape[2], tq, tk), accum_dtype(args.query.dtype)
     )  # the float32 (float64 under x64) score block
-    score_fn, score_params = _explicit_closure(opts.score_fn, (block, *idx))
-    mask_fn, mask_params = _explicit_closure(opts.mask_fn, idx)
+    score_fn, score_params = explicit_closure(opts.score_fn, (block, *idx))
+    mask_fn, mask_params = explicit_closure(opts.mask_fn, idx)
     marr = marr._replace(mask_params=mask_params)
     st = chunked.Static(
         spec=masks.MaskSpec(opts.is_causal, args.local_window_size, mask_fn),
@@ -87,22 +88,6 @@ def _run_chunked(args: Arguments, opts: Options) -> tuple[Array, Array]:
         args.sinks,
     )
     return out[:, :seq_q], lse[:, :, :seq_q]
-
-
-def _explicit_closure(
-    fn: Callable[..., Array] | None, example: tuple[Any, ...]
-) -> tuple[Callable[..., Array] | None, tuple[Array, ...]]:
-    """fn with the traced values it closes over made explicit arguments (taken last).
-
-    A score_fn or mask_fn may close over values being differentiated (learned ALiBi slopes, a
-    relative position table) or traced by `lax.scan`, `jax.checkpoint` or an outer `jit`; the
-    chunked custom_vjp must not capture them, so `jax.closure_convert` hoists them into
-    operands. The backward differentiates a score_fn's; a mask's get no gradient (boolean).
-    """
-    if fn is None:
-        return None, ()
-    converted, params = jax.closure_convert(fn, *example)
-    return converted, tuple(jnp.asarray(p) for p in params)
 
 
 def _run_xla(args: Arguments, opts: Options) -> tuple[Array, Array]:

@@ -319,6 +319,22 @@ def check_user_functions(
         _check_user_fn("score_fn", score_fn, (score, *idx), target)
 
 
+def explicit_closure(
+    fn: Callable[..., Array] | None, example: tuple[Any, ...]
+) -> tuple[Callable[..., Array] | None, tuple[Array, ...]]:
+    """fn with the traced values it closes over made explicit arguments (taken last).
+
+    A score_fn or mask_fn may close over values being differentiated (learned ALiBi slopes, a
+    relative position table) or traced by `lax.scan`, `jax.checkpoint` or an outer `jit`; the
+    chunked custom_vjp must not capture them, so `jax.closure_convert` hoists them into
+    operands. The backward differentiates a score_fn's; a mask's get no gradient (boolean).
+    """
+    if fn is None:
+        return None, ()
+    converted, params = jax.closure_convert(fn, *example)
+    return converted, tuple(jnp.asarray(p) for p in params)
+
+
 def check_implementation(implementation: Any, config: Any) -> None:
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(

@@ -104,13 +104,15 @@ class _Block(NamedTuple):
     padded_seq_k: int
 
 
-def _index_grids(batch: int, num_heads: int, blk: _Block, tq: int, tk: int, q_offset: Array):
-    """int32 (batch, head, query row, query position, key position), broadcastable to a block."""
+def _index_grids(batch: int, num_heads: int, blk: _Block, tq: int, tk: int, marr: masks.MaskArrays):
+    """int32 (batch, head, global query row, query position, key position), broadcastable to
+    a block (global: offset by the block's `q_base` / `k_base`, see masks.py)."""
+    q_base, k_base = masks.bases(marr)
     b_idx = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None]  # (B, 1, 1, 1)
     h_idx = jnp.arange(num_heads, dtype=jnp.int32)[None, :, None, None]  # (1, N, 1, 1)
-    rows = (blk.q_start + jnp.arange(tq, dtype=jnp.int32))[None, None, :, None]  # (1, 1, tq, 1)
-    qpos = rows + q_offset[:, None, None, None]  # (B, 1, tq, 1)
-    kpos = (blk.k_start + jnp.arange(tk, dtype=jnp.int32))[None, None, None, :]  # (1, 1, 1, tk)
+    rows = (q_base + blk.q_start + jnp.arange(tq, dtype=jnp.int32))[None, None, :, None]
+    qpos = rows + marr.q_offset[:, None, None, None]  # (B, 1, tq, 1)
+    kpos = (k_base + blk.k_start + jnp.arange(tk, dtype=jnp.int32))[None, None, None, :]
     return b_idx, h_idx, rows, qpos, kpos
 
 
@@ -141,7 +143,7 @@ def _block_scores(
         s = s + masks.slice_block(bias, blk.q_start, blk.k_start, tq, tk).astype(adt)
     biased = s
     if st.score_fn is not None:
-        b_idx, h_idx, _, qpos, kpos = _index_grids(batch, num_heads, blk, tq, tk, marr.q_offset)
+        b_idx, h_idx, _, qpos, kpos = _index_grids(batch, num_heads, blk, tq, tk, marr)
         s = jnp.broadcast_to(st.score_fn(s, b_idx, h_idx, qpos, kpos, *score_params), s.shape)
         s = s.astype(adt)
     if full:
@@ -161,8 +163,10 @@ def _block_scores(
     return raw, biased, masked
 
 
-def _dropout_keep(st: Static, seed: Array, q_offset: Array, blk: _Block, batch, num_heads, tq, tk):
-    b_idx, h_idx, rows, _, kpos = _index_grids(batch, num_heads, blk, tq, tk, q_offset)
+def _dropout_keep(
+    st: Static, seed: Array, marr: masks.MaskArrays, blk: _Block, batch, num_heads, tq, tk
+):
+    b_idx, h_idx, rows, _, kpos = _index_grids(batch, num_heads, blk, tq, tk, marr)
     return masks.dropout_keep(seed, b_idx, h_idx, rows, kpos, st.dropout_rate, st.broadcast_dropout)
 
 
@@ -189,7 +193,7 @@ def _masked_then_full(
     return jax.lax.fori_loop(flo, fhi, lambda j, c: body(j, True, c), carry)
 
 
-def _forward(
+def block_forward(
     st: Static,
     q: Array,
     k: Array,
@@ -200,9 +204,16 @@ def _forward(
     seed: Array | None,
     sinks: Array | None = None,
 ) -> tuple[Array, Array]:
-    """Output [B, Tp, N, Hv] (input dtype) and lse f32 [B, N, Tp] on padded inputs.
+    """The public block contract, forward: (out [B, Tp, N, Hv] in the input dtype, lse f32
+    [B, N, Tp]) of one query block against one key block, inputs padded to whole chunks.
 
-    `sinks` [N]: each row's loop starts from its head's sink summary (`sink_summary`).
+    The block sits in a larger problem at `marr.q_base` / `marr.k_base` (global index of its
+    first query row / key; None: 0): causal, window, q_offset, lengths, mask_fn, score_fn and
+    dropout are evaluated at global positions, so attention split into blocks (ring
+    attention) merges to exactly the single-device result (`summary.merge` on (out, lse)).
+    `sinks` [N]: each row's loop starts from its head's sink summary (`sink_summary`); pass
+    them to one block per row only. No gradient rule: `attention` is the differentiable form,
+    `block_backward` the backward from a merged (out, lse).
     """
     batch, seq_q, num_heads, _ = q.shape
     seq_k, head_dim_v = k.shape[1], v.shape[-1]
@@ -229,7 +240,7 @@ def _forward(
             _, _, s = _block_scores(st, qc, kc, bias, score_params, marr, blk, is_full)
             keep = None
             if st.dropout_rate > 0:
-                keep = _dropout_keep(st, seed, marr.q_offset, blk, batch, num_heads, tq, tk)
+                keep = _dropout_keep(st, seed, marr, blk, batch, num_heads, tq, tk)
             part = summarize_scores(s, vc, keep=keep, keep_scale=keep_scale, precision=st.precision)
             return merge(acc, part)
 
@@ -246,7 +257,7 @@ def _forward(
     return jax.lax.fori_loop(jnp.int32(0), jnp.int32(nq), q_step, (out, lse))
 
 
-def _backward(
+def block_backward(
     st: Static,
     q: Array,
     k: Array,
@@ -260,7 +271,12 @@ def _backward(
     dout: Array,
     dlse: Array,
 ) -> tuple[Array, Array, Array, Array | None, tuple[Array, ...]]:
-    """dq, dk, dv, dbias, dscore_params from the residuals (FA-2 backward, module docstring)."""
+    """The public block contract, backward: dq, dk, dv, dbias, dscore_params of one block.
+
+    `out` and `lse` are the whole problem's for these query rows (merged over every key block,
+    sinks included), so P = exp(s − lse) is each key's final weight; the gradients of all key
+    blocks add up to the single-device gradient (FA-2 backward, module docstring).
+    """
     batch, seq_q, num_heads, head_dim = q.shape
     seq_k, num_kv_heads, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
     groups = num_heads // num_kv_heads
@@ -297,7 +313,7 @@ def _backward(
             p = jnp.exp(s - lse_c[..., None])  # (B, N, tq, tk); 0 where masked
             p_drop = p
             if st.dropout_rate > 0:
-                keep = _dropout_keep(st, seed, marr.q_offset, blk, batch, num_heads, tq, tk)
+                keep = _dropout_keep(st, seed, marr, blk, batch, num_heads, tq, tk)
                 p_drop = jnp.where(keep, p * keep_scale, 0.0)
             p5 = p_drop.astype(v.dtype).reshape(batch, num_kv_heads, groups, tq, tk)
             do5 = doc.reshape(batch, tq, num_kv_heads, groups, head_dim_v)
@@ -321,9 +337,7 @@ def _backward(
                 dp = jnp.where(keep, dp * keep_scale, 0.0)
             ds = p * (dp - delta_c[..., None])  # d(loss)/d(final scores)
             if st.score_fn is not None:  # chain rule through the user's elementwise score_fn
-                b_idx, h_idx, _, qpos, kpos = _index_grids(
-                    batch, num_heads, blk, tq, tk, marr.q_offset
-                )
+                b_idx, h_idx, _, qpos, kpos = _index_grids(batch, num_heads, blk, tq, tk, marr)
                 _, score_vjp = jax.vjp(
                     lambda x, params: jnp.broadcast_to(
                         st.score_fn(x, b_idx, h_idx, qpos, kpos, *params), x.shape
@@ -413,11 +427,11 @@ def attention(
     (`jax.closure_convert`) so that they get gradients too. `sinks` [N] (or None) join every
     row's denominator; their gradient is `sink_gradient`.
     """
-    return _forward(st, q, k, v, bias, score_params, marr, seed, sinks)
+    return block_forward(st, q, k, v, bias, score_params, marr, seed, sinks)
 
 
 def _attention_fwd(st, q, k, v, bias, score_params, marr, seed, sinks):
-    out, lse = _forward(st, q, k, v, bias, score_params, marr, seed, sinks)
+    out, lse = block_forward(st, q, k, v, bias, score_params, marr, seed, sinks)
     # Residuals are outputs of the forward program: keep them finite (a row that sees no key,
     # padding rows included, has s = −inf on every key, so any finite lse gives P = 0).
     lse_res = jnp.where(jnp.isfinite(lse), lse, 0.0)
@@ -442,7 +456,7 @@ def _first_order_backward(st: Static, res: tuple, dout: Array, dlse: Array):
     cannot reverse-differentiate; without this guard the user would see a while_loop error.
     """
     q, k, v, bias, score_params, marr, seed, out, lse = res
-    return _backward(st, q, k, v, bias, score_params, marr, seed, out, lse, dout, dlse)
+    return block_backward(st, q, k, v, bias, score_params, marr, seed, out, lse, dout, dlse)
 
 
 @_first_order_backward.defjvp
@@ -455,3 +469,7 @@ def _no_second_order(st, primals, tangents):
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
+
+# The Pallas bias gradient still calls the old private name; removed once it calls
+# `block_backward` (the pallas package is being split into files).
+_backward = block_backward

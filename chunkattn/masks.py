@@ -17,6 +17,12 @@ segment ids, a user's dense mask in its own broadcast shape). From them this mod
 
 Positions: a query row r (0-based in the query array) sits at sequence position
 r + q_offset[b]; causal and window compare that position with the key position.
+
+Blocks of a larger problem (the public block contract of `chunked`, used by ring attention):
+`q_base` and `k_base` are the global indices of the arrays' first query row and first key, so a
+local row r is global row q_base + r and a local key c is global key k_base + c. Positions,
+lengths and the dropout hash are then those of the whole problem; segment ids and a dense mask
+are the block's own slices.
 """
 
 from __future__ import annotations
@@ -51,6 +57,15 @@ class MaskArrays(NamedTuple):
     kv_segment_ids: Array | None = None  # int32 [B, S]
     mask: Array | None = None  # bool [b, n, t, s], each dim 1 or full
     mask_params: tuple[Array, ...] = ()  # arrays a closure-converted mask_fn takes last
+    q_base: Array | None = None  # int32 []: global index of query row 0 (None: 0)
+    k_base: Array | None = None  # int32 []: global index of key 0 (None: 0)
+
+
+def bases(arrays: MaskArrays) -> tuple[Array, Array]:
+    """(q_base, k_base) as int32 scalars: where the block sits in the whole problem."""
+    q = jnp.int32(0) if arrays.q_base is None else jnp.asarray(arrays.q_base, jnp.int32)
+    k = jnp.int32(0) if arrays.k_base is None else jnp.asarray(arrays.k_base, jnp.int32)
+    return q, k
 
 
 def _positions(start: Array | int, size: int) -> Array:
@@ -83,6 +98,17 @@ def relative_bounds(spec: MaskSpec, q_offset: Array) -> tuple[Array, Array]:
         hi = jnp.minimum(hi, up)
         lo = jnp.maximum(lo, down)
     return jnp.clip(lo, -REL_LIMIT, REL_LIMIT), jnp.clip(hi, -REL_LIMIT, REL_LIMIT)
+
+
+def block_relative_bounds(spec: MaskSpec, arrays: MaskArrays) -> tuple[Array, Array]:
+    """`relative_bounds` in the block's local indices: local key c and local row r are
+    allowed iff lo ≤ c − r ≤ hi (global key − row = local key − row + k_base − q_base)."""
+    lo, hi = relative_bounds(spec, arrays.q_offset)
+    if arrays.q_base is None and arrays.k_base is None:
+        return lo, hi
+    q_base, k_base = bases(arrays)
+    shift = k_base - q_base  # |shift| < 2^29: bounds within ±2^30 stay inside int32
+    return lo - shift, hi - shift
 
 
 def _has_bounds(spec: MaskSpec) -> bool:
@@ -138,22 +164,23 @@ def block_mask(
     padded_seq_k: int,
 ) -> Array | None:
     """Predicate of one block, broadcastable to [B, N, tq, tk]; None when nothing is masked."""
-    rows = _positions(q_start, tq)[None, None, :, None]  # (1, 1, tq, 1)
-    cols = _positions(k_start, tk)[None, None, None, :]  # (1, 1, 1, tk)
-    qpos = rows + arrays.q_offset[:, None, None, None]  # (B, 1, tq, 1)
+    rows = _positions(q_start, tq)[None, None, :, None]  # (1, 1, tq, 1), local
+    cols = _positions(k_start, tk)[None, None, None, :]  # (1, 1, 1, tk), local
+    q_base, k_base = bases(arrays)
+    qpos = rows + q_base + arrays.q_offset[:, None, None, None]  # (B, 1, tq, 1)
     conds: list[Array] = []
     if padded_seq_k != seq_k:
         conds.append(cols < seq_k)
     if _has_bounds(spec):
-        lo, hi = relative_bounds(spec, arrays.q_offset)
-        rel = cols - rows  # (1, 1, tq, tk): key − row, small
+        lo, hi = block_relative_bounds(spec, arrays)
+        rel = cols - rows  # (1, 1, tq, tk): local key − row, small
         if spec.window is not None:
             conds.append(rel >= lo[:, None, None, None])
         conds.append(rel <= hi[:, None, None, None])
     if arrays.q_lengths is not None:
-        conds.append(rows < arrays.q_lengths[:, None, None, None])
+        conds.append(rows + q_base < arrays.q_lengths[:, None, None, None])
     if arrays.kv_lengths is not None:
-        conds.append(cols < arrays.kv_lengths[:, None, None, None])
+        conds.append(cols + k_base < arrays.kv_lengths[:, None, None, None])
     if arrays.q_segment_ids is not None:
         q_seg = jax.lax.dynamic_slice_in_dim(arrays.q_segment_ids, q_start, tq, axis=1)
         kv_seg = jax.lax.dynamic_slice_in_dim(arrays.kv_segment_ids, k_start, tk, axis=1)
@@ -164,7 +191,7 @@ def block_mask(
         batch = arrays.q_offset.shape[0]
         b_idx = jnp.arange(batch, dtype=jnp.int32)[:, None, None, None]
         h_idx = jnp.arange(num_heads, dtype=jnp.int32)[None, :, None, None]
-        conds.append(spec.mask_fn(b_idx, h_idx, qpos, cols, *arrays.mask_params))
+        conds.append(spec.mask_fn(b_idx, h_idx, qpos, cols + k_base, *arrays.mask_params))
     if not conds:
         return None
     out = conds[0]
@@ -228,14 +255,15 @@ def kv_chunk_range(
     """[lo, hi): the key chunks that query rows [q_start, q_start + tq) can attend to."""
     lo = jnp.int32(0)
     hi = jnp.int32(num_kv_chunks)
+    q_base, k_base = bases(arrays)
     if _has_bounds(spec):  # keys j − r ∈ [rel_lo, rel_hi] for some row r of the chunk
-        rel_lo, rel_hi = relative_bounds(spec, arrays.q_offset)
+        rel_lo, rel_hi = block_relative_bounds(spec, arrays)
         hi = jnp.minimum(hi, _ceil_div(jnp.maximum(q_start + tq + jnp.max(rel_hi), 0), tk))
         lo = jnp.maximum(lo, jnp.maximum(q_start + jnp.min(rel_lo), 0) // tk)
     if arrays.kv_lengths is not None:
-        hi = jnp.minimum(hi, _ceil_div(jnp.max(arrays.kv_lengths), tk))
+        hi = jnp.minimum(hi, _ceil_div(jnp.maximum(jnp.max(arrays.kv_lengths) - k_base, 0), tk))
     if arrays.q_lengths is not None:  # a chunk of padding queries needs no keys
-        hi = jnp.where(q_start < jnp.max(arrays.q_lengths), hi, lo)
+        hi = jnp.where(q_start + q_base < jnp.max(arrays.q_lengths), hi, lo)
     if arrays.q_segment_ids is not None:
         q_ids = jax.lax.dynamic_slice_in_dim(arrays.q_segment_ids, q_start, tq, axis=1)
         meets = segment_ranges_meet(q_ids, arrays.kv_segment_ids, tk)
@@ -255,14 +283,15 @@ def q_chunk_range(
     """[lo, hi): the query chunks that can attend to key columns [k_start, k_start + tk)."""
     lo = jnp.int32(0)
     hi = jnp.int32(num_q_chunks)
+    q_base, k_base = bases(arrays)
     if _has_bounds(spec):  # rows r ∈ [j − rel_hi, j − rel_lo] for some key j of the chunk
-        rel_lo, rel_hi = relative_bounds(spec, arrays.q_offset)
+        rel_lo, rel_hi = block_relative_bounds(spec, arrays)
         lo = jnp.maximum(lo, jnp.maximum(k_start - jnp.max(rel_hi), 0) // tq)
         hi = jnp.minimum(hi, _ceil_div(jnp.maximum(k_start + tk - jnp.min(rel_lo), 0), tq))
     if arrays.q_lengths is not None:
-        hi = jnp.minimum(hi, _ceil_div(jnp.max(arrays.q_lengths), tq))
+        hi = jnp.minimum(hi, _ceil_div(jnp.maximum(jnp.max(arrays.q_lengths) - q_base, 0), tq))
     if arrays.kv_lengths is not None:  # a chunk of padding keys is seen by no query
-        hi = jnp.where(k_start < jnp.max(arrays.kv_lengths), hi, lo)
+        hi = jnp.where(k_start + k_base < jnp.max(arrays.kv_lengths), hi, lo)
     if arrays.kv_segment_ids is not None:
         kv_ids = jax.lax.dynamic_slice_in_dim(arrays.kv_segment_ids, k_start, tk, axis=1)
         meets = segment_ranges_meet(kv_ids, arrays.q_segment_ids, tq)
@@ -309,7 +338,7 @@ def kv_full_range(
     if last_chunk_padded:
         fhi = jnp.minimum(fhi, hi - 1)
     if _has_bounds(spec):  # j·tk − r_last ≥ max rel_lo and (j+1)·tk − 1 − r_first ≤ min rel_hi
-        rel_lo, rel_hi = relative_bounds(spec, arrays.q_offset)
+        rel_lo, rel_hi = block_relative_bounds(spec, arrays)
         flo = jnp.maximum(flo, _ceil_div(q_start + tq - 1 + jnp.max(rel_lo), tk))
         fhi = jnp.minimum(fhi, jnp.floor_divide(q_start + jnp.min(rel_hi) + 1, tk))
     return _clip_range(flo, fhi, lo, hi)
@@ -332,7 +361,7 @@ def q_full_range(
     """
     flo, fhi = lo, jnp.where(chunk_padded, lo, hi)
     if _has_bounds(spec):  # k_last − i·tq ≤ min rel_hi and k_start − (i+1)·tq + 1 ≥ max rel_lo
-        rel_lo, rel_hi = relative_bounds(spec, arrays.q_offset)
+        rel_lo, rel_hi = block_relative_bounds(spec, arrays)
         flo = jnp.maximum(flo, _ceil_div(k_start + tk - 1 - jnp.min(rel_hi), tq))
         fhi = jnp.minimum(fhi, jnp.floor_divide(k_start - jnp.max(rel_lo) + 1, tq))
     return _clip_range(flo, fhi, lo, hi)

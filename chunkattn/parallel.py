@@ -1,180 +1,435 @@
 """Context parallelism: ring attention over one mesh axis, built on `shard_map` and `ppermute`.
 
-The sequence is sharded over `axis_name` in contiguous blocks; for causal attention each device
-re-deals its block into *striped* order with one all_to_all, so that device d holds positions
-d, d + n, d + 2n, … (Brandon et al. 2023, "Striped Attention"). Every device keeps its query
-block; key/value blocks travel the ring with `ppermute` while each device runs the chunked core
-on (its queries, the visiting block) and merges the partial results by log-sum-exp — the same
-merge as `summary.merge`. Under a causal mask the striped order balances the work exactly and
-keeps each block pair a plain causal problem: query i (global i·n + d) sees key m (global
-m·n + j) iff m ≤ i when j ≤ d, and m ≤ i − 1 when j > d, i.e. `is_causal` with q_offset 0 or −1.
+The sequence is sharded over `axis_name`. Each device keeps its query rows; key/value blocks
+travel the ring with `ppermute`, and each device runs the core's public block contract
+(`chunked.block_forward`: one query block against one key block at global positions) on its
+rows and the visiting block, merging the partial results by log-sum-exp (`summary.merge`).
+Because every position-based option is evaluated at global positions (the block's `q_base` /
+`k_base`, masks.py), the result is the single-device result: causal, window, q_offset,
+lengths, segment ids, mask_fn, score_fn, soft cap, sinks, dropout (the same position hash)
+and GQA.
+
+Layouts. Without a causal mask each device holds one contiguous block of the sequence. A
+causal mask would leave the first device idle and the last one doing n times its share, so
+causal requests use the zig-zag layout: the sequence is cut into 2n pieces and device d holds
+pieces d and 2n − 1 − d (one early, one late), which gives every device the same number of
+unmasked blocks (`ring_work` counts them). Two `ppermute`s re-deal the contiguous shards into
+zig-zag order and two deal them back.
+
+Steps. At step i a device holds the key/value block of device d − i. A step in which no
+query piece of any device can see the visiting key piece (a local window, an offset) is
+skipped: the blocks jump over it with one larger `ppermute` (`ring_steps`). Within a step the
+chunk ranges of the core skip the empty chunk pairs of each piece pair.
 
 Backward (`jax.custom_vjp`): residuals are the local q, k, v, out and lse. The key/value blocks
-travel the ring again, each with its dK/dV accumulator; every device adds the block's gradient
-from its queries (`chunked._backward` with the global out and lse, FlashAttention-2 §3.1) and
-passes both on, so after n steps each accumulator is home and complete.
+travel the ring again with their dK/dV accumulators; every device adds the block's gradient
+from its rows (`chunked.block_backward` with the merged out and lse, FlashAttention-2 §3.1)
+and passes both on, and the last pass brings each accumulator home.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from chunkattn import chunked, masks
-from chunkattn.arguments import normalize_segment_ids
-from chunkattn.summary import ChunkSummary, merge, sink_summary
+from chunkattn.arguments import (
+    check_user_functions,
+    explicit_closure,
+    index_shapes,
+    normalize_arguments,
+    resolve_precision,
+)
+from chunkattn.summary import ChunkSummary, accum_dtype, merge, sink_summary
 
 Array = jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class RingLayout:
+    """Which global pieces each device holds: device d holds `pieces(d)`, each `piece_q` query
+    rows and `piece_k` keys long (piece p starts at row p·piece_q and key p·piece_k)."""
+
+    size: int  # devices on the ring axis
+    zigzag: bool  # two pieces per device (d, 2n − 1 − d) instead of one (d)
+    piece_q: int
+    piece_k: int
+
+    def pieces(self, device: int) -> tuple[int, ...]:
+        n = self.size
+        return (device, 2 * n - 1 - device) if self.zigzag else (device,)
+
+
+def ring_layout(size: int, seq_q: int, seq_k: int, is_causal: bool) -> RingLayout:
+    """The layout ring_attention uses: zig-zag for causal requests, contiguous otherwise."""
+    parts = 2 * size if is_causal else size
+    return RingLayout(size, is_causal, seq_q // parts, seq_k // parts)
+
+
+def _pair_can_attend(
+    layout: RingLayout, qp: int, kp: int, spec: masks.MaskSpec, offsets: tuple[int, int] | None
+) -> bool:
+    """Whether some row of query piece qp may see some key of key piece kp (causal, window)."""
+    if offsets is None or not (spec.is_causal or spec.window is not None):
+        return True
+    lq, lk = layout.piece_q, layout.piece_k
+    rel_min = kp * lk - ((qp + 1) * lq - 1)  # smallest key − row in the pair
+    rel_max = (kp + 1) * lk - 1 - qp * lq  # largest
+    off_min, off_max = offsets
+    hi = off_max
+    if spec.window is not None:
+        hi = min(hi, off_max + spec.window[1]) if spec.is_causal else off_max + spec.window[1]
+        if rel_max < off_min - spec.window[0]:
+            return False
+    return rel_min <= hi
+
+
+def ring_steps(
+    layout: RingLayout, spec: masks.MaskSpec, offsets: tuple[int, int] | None
+) -> list[int]:
+    """The ring steps some device needs: step i brings device d the block of device d − i.
+
+    `offsets` is the concrete (min, max) of q_offset, or None when it is traced (then only
+    the causal layout's own structure is known and every step is kept).
+    """
+    n = layout.size
+    return [
+        i
+        for i in range(n)
+        if any(
+            _pair_can_attend(layout, qp, kp, spec, offsets)
+            for d in range(n)
+            for qp in layout.pieces(d)
+            for kp in layout.pieces((d - i) % n)
+        )
+    ]
+
+
+def ring_work(layout: RingLayout, spec: masks.MaskSpec, q_offset: int, tq: int, tk: int):
+    """Chunk pairs each device computes over the whole ring (the core's kv_chunk_range), [n].
+
+    The measure of load balance: under the causal zig-zag layout every device does the same.
+    """
+    work = np.zeros(layout.size, np.int64)
+    nk = layout.piece_k // tk
+    for d in range(layout.size):
+        for src in range(layout.size):
+            for qp in layout.pieces(d):
+                for kp in layout.pieces(src):
+                    arrays = masks.MaskArrays(
+                        jnp.full((1,), q_offset, jnp.int32),
+                        q_base=jnp.int32(qp * layout.piece_q),
+                        k_base=jnp.int32(kp * layout.piece_k),
+                    )
+                    for c in range(layout.piece_q // tq):
+                        lo, hi = masks.kv_chunk_range(spec, arrays, c * tq, tq, tk, nk)
+                        work[d] += max(int(hi) - int(lo), 0)
+    return work
+
+
 class _Ring(NamedTuple):
+    """Everything static about one ring call (hashable)."""
+
     axis_name: str
-    size: int
-    is_causal: bool
+    layout: RingLayout
+    steps: tuple[int, ...]
     st: chunked.Static
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+def _split_pieces(ring: _Ring, x: Array | None) -> list[Array | None]:
+    """A device's local array [B, L, ...] as its pieces along axis 1."""
+    if x is None:
+        return [None] * len(ring.layout.pieces(0))
+    count = len(ring.layout.pieces(0))
+    size = x.shape[1] // count
+    return [jax.lax.slice_in_dim(x, i * size, (i + 1) * size, axis=1) for i in range(count)]
 
 
-def _block_arrays(ring: _Ring, src: Array, batch: int, seg_q, seg_k) -> masks.MaskArrays:
-    """Mask arrays for (this device's queries, the block from device `src`)."""
-    me = jax.lax.axis_index(ring.axis_name)
-    off = jnp.where(src > me, -1, 0) if ring.is_causal else 0
-    return masks.MaskArrays(
-        q_offset=jnp.full((batch,), off, jnp.int32), q_segment_ids=seg_q, kv_segment_ids=seg_k
-    )
+def _piece_ids(ring: _Ring, device: Array) -> list[Array]:
+    n = ring.layout.size
+    if ring.layout.zigzag:
+        return [device, 2 * n - 1 - device]
+    return [device]
 
 
-def _source(ring: _Ring, step: Array) -> Array:
-    """Which device's key/value block this device holds at ring step `step`."""
-    return (jax.lax.axis_index(ring.axis_name) - step) % ring.size
-
-
-def _pass_on(ring: _Ring, tree: Any) -> Any:
-    perm = [(d, (d + 1) % ring.size) for d in range(ring.size)]
+def _shift(ring: _Ring, tree: Any, by: int) -> Any:
+    """Send `tree` `by` devices along the ring (d -> d + by)."""
+    n = ring.layout.size
+    if by % n == 0:
+        return tree
+    perm = [(d, (d + by) % n) for d in range(n)]
     return jax.tree_util.tree_map(lambda x: jax.lax.ppermute(x, ring.axis_name, perm), tree)
 
 
-def _ring_forward(ring: _Ring, q, k, v, seg_q, seg_k, sinks):
-    batch, seq_q, num_heads, _ = q.shape
-
-    def step(i, carry):
-        acc, (kb, vb, sb) = carry
-        marr = _block_arrays(ring, _source(ring, i), batch, seg_q, sb)
-        out, lse = chunked._forward(ring.st, q, kb, vb, None, (), marr, None)
-        # (out, lse) as a summary: exp_values = out·e^(lse−m), exp_weights = e^(lse−m), m = lse
-        finite = jnp.isfinite(lse)
-        part = ChunkSummary(
-            exp_values=jnp.where(finite[..., None], jnp.swapaxes(out, 1, 2).astype(jnp.float32), 0),
-            exp_weights=finite.astype(jnp.float32),
-            max_score=lse,
-        )
-        return merge(acc, part), _pass_on(ring, (kb, vb, sb))
-
-    start = ChunkSummary.empty(batch, num_heads, seq_q, v.shape[-1])
-    if sinks is not None:  # each row's sink, merged once, on the device that holds the row
-        start = sink_summary(sinks, batch, seq_q, v.shape[-1])
-    init = (start, (k, v, seg_k))
-    acc, _ = jax.lax.fori_loop(0, ring.size, step, init)  # a loop bounds live memory
-    return acc.output(q.dtype), acc.lse()
+def _block_arrays(ring: _Ring, ctx: dict, qp: Array, kp: Array, seg_q, seg_k):
+    lay = ring.layout
+    return masks.MaskArrays(
+        q_offset=ctx["q_offset"],
+        q_lengths=ctx["q_lengths"],
+        kv_lengths=ctx["kv_lengths"],
+        q_segment_ids=seg_q,
+        kv_segment_ids=seg_k,
+        mask_params=ctx["mask_params"],
+        q_base=(qp * lay.piece_q).astype(jnp.int32),
+        k_base=(kp * lay.piece_k).astype(jnp.int32),
+    )
 
 
-def _ring_backward(ring: _Ring, q, k, v, seg_q, seg_k, out, lse, dout):
-    batch = q.shape[0]
-    zero_dlse = jnp.zeros(lse.shape, jnp.float32)
+def _runs(steps: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(first, count) of each run of consecutive steps."""
+    runs: list[tuple[int, int]] = []
+    for step in steps:
+        if runs and runs[-1][0] + runs[-1][1] == step:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((step, 1))
+    return runs
 
-    def step(i, carry):
-        dq, (kb, vb, sb, dk_acc, dv_acc) = carry
-        marr = _block_arrays(ring, _source(ring, i), batch, seg_q, sb)
-        dqb, dkb, dvb, _, _ = chunked._backward(
-            ring.st, q, kb, vb, None, (), marr, None, out, lse, dout, zero_dlse
-        )
-        travel = (kb, vb, sb, dk_acc + dkb.astype(jnp.float32), dv_acc + dvb.astype(jnp.float32))
-        return dq + dqb.astype(jnp.float32), _pass_on(ring, travel)  # n passes: all home
 
-    travel = (k, v, seg_k, jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    init = (jnp.zeros(q.shape, jnp.float32), travel)
-    dq, (_, _, _, dk, dv) = jax.lax.fori_loop(0, ring.size, step, init)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+def _visit(ring: _Ring, carry: Any, kv: Any, body: Callable[[Array, Any, Any], tuple]) -> tuple:
+    """carry, kv = body(step, carry, kv) for every step of `ring.steps`, moving kv along the
+    ring between steps (one `ppermute` per step, a longer one over skipped steps); the final
+    move completes the circle, so accumulators travelling with kv get home.
+
+    Each run of consecutive steps is one `fori_loop`: the program holds one step's blocks,
+    whatever the ring size.
+    """
+    at = 0
+    for first, count in _runs(ring.steps):
+        kv = _shift(ring, kv, first - at)
+
+        def one(t, state, first=first):
+            carry, kv = body(first + t, *state)
+            return carry, _shift(ring, kv, 1)
+
+        carry, kv = jax.lax.fori_loop(0, count, one, (carry, kv))
+        at = first + count
+    return carry, _shift(ring, kv, -at)
+
+
+def _ring_forward(ring: _Ring, q, k, v, seg_q, seg_k, ctx):
+    batch, _, num_heads, _ = q.shape
+    me = jax.lax.axis_index(ring.axis_name)
+    n = ring.layout.size
+    q_pieces, seg_q_pieces = _split_pieces(ring, q), _split_pieces(ring, seg_q)
+    adt = accum_dtype(q.dtype)
+    lq, hv = ring.layout.piece_q, v.shape[-1]
+    sinks = ctx["sinks"]
+    start = [
+        ChunkSummary.empty(batch, num_heads, lq, hv, adt)
+        if sinks is None
+        else sink_summary(sinks, batch, lq, hv, adt)
+        for _ in q_pieces
+    ]
+
+    def body(step, accs, kv):
+        kb, vb, sb = kv
+        src = (me - step) % n
+        accs = list(accs)
+        for j, (kc, vc, sc) in enumerate(
+            zip(*(_split_pieces(ring, x) for x in (kb, vb, sb)), strict=True)
+        ):
+            kp = _piece_ids(ring, src)[j]
+            for i, (qc, sq) in enumerate(zip(q_pieces, seg_q_pieces, strict=True)):
+                marr = _block_arrays(ring, ctx, _piece_ids(ring, me)[i], kp, sq, sc)
+                out, lse = chunked.block_forward(
+                    ring.st, qc, kc, vc, None, ctx["score_params"], marr, ctx["seed"]
+                )
+                # (out, lse) as a summary: exp_values = out·e^(lse−m), weights e^(lse−m), m = lse
+                finite = jnp.isfinite(lse)
+                part = ChunkSummary(
+                    exp_values=jnp.where(
+                        finite[..., None], jnp.swapaxes(out, 1, 2).astype(adt), 0.0
+                    ),
+                    exp_weights=finite.astype(adt),
+                    max_score=lse,
+                )
+                accs[i] = merge(accs[i], part)
+        return accs, kv
+
+    accs, _ = _visit(ring, start, (k, v, seg_k), body)
+    out = jnp.concatenate([a.output(q.dtype) for a in accs], axis=1)
+    lse = jnp.concatenate([a.lse() for a in accs], axis=2)
+    return out, lse
+
+
+def _ring_backward(ring: _Ring, q, k, v, seg_q, seg_k, ctx, out, lse, dout):
+    me = jax.lax.axis_index(ring.axis_name)
+    n = ring.layout.size
+    adt = accum_dtype(q.dtype)
+    q_pieces, seg_q_pieces = _split_pieces(ring, q), _split_pieces(ring, seg_q)
+    out_p, dout_p = _split_pieces(ring, out), _split_pieces(ring, dout)
+    count, lq = len(q_pieces), ring.layout.piece_q
+    lse_p = [jax.lax.slice_in_dim(lse, i * lq, (i + 1) * lq, axis=2) for i in range(count)]
+    zero_dlse = jnp.zeros(lse_p[0].shape, lse.dtype)
+
+    def body(step, carry, kv):
+        dq, dparams = carry
+        kb, vb, sb, dk_acc, dv_acc = kv
+        src = (me - step) % n
+        dq = list(dq)
+        dks, dvs = [], []
+        for j, (kc, vc, sc) in enumerate(
+            zip(*(_split_pieces(ring, x) for x in (kb, vb, sb)), strict=True)
+        ):
+            kp = _piece_ids(ring, src)[j]
+            dk_j = jnp.zeros(kc.shape, adt)
+            dv_j = jnp.zeros(vc.shape, adt)
+            for i in range(count):
+                marr = _block_arrays(ring, ctx, _piece_ids(ring, me)[i], kp, seg_q_pieces[i], sc)
+                dqb, dkb, dvb, _, dpb = chunked.block_backward(
+                    ring.st,
+                    q_pieces[i],
+                    kc,
+                    vc,
+                    None,
+                    ctx["score_params"],
+                    marr,
+                    ctx["seed"],
+                    out_p[i],
+                    lse_p[i],
+                    dout_p[i],
+                    zero_dlse,
+                )
+                dq[i] = dq[i] + dqb.astype(adt)
+                dk_j, dv_j = dk_j + dkb.astype(adt), dv_j + dvb.astype(adt)
+                dparams = tuple(a + b.astype(adt) for a, b in zip(dparams, dpb, strict=True))
+            dks.append(dk_j)
+            dvs.append(dv_j)
+        dk_acc = dk_acc + jnp.concatenate(dks, axis=1)
+        dv_acc = dv_acc + jnp.concatenate(dvs, axis=1)
+        return (dq, dparams), (kb, vb, sb, dk_acc, dv_acc)
+
+    dq0 = [jnp.zeros(x.shape, adt) for x in q_pieces]
+    dparams0 = tuple(jnp.zeros(p.shape, adt) for p in ctx["score_params"])
+    travel = (k, v, seg_k, jnp.zeros(k.shape, adt), jnp.zeros(v.shape, adt))
+    (dq, dparams), (_, _, _, dk, dv) = _visit(ring, (dq0, dparams0), travel, body)
+    dq = jnp.concatenate(dq, axis=1)
+    dparams = tuple(g.astype(p.dtype) for g, p in zip(dparams, ctx["score_params"], strict=True))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dparams
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring(ring: _Ring, q, k, v, seg_q, seg_k, sinks):
-    return _ring_forward(ring, q, k, v, seg_q, seg_k, sinks)[0]
+def _ring(ring: _Ring, q, k, v, seg_q, seg_k, ctx):
+    return _ring_forward(ring, q, k, v, seg_q, seg_k, ctx)[0]
 
 
-def _ring_fwd(ring, q, k, v, seg_q, seg_k, sinks):
-    out, lse = _ring_forward(ring, q, k, v, seg_q, seg_k, sinks)
-    return out, (q, k, v, seg_q, seg_k, sinks, out, lse)
+def _ring_fwd(ring, q, k, v, seg_q, seg_k, ctx):
+    out, lse = _ring_forward(ring, q, k, v, seg_q, seg_k, ctx)
+    return out, (q, k, v, seg_q, seg_k, ctx, out, lse)
 
 
 def _ring_bwd(ring, res, dout):
-    q, k, v, seg_q, seg_k, sinks, out, lse = res
-    dq, dk, dv = _ring_backward(ring, q, k, v, seg_q, seg_k, out, lse, dout)
+    q, k, v, seg_q, seg_k, ctx, out, lse = res
+    dq, dk, dv, dparams = _ring_backward(ring, q, k, v, seg_q, seg_k, ctx, out, lse, dout)
     # This device's rows' share of d sinks; shard_map's transpose sums the shares over the
-    # mesh axes the (replicated) sinks are not split over.
+    # mesh axes the (replicated) sinks and score_fn arrays are not split over.
     dsinks = None
-    if sinks is not None:
+    if ctx["sinks"] is not None:
         lse_res = jnp.where(jnp.isfinite(lse), lse, 0.0)
-        dsinks = chunked.sink_gradient(sinks, out, lse_res, dout, jnp.zeros_like(lse))
-    none = lambda x: None if x is None else jax.tree_util.tree_map(lambda _: None, x)
-    return dq, dk, dv, none(seg_q), none(seg_k), dsinks
+        dsinks = chunked.sink_gradient(ctx["sinks"], out, lse_res, dout, jnp.zeros_like(lse))
+    none = lambda x: jax.tree_util.tree_map(lambda _: None, x)
+    dctx = {name: none(value) for name, value in ctx.items()}
+    dctx["sinks"], dctx["score_params"] = dsinks, dparams
+    return dq, dk, dv, none(seg_q), none(seg_k), dctx
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def _to_striped(x: Array, axis_name: str, n: int) -> Array:
-    """Local contiguous block -> local striped block (one all_to_all over the ring axis).
+def _zigzag_perms(n: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The two ppermutes that re-deal contiguous shards into zig-zag order.
 
-    Device d holds positions d·L + i·n + j (i < L/n, j < n); piece j goes to device j, which
-    concatenates the pieces by source d: positions ≡ j (mod n), in increasing order.
+    Device s holds pieces 2s and 2s + 1 of 2n. Piece p goes to device p (first slot) when
+    p < n, else to device 2n − 1 − p (second slot).
     """
-    b, length = x.shape[:2]
-    x = x.reshape(b, length // n, n, *x.shape[2:])  # (B, L/n, n, ...)
-    x = jax.lax.all_to_all(x, axis_name, split_axis=2, concat_axis=1, tiled=True)
-    return x.reshape(b, length, *x.shape[3:])  # (B, n·L/n, 1, ...) -> (B, L, ...)
+    dest = lambda p: p if p < n else 2 * n - 1 - p
+    return [(s, dest(2 * s)) for s in range(n)], [(s, dest(2 * s + 1)) for s in range(n)]
 
 
-def _from_striped(x: Array, axis_name: str, n: int) -> Array:
-    """Inverse of `_to_striped`."""
-    b, length = x.shape[:2]
-    x = x.reshape(b, length, 1, *x.shape[2:])  # (B, L, 1, ...)
-    x = jax.lax.all_to_all(x, axis_name, split_axis=1, concat_axis=2, tiled=True)
-    return x.reshape(b, length, *x.shape[3:])  # (B, L/n, n, ...) -> (B, L, ...)
+def _to_zigzag(x: Array, axis_name: str, n: int) -> Array:
+    """Local contiguous shard (pieces 2d, 2d+1) -> local zig-zag shard (pieces d, 2n−1−d)."""
+    half = x.shape[1] // 2
+    first, second = x[:, :half], x[:, half:]
+    perm0, perm1 = _zigzag_perms(n)
+    r0 = jax.lax.ppermute(first, axis_name, perm0)
+    r1 = jax.lax.ppermute(second, axis_name, perm1)
+    # Even d receives piece d from perm0 and 2n−1−d from perm1; odd d the other way round.
+    even = jax.lax.axis_index(axis_name) % 2 == 0
+    return jnp.where(even, jnp.concatenate([r0, r1], 1), jnp.concatenate([r1, r0], 1))
+
+
+def _from_zigzag(x: Array, axis_name: str, n: int) -> Array:
+    """Inverse of `_to_zigzag`."""
+    half = x.shape[1] // 2
+    even = jax.lax.axis_index(axis_name) % 2 == 0
+    a, b = x[:, :half], x[:, half:]
+    r0, r1 = jnp.where(even, a, b), jnp.where(even, b, a)  # what perm0 / perm1 delivered
+    perm0, perm1 = _zigzag_perms(n)
+    first = jax.lax.ppermute(r0, axis_name, [(t, s) for s, t in perm0])
+    second = jax.lax.ppermute(r1, axis_name, [(t, s) for s, t in perm1])
+    return jnp.concatenate([first, second], axis=1)
+
+
+def _concrete_range(x: Array) -> tuple[int, int] | None:
+    try:
+        values = np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+    return int(values.min()), int(values.max())
 
 
 def ring_attention(
     query: Array,
     key: Array,
     value: Array,
+    bias: Array | None = None,
+    mask: Array | None = None,
     *,
     mesh: Mesh,
     axis_name: str,
-    is_causal: bool = False,
     scale: float | None = None,
+    is_causal: bool = False,
+    local_window_size: int | tuple[int, int] | None = None,
+    q_offset: int | Array = 0,
+    query_seq_lengths: Array | None = None,
+    key_value_seq_lengths: Array | None = None,
     segment_ids: Array | tuple[Array, Array] | None = None,
+    mask_fn: Callable[..., Array] | None = None,
+    score_fn: Callable[..., Array] | None = None,
+    logits_soft_cap: float | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
+    broadcast_dropout: bool = True,
     sinks: Array | None = None,
+    precision: Any = None,
+    implementation: str | None = None,
     config: chunked.ChunkConfig | None = None,
     batch_axis: str | None = None,
 ) -> Array:
     """Exact attention with the sequence sharded over `mesh` axis `axis_name` (ring attention).
 
+    Takes the position-based options of `dot_product_attention`, with the same meaning at the
+    same global positions, so the result equals the single-device one (dropout included, with
+    the same rng): `is_causal`, `local_window_size` (ring steps outside the window are
+    skipped), `q_offset`, `query_seq_lengths`, `key_value_seq_lengths`, `segment_ids`,
+    `mask_fn`, `score_fn` (arrays they close over get gradients), `logits_soft_cap`, dropout,
+    `sinks`, GQA. A dense `bias` or `mask`, and `implementation="pallas"` per ring step, raise
+    NotImplementedError naming them.
+
     Args:
       query: [B, T, N, H]; key: [B, S, K, H]; value: [B, S, K, Hv] global arrays (sharded or
-        not); T and S must be divisible by the axis size n. K divides N (GQA).
+        not). T and S must divide evenly over the n devices of the axis, and over 2n for a
+        causal mask (the zig-zag layout). K divides N (GQA).
       mesh, axis_name: the mesh and the axis the sequence is split over.
-      is_causal: causal masking (T == S); the striped order balances it over devices.
-      scale: default 1/√H. segment_ids: [B, T] (T == S) or ([B, T], [B, S]).
-      sinks: float [N], a logit per query head joining every row's denominator (as in
-        `dot_product_attention`); replicated on every device, differentiable.
       config: a ChunkConfig for the per-device chunked computation.
       batch_axis: a mesh axis the batch is sharded over too (data parallelism), or None.
 
@@ -185,73 +440,96 @@ def ring_attention(
         >>> mesh = jax.make_mesh((8,), ("sp",))
         >>> out = ring_attention(q, k, v, mesh=mesh, axis_name="sp", is_causal=True)
     """
-    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+    for name, x in (("bias", bias), ("mask", mask)):
+        if x is not None:
+            raise NotImplementedError(
+                f"ring_attention does not implement a dense {name}; express it as mask_fn / "
+                "score_fn of positions, or use dot_product_attention"
+            )
+    if implementation not in (None, "chunked"):
+        raise NotImplementedError(
+            f"ring_attention runs the chunked core on each ring step; implementation="
+            f"{implementation!r} per step is not implemented"
+        )
+    if np.ndim(query) != 4 or np.ndim(key) != 4 or np.ndim(value) != 4:
         raise ValueError(
-            f"ring_attention takes [B, T, N, H] arrays, got query.shape={query.shape}, "
-            f"key.shape={key.shape}, value.shape={value.shape}"
+            f"ring_attention takes [B, T, N, H] arrays, got query.shape={np.shape(query)}, "
+            f"key.shape={np.shape(key)}, value.shape={np.shape(value)}"
         )
     if axis_name not in mesh.shape:
         raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh {dict(mesh.shape)}")
     n = mesh.shape[axis_name]
-    batch, seq_q, num_heads, head_dim = query.shape
-    seq_k, num_kv_heads = key.shape[1], key.shape[2]
+    args = normalize_arguments(
+        query,
+        key,
+        value,
+        scale=scale,
+        local_window_size=local_window_size,
+        q_offset=q_offset,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+        segment_ids=segment_ids,
+        logits_soft_cap=logits_soft_cap,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+        sinks=sinks,
+    )
+    batch, seq_q, num_heads, _ = args.query.shape
+    seq_k = args.key.shape[1]
     if batch_axis is not None and (
         batch_axis not in mesh.shape or batch_axis == axis_name or batch % mesh.shape[batch_axis]
     ):
         raise ValueError(
             f"batch_axis={batch_axis!r} must be another axis of the mesh {dict(mesh.shape)} "
-            f"whose size divides the batch of query.shape={query.shape}"
+            f"whose size divides the batch of query.shape={args.query.shape}"
         )
-    if seq_q % n or seq_k % n:
+    uses_batch_index = mask_fn is not None or score_fn is not None
+    uses_batch_index |= dropout_rate > 0 and not broadcast_dropout
+    if batch_axis is not None and uses_batch_index:
+        raise NotImplementedError(
+            "ring_attention with batch_axis does not implement mask_fn, score_fn or "
+            "broadcast_dropout=False (they see the batch index, which is sharded)"
+        )
+    parts = 2 * n if is_causal else n
+    if seq_q % parts or seq_k % parts:
+        what = f"2n = {parts} (causal: the zig-zag layout)" if is_causal else f"{n} devices"
         raise ValueError(
-            f"sequence lengths must divide evenly over {n} devices of axis {axis_name!r}: "
-            f"query.shape={query.shape}, key.shape={key.shape}"
+            f"sequence lengths must divide evenly over {what} of axis {axis_name!r}: "
+            f"query.shape={args.query.shape}, key.shape={args.key.shape}"
         )
-    if key.shape[0] != batch or value.shape[:3] != key.shape[:3] or key.shape[3] != head_dim:
-        raise ValueError(
-            f"mismatched shapes: query.shape={query.shape}, key.shape={key.shape}, "
-            f"value.shape={value.shape}"
-        )
-    if num_heads % num_kv_heads:
-        raise ValueError(f"query heads {num_heads} must be a multiple of kv heads {num_kv_heads}")
-    if is_causal and seq_q != seq_k:
-        raise ValueError(f"causal ring attention needs T == S, got T={seq_q}, S={seq_k}")
-    if is_causal and seq_q % (n * n):
-        raise ValueError(
-            f"causal ring attention stripes the sequence: T must be a multiple of n² = {n * n} "
-            f"for {n} devices, got query.shape={query.shape}"
-        )
-    seg_q = seg_k = None
-    if sinks is not None:
-        sinks = jnp.asarray(sinks)
-        if sinks.shape != (num_heads,) or not jnp.issubdtype(sinks.dtype, jnp.floating):
-            raise ValueError(
-                f"sinks must be a float array of shape [N]=({num_heads},), got dtype "
-                f"{sinks.dtype} and sinks.shape={sinks.shape}"
-            )
-    if segment_ids is not None:
-        # Values kept exactly (uint32 reinterpreted, 64-bit refused unless x64): no wrapping.
-        seg_q, seg_k = normalize_segment_ids(segment_ids, batch, seq_q, seq_k)
-    tq_local, tk_local = seq_q // n, seq_k // n
-    tq, tk = (config or chunked.ChunkConfig()).resolve(tq_local, tk_local, batch * num_heads)
+    check_user_functions(mask_fn, score_fn, batch, num_heads, seq_q, seq_k)
+    layout = ring_layout(n, seq_q, seq_k, is_causal)
+    local_batch = batch // (mesh.shape[batch_axis] if batch_axis else 1)
+    tq, tk = (config or chunked.ChunkConfig()).resolve(
+        layout.piece_q, layout.piece_k, local_batch * num_heads
+    )
+    tq = max(d for d in range(1, tq + 1) if layout.piece_q % d == 0)
+    tk = max(d for d in range(1, tk + 1) if layout.piece_k % d == 0)
+    idx = index_shapes(local_batch, num_heads, tq, tk)
+    block = jax.ShapeDtypeStruct((local_batch, num_heads, tq, tk), accum_dtype(args.query.dtype))
+    score_fn, score_params = explicit_closure(score_fn, (block, *idx))
+    mask_fn, mask_params = explicit_closure(mask_fn, idx)
+    spec = masks.MaskSpec(is_causal, args.local_window_size, mask_fn)
+    steps = ring_steps(layout, spec, _concrete_range(args.q_offset))
     ring = _Ring(
         axis_name=axis_name,
-        size=n,
-        is_causal=is_causal,
+        layout=layout,
+        steps=tuple(steps),
         st=chunked.Static(
-            spec=masks.MaskSpec(is_causal=is_causal),
-            scale=float(head_dim**-0.5 if scale is None else scale),
-            soft_cap=None,
-            score_fn=None,
-            dropout_rate=0.0,
-            broadcast_dropout=True,
-            tq=_largest_divisor(tq_local, tq),
-            tk=_largest_divisor(tk_local, tk),
-            seq_k=tk_local,
-            precision=jax.lax.Precision.HIGHEST if query.dtype == jnp.float32 else None,
+            spec=spec,
+            scale=args.scale,
+            soft_cap=args.logits_soft_cap,
+            score_fn=score_fn,
+            dropout_rate=float(dropout_rate),
+            broadcast_dropout=bool(broadcast_dropout),
+            tq=tq,
+            tk=tk,
+            seq_k=layout.piece_k,
+            precision=resolve_precision(precision, args.query.dtype),
         ),
     )
     seq = P(batch_axis, axis_name)
+    per_batch = P(batch_axis)
     sharding = NamedSharding(mesh, seq)
     explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
     place = (
@@ -259,31 +537,43 @@ def ring_attention(
         if explicit
         else (lambda x: jax.lax.with_sharding_constraint(x, sharding))
     )
-    args = [place(x) for x in (query, key, value)]
-    specs = [seq] * 3
-    if seg_q is not None:
-        args += [place(seg_q), place(seg_k)]
-        specs += [seq] * 2
-    if sinks is not None:
-        args.append(sinks)
-        specs.append(P())
-    stripe = functools.partial(_to_striped, axis_name=axis_name, n=n)
-    unstripe = functools.partial(_from_striped, axis_name=axis_name, n=n)
+    seg_q, seg_k = args.segment_ids if args.segment_ids is not None else (None, None)
+    sharded = [place(args.query), place(args.key), place(args.value)]
+    sharded += [None if s is None else place(s) for s in (seg_q, seg_k)]
+    ctx = {
+        "q_offset": args.q_offset,
+        "q_lengths": args.query_seq_lengths,
+        "kv_lengths": args.key_value_seq_lengths,
+        "seed": args.dropout_seed,
+        "sinks": args.sinks,
+        "score_params": score_params,
+        "mask_params": mask_params,
+    }
+    ctx_specs = {
+        "q_offset": per_batch,
+        "q_lengths": per_batch,
+        "kv_lengths": per_batch,
+        "seed": P(),
+        "sinks": P(),
+        "score_params": tuple(P() for _ in score_params),
+        "mask_params": tuple(P() for _ in mask_params),
+    }
+    to_zz = functools.partial(_to_zigzag, axis_name=axis_name, n=n)
+    from_zz = functools.partial(_from_zigzag, axis_name=axis_name, n=n)
 
-    has_segments, has_sinks = seg_q is not None, sinks is not None
+    def local(q, k, v, seg_q, seg_k, ctx):
+        if is_causal:  # the zig-zag layout balances the triangle
+            q, k, v = to_zz(q), to_zz(k), to_zz(v)
+            seg_q, seg_k = (None, None) if seg_q is None else (to_zz(seg_q), to_zz(seg_k))
+        out = _ring(ring, q, k, v, seg_q, seg_k, ctx)
+        return from_zz(out) if is_causal else out
 
-    def local(q, k, v, *rest):
-        rest = list(rest)
-        seg_q, seg_k = (rest.pop(0), rest.pop(0)) if has_segments else (None, None)
-        sinks = rest.pop(0) if has_sinks else None
-        # Causal: striped order balances the triangle; otherwise contiguous blocks are fine.
-        if is_causal:
-            q, k, v = stripe(q), stripe(k), stripe(v)
-            seg_q, seg_k = (None, None) if seg_q is None else (stripe(seg_q), stripe(seg_k))
-        out = _ring(ring, q, k, v, seg_q, seg_k, sinks)
-        return unstripe(out) if is_causal else out
-
-    out = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=seq, check_vma=False)(
-        *args
-    )
+    seg_spec = seq if seg_q is not None else None
+    out = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(seq, seq, seq, seg_spec, seg_spec, ctx_specs),
+        out_specs=seq,
+        check_vma=False,
+    )(*sharded, ctx)
     return place(out)

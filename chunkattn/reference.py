@@ -222,6 +222,10 @@ def reference_attention(
         dropout_rng=dropout_rng,
         sinks=sinks,
     )
+    if args.empty:  # zero-size B, N, T or S: as dot_product_attention (no max over no keys)
+        out, lse = args.empty_result()
+        dtype = jnp.float64 if query.dtype == jnp.float64 else jnp.float32
+        return args.finish(out.astype(dtype), lse, return_lse)
     dtype = jnp.float64 if query.dtype == jnp.float64 else jnp.float32
     out, lse = dense_attention(
         args.query.astype(dtype),
