@@ -1,19 +1,28 @@
-"""Softmax against the linear-time variants: the GPT's validation loss and training throughput.
+"""Softmax against the linear-time variants: the GPT's validation loss, training throughput,
+and speed and memory against sequence length.
 
-Trains the same small GPT (same seed, same batches, same number of steps) once per attention
-kind through the training CLI's entry point (`chunkattn.train.main`, in this process), then
-scores each final checkpoint on --val-batches held-out batches: the CLI's own `val_loss` is one
-batch of B·T bytes, too noisy to rank models that differ by a few hundredths of a nat. Runs are
-interleaved (seed 0 of every kind, then seed 1, ...) so that other load on the machine spreads
-over all kinds; the 1-minute load average before each run is recorded beside its throughput.
+Part 1, the race: trains the same small GPT (same seed, same batches, same number of steps)
+once per attention kind through the training CLI's entry point (`chunkattn.train.main`, in this
+process), then scores each final checkpoint on --val-batches held-out batches: the CLI's own
+`val_loss` is one batch of B·T bytes, too noisy to rank models that differ by a few hundredths
+of a nat. Runs are interleaved (seed 0 of every kind, then seed 1, ...) so that other load on the
+machine spreads over all kinds; the 1-minute load average before each run is recorded beside its
+throughput. Kinds: softmax (chunked), linear, delta (DPFP), Caterpillar, gated delta (Gated
+DeltaNet) and the hybrid (--hybrid-pattern, default gs: Gated DeltaNet then softmax).
 
-    .venv/bin/python bench/variants.py          # about 2 min on 2 CPU cores: 200 steps, 1 seed
-    .venv/bin/python bench/variants.py --full   # README's table: 200 steps, 3 seeds, 32 batches
+Part 2, speed against T: the same model's jitted training step (forward, backward, AdamW) at
+batch 1 and each --speed-seq-lens, per kind: training tokens/s (median of --speed-reps after a
+warm-up) and the step's compiled temporary memory (`memory_analysis()`, parameters and
+optimizer state excluded), T interleaved over the kinds.
+
+    .venv/bin/python bench/variants.py          # a few minutes on 2 CPU cores: 1 seed, T <= 2k
+    .venv/bin/python bench/variants.py --full   # README's table: 3 seeds, 32 batches, T to 16k
     .venv/bin/python bench/variants.py --steps 1000 --attention chunked delta --seeds 0
 
-Both use T=128, B=8, 2 layers, D=64, 4 heads. Writes variants_[<tag>_]<backend>_<date>.csv and
-.png into --out (default bench/out/, untracked; `--out bench/results` for a run to commit), one
-progress line per finished run with an ETA.
+Both train at T=128, B=8, 2 layers, D=64, 4 heads, 200 steps. Writes variants_[<tag>_]<backend>_
+<date>.csv and .png (the race) and variants_speed_[<tag>_]<backend>_<date>.csv and .png (speed
+and memory against T) into --out (default bench/out/, untracked; `--out bench/results` for a run
+to commit), one progress line per finished run or measurement with an ETA.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ import statistics
 import sys
 import tempfile
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
@@ -36,15 +47,20 @@ import common  # noqa: E402
 
 from chunkattn import train  # noqa: E402
 
-KINDS = ("chunked", "linear", "delta", "caterpillar")
-# The default run (about 2 minutes) and --full (README's table); explicit options win over both.
-QUICK = dict(steps=200, seeds=[0], val_batches=8)
-FULL = dict(steps=200, seeds=[0, 1, 2], val_batches=32)
+KINDS = ("chunked", "linear", "delta", "caterpillar", "gated_delta", "hybrid")
+# The default run (a few minutes) and --full (README's table); explicit options win over both.
+QUICK = dict(steps=200, seeds=[0], val_batches=8, speed_seq_lens=[256, 2048])
+FULL = dict(steps=200, seeds=[0, 1, 2], val_batches=32, speed_seq_lens=[256, 1024, 4096, 16384])
 COLUMNS = [
     "attention", "variant_config", "seed", "steps", "seq_len", "batch", "layers", "heads", "dim",
-    "val_loss", "heldout_loss", "val_batches", "train_loss", "tokens_per_s_last_log",
+    "params", "val_loss", "heldout_loss", "val_batches", "train_loss", "tokens_per_s_last_log",
     "tokens_per_s_median", "load_avg_1m", "backend", "device", "device_model", "cpu_count",
     "jax_version", "date",
+]  # fmt: skip
+SPEED_COLUMNS = [
+    "attention", "variant_config", "seq_len", "batch", "layers", "heads", "dim", "params",
+    "step_ms", "tokens_per_s", "temp_bytes", "reps", "load_avg_1m", "backend", "device",
+    "device_model", "cpu_count", "jax_version", "date",
 ]  # fmt: skip
 
 
@@ -59,6 +75,8 @@ def variant_flags(kind: str, args) -> list[str]:
             "--caterpillar-length",
             str(args.caterpillar_length),
         ]
+    if kind == "hybrid":
+        return ["--hybrid-pattern", args.hybrid_pattern]
     return []
 
 
@@ -75,8 +93,15 @@ def cli_args(kind: str, seed: int, run_dir: pathlib.Path, args) -> list[str]:
     return argv + variant_flags(kind, args)
 
 
-def heldout_loss(argv: list[str], run_dir: pathlib.Path, val: np.ndarray, n: int) -> float:
-    """Mean loss of the run's final checkpoint over n validation batches (batch i of seed+1).
+def count_params(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+
+
+def heldout_loss(
+    argv: list[str], run_dir: pathlib.Path, val: np.ndarray, n: int
+) -> tuple[float, int]:
+    """(Mean loss of the run's final checkpoint over n validation batches (batch i of seed+1),
+    the model's parameter count).
 
     Batch 0 is the one the CLI logs as `val_loss`, so with n=1 the two agree exactly.
     """
@@ -88,7 +113,7 @@ def heldout_loss(argv: list[str], run_dir: pathlib.Path, val: np.ndarray, n: int
         float(eval_loss(params, train.batch_at(val, a.seed + 1, i, a.batch_size, a.seq_len)))
         for i in range(n)
     ]
-    return statistics.fmean(losses)
+    return statistics.fmean(losses), count_params(params)
 
 
 def run_one(kind: str, seed: int, args, val: np.ndarray, runs: pathlib.Path) -> dict:
@@ -104,6 +129,7 @@ def run_one(kind: str, seed: int, args, val: np.ndarray, runs: pathlib.Path) -> 
     # The first log interval includes compilation: steady-state throughput is the rest.
     steady = [m["tokens_per_s"] for m in metrics[1:]] or [metrics[0]["tokens_per_s"]]
     env = common.environment()
+    heldout, params = heldout_loss(argv, run_dir, val, args.val_batches)
     return dict(
         env,
         attention=kind,
@@ -115,8 +141,9 @@ def run_one(kind: str, seed: int, args, val: np.ndarray, runs: pathlib.Path) -> 
         layers=args.layers,
         heads=args.heads,
         dim=args.dim,
+        params=params,
         val_loss=round(evals[-1]["val_loss"], 4),
-        heldout_loss=round(heldout_loss(argv, run_dir, val, args.val_batches), 4),
+        heldout_loss=round(heldout, 4),
         val_batches=args.val_batches,
         train_loss=round(metrics[-1]["loss"], 4),
         tokens_per_s_last_log=round(metrics[-1]["tokens_per_s"]),
@@ -127,29 +154,79 @@ def run_one(kind: str, seed: int, args, val: np.ndarray, runs: pathlib.Path) -> 
     )
 
 
-def summary(rows: list[dict]) -> str:
-    """Per kind: mean ± sample std over seeds of the held-out loss, and median tokens/s."""
-    lines = [f"{'attention':>12} {'seeds':>5} {'heldout loss':>18} {'tokens/s':>10}"]
+def speed_row(kind: str, seq_len: int, args) -> dict:
+    """Training tokens/s and compiled temp memory of one kind's training step at batch 1."""
+    argv = cli_args(kind, 0, pathlib.Path("unused"), args)
+    argv += ["--seq-len", str(seq_len), "--batch-size", "1"]  # the later flag wins
+    a = train.parse_args(argv)
+    _, _, _, params, tx, _, train_step, _ = train.build(a)
+    opt_state = tx.init(params)
+    rng = np.random.default_rng(seq_len)
+    batch = jnp.asarray(rng.integers(0, 256, (1, seq_len + 1)), jnp.int32)
+    load = os.getloadavg()[0]
+    compiled = train_step.lower(params, opt_state, batch).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    seconds = common.median_seconds(
+        compiled, [(params, opt_state, batch)], args.speed_reps, warmup=1
+    )
+    return dict(
+        common.environment(),
+        attention=kind,
+        variant_config=" ".join(variant_flags(kind, args)),
+        seq_len=seq_len,
+        batch=1,
+        layers=args.layers,
+        heads=args.heads,
+        dim=args.dim,
+        params=count_params(params),
+        step_ms=round(seconds * 1e3, 2),
+        tokens_per_s=round(seq_len / seconds),
+        temp_bytes=temp,
+        reps=args.speed_reps,
+        load_avg_1m=round(load, 2),
+        cpu_count=os.cpu_count(),
+    )
+
+
+def summary(rows: list[dict], speed: list[dict] | None = None) -> str:
+    """Per kind: parameters, mean ± sample std over seeds of the held-out loss, median
+    tokens/s, and at the longest speed T its training tokens/s and step temp memory."""
+    top = max((r["seq_len"] for r in speed or []), default=None)
+    at = f" at T={top}" if top else ""
+    lines = [
+        f"{'attention':>12} {'params':>8} {'seeds':>5} {'heldout loss':>18} {'tokens/s':>10}"
+        + (f" {'tokens/s' + at:>16} {'temp MiB' + at:>16}" if top else "")
+    ]
     for kind in dict.fromkeys(r["attention"] for r in rows):
         rs = [r for r in rows if r["attention"] == kind]
         losses = [r["heldout_loss"] for r in rs]
         spread = statistics.stdev(losses) if len(losses) > 1 else math.nan
         tps = statistics.median(r["tokens_per_s_median"] for r in rs)
         mean = statistics.fmean(losses)
-        lines.append(f"{kind:>12} {len(rs):>5} {mean:>10.4f} ± {spread:.4f} {tps:>10,.0f}")
+        line = f"{kind:>12} {rs[0]['params']:>8,} {len(rs):>5} {mean:>10.4f} ± {spread:.4f}"
+        line += f" {tps:>10,.0f}"
+        long = [r for r in speed or [] if r["attention"] == kind and r["seq_len"] == top]
+        if long:
+            line += f" {long[0]['tokens_per_s']:>16,} {long[0]['temp_bytes'] / 2**20:>16,.1f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
 def kind_label(kind: str, rows: list[dict]) -> str:
     """Legend name of an attention kind with its knobs, e.g. "Caterpillar (CH=4, CL=16)"."""
-    name = {"chunked": "softmax (chunkattn, chunked)", "linear": "linear attention"}.get(kind)
+    name = {
+        "chunked": "softmax (chunkattn, chunked)",
+        "linear": "linear attention",
+        "gated_delta": "gated delta rule (Gated DeltaNet)",
+    }.get(kind)
     if name:
         return name
     flags = next((r["variant_config"] for r in rows if r["attention"] == kind), "").split()
     knobs = dict(zip(flags[::2], flags[1::2], strict=False))
     short = {"--dpfp-nu": "DPFP ν", "--caterpillar-heads": "CH", "--caterpillar-length": "CL"}
+    short["--hybrid-pattern"] = "layers"
     config = ", ".join(f"{short.get(f, f)}={x}" for f, x in knobs.items())
-    name = {"delta": "delta rule", "caterpillar": "Caterpillar"}.get(kind, kind)
+    name = {"delta": "delta rule", "caterpillar": "Caterpillar", "hybrid": "hybrid"}.get(kind, kind)
     return f"{name} ({config})" if config else name
 
 
@@ -196,6 +273,43 @@ def plot(rows: list[dict], path: pathlib.Path):
     return fig
 
 
+def plot_speed(rows: list[dict], path: pathlib.Path):
+    """Training tokens/s and the step's compiled temp memory against T, per kind."""
+    from matplotlib.figure import Figure
+
+    kinds = list(dict.fromkeys(r["attention"] for r in rows))
+    fig = Figure(figsize=(11, 4))
+    ax0, ax1 = fig.subplots(1, 2)
+    lens = [r["seq_len"] for r in rows]
+    for n, kind in enumerate(kinds):
+        rs = sorted((r for r in rows if r["attention"] == kind), key=lambda r: r["seq_len"])
+        t = [r["seq_len"] for r in rs]
+        style = dict(color=f"C{n}", marker="o", label=kind_label(kind, rows))
+        ax0.plot(t, [r["tokens_per_s"] for r in rs], **style)
+        ax1.plot(t, [r["temp_bytes"] for r in rs], **style)
+    for ax in (ax0, ax1):
+        common.tokens_axis(ax, lens)
+        ax.set_xlabel("sequence length T (batch 1)")
+        ax.grid(alpha=0.3)
+    ax0.set_yscale("log")
+    ax0.yaxis.set_major_formatter("{x:,.0f}")
+    ax0.yaxis.set_minor_formatter("{x:,.0f}")
+    ax0.set_ylabel("training tokens/s (fwd + bwd + AdamW)")
+    ax0.legend(fontsize=8)
+    common.memory_axis(ax1, [r["temp_bytes"] for r in rows])
+    ax1.set_ylabel("training step compiled temp memory")
+    r0 = rows[0]
+    fig.suptitle(
+        f"GPT {r0['layers']} layers, D={r0['dim']}, {r0['heads']} heads, training step at batch "
+        f"1, median of {r0['reps']}; {common.device_title(r0)}, jax {r0['jax_version']}, "
+        f"{r0['date']}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return fig
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The options, with --steps, --seeds and --val-batches from --full or the 2-minute default."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -217,6 +331,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dpfp-nu", type=int, default=1)
     p.add_argument("--caterpillar-heads", type=int, default=4)
     p.add_argument("--caterpillar-length", type=int, default=16)
+    p.add_argument("--hybrid-pattern", default="gs", help="the hybrid's layers (g/s letters)")
+    p.add_argument(
+        "--speed-seq-lens",
+        type=int,
+        nargs="*",
+        default=None,
+        help=f"T of the speed/memory part, batch 1 (default {QUICK['speed_seq_lens']}, --full "
+        f"{FULL['speed_seq_lens']}; none given skips the part)",
+    )
+    p.add_argument("--speed-reps", type=int, default=3, help="timed training steps per T")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--val-batches", type=int, default=None, help="held-out batches scored per run")
@@ -228,7 +352,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in (FULL if args.full else QUICK).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("steps", "log_every", "eval_every", "val_batches"):
+    for name in ("steps", "log_every", "eval_every", "val_batches", "speed_reps"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return args
@@ -258,8 +382,26 @@ def main(argv: list[str] | None = None) -> int:
         w.writeheader()
         w.writerows(rows)
     plot(rows, pathlib.Path(f"{stem}.png"))
-    print(summary(rows))
     print(f"wrote {stem}.csv and {stem}.png")
+    speed = []
+    if args.speed_seq_lens:
+        progress = common.Progress(len(args.speed_seq_lens) * len(args.attention))
+        for seq_len in args.speed_seq_lens:
+            for kind in args.attention:
+                row = speed_row(kind, seq_len, args)
+                progress.row(
+                    f"{kind:>12} T={seq_len}: {row['tokens_per_s']:,} tok/s, temp "
+                    f"{common.format_bytes(row['temp_bytes'])}, load {row['load_avg_1m']}"
+                )
+                speed.append(row)
+        stem = out / common.result_stem("variants_speed", args.tag, common.environment())
+        with open(f"{stem}.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=SPEED_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(speed)
+        plot_speed(speed, pathlib.Path(f"{stem}.png"))
+        print(f"wrote {stem}.csv and {stem}.png")
+    print(summary(rows, speed))
     return 0
 
 

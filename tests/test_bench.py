@@ -290,28 +290,44 @@ def test_speed_times_variants_and_marks_full_unsupported(tmp_path):
 
 
 def test_variants_training_comparison_writes_csv_and_plot(tmp_path):
+    """The race and the speed and memory against T, for the hybrid on a tiny corpus and model
+    (every kind runs the same code; what differs per kind is its CLI flags, checked below)."""
     import variants
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i in range(3):
         (corpus / f"f{i}.txt").write_text(f"the quick brown fox jumps over the lazy dog {i}\n" * 40)
-    args = ["--steps", "4", "--seq-len", "16", "--batch", "2", "--layers", "1", "--dim", "16"]
+    args = ["--steps", "4", "--seq-len", "16", "--batch", "2", "--layers", "2", "--dim", "16"]
     args += ["--heads", "2", "--log-every", "2", "--eval-every", "2", "--val-batches", "1"]
     args += ["--caterpillar-length", "4", "--seeds", "0", "--data", str(corpus)]
+    args += ["--attention", "hybrid", "--speed-seq-lens", "16", "--speed-reps", "1"]
     assert variants.main([*args, "--out", str(tmp_path)]) == 0
-    (csv_path,) = tmp_path.glob("variants_*.csv")
-    assert list(tmp_path.glob("variants_*.png"))
-    rows = _rows(csv_path)
-    assert list(rows[0]) == variants.COLUMNS
-    assert [r["attention"] for r in rows] == list(variants.KINDS)
-    for r in rows:
-        assert 0 < float(r["heldout_loss"]) < 10 and float(r["tokens_per_s_median"]) > 0
-        # With one held-out batch the score is the CLI's own val_loss batch: a restore check.
-        assert abs(float(r["heldout_loss"]) - float(r["val_loss"])) < 1e-3, r
-    assert next(r for r in rows if r["attention"] == "caterpillar")["variant_config"] == (
-        "--caterpillar-heads 4 --caterpillar-length 4"
+    race_only = lambda paths: [p for p in paths if not p.name.startswith("variants_speed_")]
+    (csv_path,) = race_only(tmp_path.glob("variants_*.csv"))
+    assert race_only(tmp_path.glob("variants_*.png"))
+    (row,) = _rows(csv_path)
+    assert list(row) == variants.COLUMNS
+    assert row["attention"] == "hybrid" and row["variant_config"] == "--hybrid-pattern gs"
+    assert 0 < float(row["heldout_loss"]) < 10 and float(row["tokens_per_s_median"]) > 0
+    # With one held-out batch the score is the CLI's own val_loss batch: a restore check.
+    assert abs(float(row["heldout_loss"]) - float(row["val_loss"])) < 1e-3, row
+    (speed_csv,) = tmp_path.glob("variants_speed_*.csv")
+    assert list(tmp_path.glob("variants_speed_*.png"))
+    (speed,) = _rows(speed_csv)
+    assert list(speed) == variants.SPEED_COLUMNS
+    assert (speed["attention"], speed["seq_len"], speed["params"]) == (
+        "hybrid",
+        "16",
+        row["params"],
     )
+    assert float(speed["tokens_per_s"]) > 0 and int(speed["temp_bytes"]) > 0
+    parsed = variants.parse_args(args)
+    assert variants.variant_flags("caterpillar", parsed) == [
+        "--caterpillar-heads", "4", "--caterpillar-length", "4",
+    ]  # fmt: skip
+    assert variants.variant_flags("gated_delta", parsed) == []
+    assert variants.KINDS[-2:] == ("gated_delta", "hybrid")  # the default race runs all six
 
 
 def test_variants_default_is_short_and_full_is_the_readme_table():
@@ -320,8 +336,10 @@ def test_variants_default_is_short_and_full_is_the_readme_table():
     quick, full = variants.parse_args([]), variants.parse_args(["--full"])
     assert (quick.steps, quick.seeds, quick.val_batches) == (200, [0], 8)
     assert (full.steps, full.seeds, full.val_batches) == (200, [0, 1, 2], 32)
+    assert max(quick.speed_seq_lens) <= 2048 and max(full.speed_seq_lens) == 16384
     mixed = variants.parse_args(["--full", "--seeds", "5", "--steps", "7"])
     assert (mixed.steps, mixed.seeds, mixed.val_batches) == (7, [5], 32)
+    assert variants.parse_args(["--speed-seq-lens"]).speed_seq_lens == []  # the part skipped
     readme = (BENCH.parent / "README.md").read_text()
     assert "bench/variants.py --full" in readme and "200 steps" in readme
 
