@@ -469,7 +469,3 @@ def _no_second_order(st, primals, tangents):
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
-
-# The Pallas bias gradient still calls the old private name; removed once it calls
-# `block_backward` (the pallas package is being split into files).
-_backward = block_backward

@@ -249,5 +249,7 @@ def bias_gradient(st: Static, q, k, v, bias, meta, marr, seed, out, lse, dout, d
     this computation as dead code.
     """
     marr = marr._replace(q_lengths=meta[:, 1], kv_lengths=meta[:, 2])
-    grads = chunked._backward(st.bias_grad, q, k, v, bias, (), marr, seed, out, lse, dout, dlse)
+    grads = chunked.block_backward(
+        st.bias_grad, q, k, v, bias, (), marr, seed, out, lse, dout, dlse
+    )
     return grads[3]
