@@ -357,6 +357,8 @@ def _zigzag_perms(n: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]
 
 def _to_zigzag(x: Array, axis_name: str, n: int) -> Array:
     """Local contiguous shard (pieces 2d, 2d+1) -> local zig-zag shard (pieces d, 2n−1−d)."""
+    if n == 1:  # pieces (0, 1) either way
+        return x
     half = x.shape[1] // 2
     first, second = x[:, :half], x[:, half:]
     perm0, perm1 = _zigzag_perms(n)
@@ -364,11 +366,13 @@ def _to_zigzag(x: Array, axis_name: str, n: int) -> Array:
     r1 = jax.lax.ppermute(second, axis_name, perm1)
     # Even d receives piece d from perm0 and 2n−1−d from perm1; odd d the other way round.
     even = jax.lax.axis_index(axis_name) % 2 == 0
-    return jnp.where(even, jnp.concatenate([r0, r1], 1), jnp.concatenate([r1, r0], 1))
+    return jnp.concatenate([jnp.where(even, r0, r1), jnp.where(even, r1, r0)], axis=1)
 
 
 def _from_zigzag(x: Array, axis_name: str, n: int) -> Array:
     """Inverse of `_to_zigzag`."""
+    if n == 1:
+        return x
     half = x.shape[1] // 2
     even = jax.lax.axis_index(axis_name) % 2 == 0
     a, b = x[:, :half], x[:, half:]

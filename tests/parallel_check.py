@@ -32,7 +32,7 @@ def main() -> int:
     cases = {
         "full": (dict(num_heads=4, num_kv_heads=4), dict()),
         "causal": (dict(num_heads=4, num_kv_heads=4), dict(is_causal=True)),
-        "causal_gqa": (dict(num_heads=4, num_kv_heads=2), dict(is_causal=True)),
+        "causal_gqa": (dict(num_heads=4, num_kv_heads=2, head_dim_v=8), dict(is_causal=True)),
         "causal_segments": (
             dict(num_heads=2, num_kv_heads=1),
             dict(is_causal=True, segment_ids=seg),
@@ -121,7 +121,7 @@ def main() -> int:
     except ValueError as e:
         results["uneven"] = str(e)
     # Per-device compiled memory (args + outputs + temp) of fwd+bwd, T=32768, on 1, 2, 4, 8 devices.
-    mem = {}
+    mem, temp = {}, {}
     for n in (1, 2, 4, 8):
         m = jax.make_mesh((n,), ("sp",), devices=jax.devices()[:n], axis_types=auto)
         x = jax.ShapeDtypeStruct(
@@ -139,7 +139,9 @@ def main() -> int:
         )
         ma = g.lower(x, x, x).compile().memory_analysis()
         mem[n] = ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
+        temp[n] = ma.temp_size_in_bytes
     results["memory"] = mem
+    results["temp_memory"] = temp
     print(json.dumps(results, default=str))
     return 0
 
