@@ -128,11 +128,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *ref
         dv = dv + plgpu.dot(p_drop.astype(do.dtype), do, trans_a=True, precision=st.precision)
         ds = dscore(st, p * (dp - delta[:, None]), raw, biased, pos)
         dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True, precision=st.precision)
-        if dq_ref is not None:
+        if dq_ref is not None:  # whole rows: the accumulator is as wide as the block (below)
             dq = plgpu.dot(ds.astype(k.dtype), k, precision=st.precision) * st.scale
-            width = dq.shape[-1]
-            in_head = None if width == hd else (jnp.arange(width) < hd)[None, :]
-            plgpu.atomic_add(dq_ref, (qs, slice(None)), dq, mask=in_head)
+            plgpu.atomic_add(dq_ref, (qs, slice(None)), dq)
         return dk, dv
 
     seg = segment_bounds(st, ops)
@@ -187,11 +185,15 @@ def backward(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
     operands = [q, k, v, dout, lse2, delta, meta, *extra]
     aliases = {}
     if st.atomic_dq:
+        # The float32 dQ accumulator is as wide as the block, not the head dim: the kernel adds
+        # whole rows with no mask (past the head dim they add 0: K's columns there load as 0).
+        # A masked atomic would do on the GPU, but the interpreter cannot run one.
+        acc_shape = (*q.shape[:3], head_dim)
         aliases = {len(operands): 2}
-        operands.append(jnp.zeros(q.shape, jnp.float32))
+        operands.append(jnp.zeros(acc_shape, jnp.float32))
         in_specs.append(whole_q)
         out_specs.append(whole_q)
-        out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct(acc_shape, jnp.float32))
     grads = pl.pallas_call(
         functools.partial(_dkdv_kernel, st=st, nq=seq_q // st.block_q_bwd),
         grid=(seq_k // bk, batch, num_heads),
@@ -205,7 +207,8 @@ def backward(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
     )(*operands)
     dk, dv = grads[:2]
     if st.atomic_dq:
-        dq = grads[2].astype(q.dtype)
+        dq = grads[2] if head_dim == q.shape[-1] else grads[2][..., : q.shape[-1]]
+        dq = dq.astype(q.dtype)
     if g > 1:  # (B, S, K, G, H) summed over the group's query heads
         dk = dk.reshape(batch, seq_k, num_kv_heads, g, k.shape[-1]).sum(3).astype(k.dtype)
         dv = dv.reshape(batch, seq_k, num_kv_heads, g, v.shape[-1]).sum(3).astype(v.dtype)
