@@ -418,6 +418,7 @@ def ring_attention(
     implementation: str | None = None,
     config: chunked.ChunkConfig | None = None,
     batch_axis: str | None = None,
+    head_axis: str | None = None,
 ) -> Array:
     """Exact attention with the sequence sharded over `mesh` axis `axis_name` (ring attention).
 
@@ -436,6 +437,8 @@ def ring_attention(
       mesh, axis_name: the mesh and the axis the sequence is split over.
       config: a ChunkConfig for the per-device chunked computation.
       batch_axis: a mesh axis the batch is sharded over too (data parallelism), or None.
+      head_axis: a mesh axis the heads are sharded over too (tensor parallelism: query heads N
+        and kv heads K both divide by its size, so each shard keeps whole GQA groups), or None.
 
     Returns:
       [B, T, N, Hv], sharded along T over `axis_name`.
@@ -487,13 +490,25 @@ def ring_attention(
             f"batch_axis={batch_axis!r} must be another axis of the mesh {dict(mesh.shape)} "
             f"whose size divides the batch of query.shape={args.query.shape}"
         )
-    uses_batch_index = mask_fn is not None or score_fn is not None
-    uses_batch_index |= dropout_rate > 0 and not broadcast_dropout
-    if batch_axis is not None and uses_batch_index:
-        raise NotImplementedError(
-            "ring_attention with batch_axis does not implement mask_fn, score_fn or "
-            "broadcast_dropout=False (they see the batch index, which is sharded)"
+    num_kv_heads = args.key.shape[2]
+    if head_axis is not None and (
+        head_axis not in mesh.shape
+        or head_axis in (axis_name, batch_axis)
+        or num_heads % mesh.shape[head_axis]
+        or num_kv_heads % mesh.shape[head_axis]
+    ):
+        raise ValueError(
+            f"head_axis={head_axis!r} must be another axis of the mesh {dict(mesh.shape)} whose "
+            f"size divides the query heads N={num_heads} and the kv heads K={num_kv_heads}"
         )
+    uses_indices = mask_fn is not None or score_fn is not None
+    uses_indices |= dropout_rate > 0 and not broadcast_dropout
+    for name, axis in (("batch_axis", batch_axis), ("head_axis", head_axis)):
+        if axis is not None and uses_indices:
+            raise NotImplementedError(
+                f"ring_attention with {name} does not implement mask_fn, score_fn or "
+                "broadcast_dropout=False (they see the batch and head indices, which are sharded)"
+            )
     parts = 2 * n if is_causal else n
     if seq_q % parts or seq_k % parts:
         what = f"2n = {parts} (causal: the zig-zag layout)" if is_causal else f"{n} devices"
@@ -504,13 +519,14 @@ def ring_attention(
     check_user_functions(mask_fn, score_fn, batch, num_heads, seq_q, seq_k)
     layout = ring_layout(n, seq_q, seq_k, is_causal)
     local_batch = batch // (mesh.shape[batch_axis] if batch_axis else 1)
+    local_heads = num_heads // (mesh.shape[head_axis] if head_axis else 1)
     tq, tk = (config or chunked.ChunkConfig()).resolve(
-        layout.piece_q, layout.piece_k, local_batch * num_heads
+        layout.piece_q, layout.piece_k, local_batch * local_heads
     )
     tq = max(d for d in range(1, tq + 1) if layout.piece_q % d == 0)
     tk = max(d for d in range(1, tk + 1) if layout.piece_k % d == 0)
-    idx = index_shapes(local_batch, num_heads, tq, tk)
-    block = jax.ShapeDtypeStruct((local_batch, num_heads, tq, tk), accum_dtype(args.query.dtype))
+    idx = index_shapes(local_batch, local_heads, tq, tk)
+    block = jax.ShapeDtypeStruct((local_batch, local_heads, tq, tk), accum_dtype(args.query.dtype))
     score_fn, score_params = explicit_closure(score_fn, (block, *idx))
     mask_fn, mask_params = explicit_closure(mask_fn, idx)
     spec = masks.MaskSpec(is_causal, args.local_window_size, mask_fn)
@@ -532,18 +548,20 @@ def ring_attention(
             precision=resolve_precision(precision, args.query.dtype),
         ),
     )
-    seq = P(batch_axis, axis_name)
+    seq = P(batch_axis, axis_name, head_axis)  # [B, T, N, H]
+    ids = P(batch_axis, axis_name)  # [B, T] segment ids
     per_batch = P(batch_axis)
-    sharding = NamedSharding(mesh, seq)
     explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
-    place = (
-        (lambda x: jax.reshard(x, sharding))
-        if explicit
-        else (lambda x: jax.lax.with_sharding_constraint(x, sharding))
-    )
+
+    def place(x: Array, spec: P = seq) -> Array:
+        sharding = NamedSharding(mesh, spec)
+        if explicit:
+            return jax.reshard(x, sharding)
+        return jax.lax.with_sharding_constraint(x, sharding)
+
     seg_q, seg_k = args.segment_ids if args.segment_ids is not None else (None, None)
     sharded = [place(args.query), place(args.key), place(args.value)]
-    sharded += [None if s is None else place(s) for s in (seg_q, seg_k)]
+    sharded += [None if s is None else place(s, ids) for s in (seg_q, seg_k)]
     ctx = {
         "q_offset": args.q_offset,
         "q_lengths": args.query_seq_lengths,
@@ -558,7 +576,7 @@ def ring_attention(
         "q_lengths": per_batch,
         "kv_lengths": per_batch,
         "seed": P(),
-        "sinks": P(),
+        "sinks": P(head_axis),
         "score_params": tuple(P() for _ in score_params),
         "mask_params": tuple(P() for _ in mask_params),
     }
@@ -572,7 +590,7 @@ def ring_attention(
         out = _ring(ring, q, k, v, seg_q, seg_k, ctx)
         return from_zz(out) if is_causal else out
 
-    seg_spec = seq if seg_q is not None else None
+    seg_spec = ids if seg_q is not None else None
     out = jax.shard_map(
         local,
         mesh=mesh,

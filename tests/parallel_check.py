@@ -95,6 +95,28 @@ def main() -> int:
                 testing.relative_error(g, w) for g, w in zip(leaves(got), leaves(want), strict=True)
             ),
         }
+    # Data × sequence × tensor parallelism: batch over dp, sequence over sp, heads over tp.
+    mesh3 = jax.make_mesh((2, 2, 2), ("dp", "sp", "tp"), axis_types=auto * 3)
+    q, k, v = testing.random_qkv(
+        jax.random.PRNGKey(9), seq_q=32, num_heads=4, num_kv_heads=2, head_dim=16
+    )
+    proj = jax.random.normal(jax.random.PRNGKey(1), q.shape)
+    sinks = jnp.array([0.5, 1.0, -1.0, 2.0])
+    kw3 = dict(is_causal=True, local_window_size=(6, 0), segment_ids=seg[:, :32])
+
+    def loss3(f, q, k, v, s):
+        return jnp.sum(f(q, k, v, sinks=s, **kw3) * proj)
+
+    ring3 = lambda q, k, v, **kw: ring_attention(
+        q, k, v, mesh=mesh3, axis_name="sp", batch_axis="dp", head_axis="tp", config=cfg, **kw
+    )
+    grad3 = lambda f: jax.value_and_grad(lambda *a: loss3(f, *a), argnums=(0, 1, 2, 3))
+    got = jax.jit(grad3(ring3))(q, k, v, sinks)
+    want = grad3(chunkattn.reference_attention)(q, k, v, sinks)
+    results["dp_sp_tp"] = {
+        "out": abs(float(got[0]) - float(want[0])) / max(1.0, abs(float(want[0]))),
+        "grads": max(testing.relative_error(g, w) for g, w in zip(got[1], want[1], strict=True)),
+    }
     q, k, v = testing.random_qkv(jax.random.PRNGKey(0), seq_q=64, head_dim=16)
     try:  # 64-bit ids that do not fit int32 (no x64): refused, never truncated
         wide = np.tile(np.repeat(np.array([2**40, 0], np.int64), 32), (2, 1))

@@ -44,6 +44,7 @@ def results():
         "window_lengths_soft_cap_mask_fn",
         "score_fn_params",
         "dropout",
+        "dp_sp_tp",
     ],
 )
 def test_forward_and_gradients_equal_the_reference(results, case):
