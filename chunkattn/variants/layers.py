@@ -185,8 +185,8 @@ class GatedDeltaNet(nnx.Module):
     scaled by 1/√H); β = sigmoid(x W_β); decay g = −exp(A_log) · softplus(x W_a + dt_bias) <= 0
     (Mamba-2's parameterisation: A ~ U(1, 16), softplus(dt_bias) ~ logU(0.001, 0.1)); the gated
     delta rule `delta_rule(q, k, v, β, log_decay=g)`; per head RMSNorm of the output times the
-    gate SiLU(x W_gate), then W_o. Parameters: 5·D² + (3·W + 2·N + H)·D-ish, against 4·D² for
-    softmax attention.
+    gate SiLU(x W_gate), then W_o. Parameters 5·D² + (3·W + 2·N)·D + 3·N + H (the output gate
+    is the fifth D²), against 4·D² for softmax attention.
 
     Call as `y = layer(x)` or, decoding, `y, cache = layer(x, cache=cache)` with a
     `GatedDeltaCache` from `empty_cache` (T = 1 is one `delta_rule_step`; a longer x is a
