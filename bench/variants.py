@@ -235,7 +235,7 @@ def plot(rows: list[dict], path: pathlib.Path):
     from matplotlib.figure import Figure  # no pyplot: no global backend is set or changed
 
     kinds = list(dict.fromkeys(r["attention"] for r in rows))
-    fig = Figure(figsize=(11, 4))
+    fig = Figure(figsize=(12, 4.5))
     ax0, ax1 = fig.subplots(1, 2)
     for n, kind in enumerate(kinds):
         curves = [dict(r["curve"]) for r in rows if r["attention"] == kind]
@@ -255,7 +255,8 @@ def plot(rows: list[dict], path: pathlib.Path):
     held = [statistics.fmean(r["heldout_loss"] for r in rows if r["attention"] == k) for k in kinds]
     ax1.bar(range(len(kinds)), tps, color=[f"C{n}" for n in range(len(kinds))])
     ax1.set_xticks(range(len(kinds)))
-    ax1.set_xticklabels([kind_label(k, rows).replace(" (", "\n(") for k in kinds], fontsize=8)
+    names = [kind_label(k, rows).replace(" (", "\n(") for k in kinds]
+    ax1.set_xticklabels(names, fontsize=7, rotation=20, ha="right", rotation_mode="anchor")
     for x, (t, h) in enumerate(zip(tps, held, strict=True)):
         ax1.text(x, t, f"held-out {h:.3f}", ha="center", va="bottom", fontsize=8)
     ax1.set_ylabel("training tokens/s (median)")
