@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -127,3 +129,44 @@ def test_what_the_ring_does_not_serve_is_named():
             ring_attention(q, k, v, mesh=mesh, axis_name="sp", **kwargs)
     with pytest.raises(ValueError, match="sinks"):
         ring_attention(q, k, v, mesh=mesh, axis_name="sp", sinks=jnp.zeros(3))
+
+
+def test_two_processes_match_one_device(tmp_path):
+    """2 processes × 4 host CPU devices joined by `jax.distributed.initialize` (gloo CPU
+    collectives): causal GQA ring attention with a window and sinks (forward and gradients) and
+    two GPT training steps on dp=2, sp=4 equal one device (tests/multiprocess_check.py)."""
+    script = pathlib.Path(__file__).with_name("multiprocess_check.py")
+    with socket.socket() as s:  # a free port for process 0's coordination service
+        s.bind(("localhost", 0))
+        coordinator = f"localhost:{s.getsockname()[1]}"
+    procs, logs = [], []
+    for i in range(2):
+        out, err = tmp_path / f"out{i}.txt", tmp_path / f"err{i}.txt"
+        logs.append((out, err))
+        cmd = [sys.executable, str(script), "--process-id", str(i), "--coordinator", coordinator]
+        with open(out, "w") as fo, open(err, "w") as fe:
+            procs.append(subprocess.Popen(cmd, stdout=fo, stderr=fe, env=_bare_env()))
+    deadline = time.monotonic() + 300
+    while any(p.poll() is None for p in procs):  # one failed process leaves the other waiting
+        if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            break
+        time.sleep(0.2)
+    codes = [p.wait() for p in procs]
+    stderr = [err.read_text()[-3000:] for _, err in logs]
+    assert codes == [0, 0], (codes, stderr)
+    results = json.loads(logs[0][0].read_text().strip().splitlines()[-1])
+    assert results["process_count"] == 2 and results["device_count"] == 8, results
+    assert results["local_device_count"] == 4 and results["processes_of_devices"] == [0, 1]
+    errors = results["attention"]
+    tol = testing.tolerance("float32")
+    assert errors["value"] <= tol and errors["out"] <= tol, errors
+    for name in ("dq", "dk", "dv", "dsinks"):
+        assert errors[name] <= testing.tolerance("float32", grad=True), errors
+    training = results["training"]
+    assert training["dp_row_processes"] == [[0], [1]], training  # dp spans the processes
+    assert len(training["mesh"]) == len(training["single"]) == 2, training
+    for a, b in zip(training["single"], training["mesh"], strict=True):
+        assert abs(a - b) < 1e-4, training
