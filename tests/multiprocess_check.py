@@ -76,9 +76,11 @@ def launch() -> int:
         if code != 0:
             errs[i].seek(0)
             print(f"process {i} exited with {code}:\n{errs[i].read()}", file=sys.stderr)
-    outs[0].seek(0)
-    print(outs[0].read(), end="")
-    return 0 if codes == [0] * PROCESSES else 1
+    if codes != [0] * PROCESSES:
+        return 1
+    outs[0].seek(0)  # gloo prints its connection messages to stdout too: the JSON line only
+    print([line for line in outs[0].read().splitlines() if line.startswith("{")][-1])
+    return 0
 
 
 def worker(process_id: int, coordinator: str) -> dict:

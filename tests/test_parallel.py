@@ -157,7 +157,8 @@ def test_two_processes_match_one_device(tmp_path):
     codes = [p.wait() for p in procs]
     stderr = [err.read_text()[-3000:] for _, err in logs]
     assert codes == [0, 0], (codes, stderr)
-    results = json.loads(logs[0][0].read_text().strip().splitlines()[-1])
+    stdout = logs[0][0].read_text()  # gloo prints its connection messages here too
+    results = json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
     assert results["process_count"] == 2 and results["device_count"] == 8, results
     assert results["local_device_count"] == 4 and results["processes_of_devices"] == [0, 1]
     errors = results["attention"]
