@@ -455,8 +455,9 @@ def normalize_arguments(
                 f"sinks must be a float array of shape [N]=({num_heads},), one logit per query "
                 f"head, got dtype {sinks.dtype} and sinks.shape={sinks.shape}"
             )
-        if _is_concrete(sinks) and np.isnan(np.asarray(sinks, np.float32)).any():
-            raise ValueError(f"sinks must not be NaN, got {sinks!r}")
+        values = np.asarray(sinks, np.float32) if _is_concrete(sinks) else None
+        if values is not None and (np.isnan(values).any() or (values == np.inf).any()):
+            raise ValueError(f"sinks must not be NaN or +inf (−inf means no sink), got {sinks!r}")
     offset = _per_batch_ints("q_offset", q_offset, batch, batched, allow_scalar=True)
     if _is_concrete(q_offset) and np.size(q_offset) and seq_q:
         _check_int_range("q_offset", q_offset, INT32_MIN, INT32_MAX - (seq_q - 1))

@@ -193,6 +193,15 @@ def _masked_then_full(
     return jax.lax.fori_loop(flo, fhi, lambda j, c: body(j, True, c), carry)
 
 
+def _check_block(st: Static, q: Array, k: Array) -> None:
+    """The block contract takes inputs padded to whole chunks: refuse any other shape."""
+    if q.shape[1] % st.tq or k.shape[1] % st.tk or not 0 < st.seq_k <= k.shape[1]:
+        raise ValueError(
+            f"block inputs must be padded to whole chunks (tq={st.tq}, tk={st.tk}) with "
+            f"0 < seq_k={st.seq_k} <= S; got q.shape={q.shape}, k.shape={k.shape}"
+        )
+
+
 def block_forward(
     st: Static,
     q: Array,
@@ -215,6 +224,7 @@ def block_forward(
     them to one block per row only. No gradient rule: `attention` is the differentiable form,
     `block_backward` the backward from a merged (out, lse).
     """
+    _check_block(st, q, k)
     batch, seq_q, num_heads, _ = q.shape
     seq_k, head_dim_v = k.shape[1], v.shape[-1]
     tq, tk = st.tq, st.tk
@@ -277,6 +287,7 @@ def block_backward(
     sinks included), so P = exp(s − lse) is each key's final weight; the gradients of all key
     blocks add up to the single-device gradient (FA-2 backward, module docstring).
     """
+    _check_block(st, q, k)
     batch, seq_q, num_heads, head_dim = q.shape
     seq_k, num_kv_heads, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
     groups = num_heads // num_kv_heads

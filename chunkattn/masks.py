@@ -261,7 +261,8 @@ def kv_chunk_range(
         hi = jnp.minimum(hi, _ceil_div(jnp.maximum(q_start + tq + jnp.max(rel_hi), 0), tk))
         lo = jnp.maximum(lo, jnp.maximum(q_start + jnp.min(rel_lo), 0) // tk)
     if arrays.kv_lengths is not None:
-        hi = jnp.minimum(hi, _ceil_div(jnp.maximum(jnp.max(arrays.kv_lengths) - k_base, 0), tk))
+        longest = jnp.maximum(jnp.max(arrays.kv_lengths), 0)  # ≥ 0: the difference cannot wrap
+        hi = jnp.minimum(hi, _ceil_div(jnp.maximum(longest - k_base, 0), tk))
     if arrays.q_lengths is not None:  # a chunk of padding queries needs no keys
         hi = jnp.where(q_start + q_base < jnp.max(arrays.q_lengths), hi, lo)
     if arrays.q_segment_ids is not None:
@@ -289,7 +290,8 @@ def q_chunk_range(
         lo = jnp.maximum(lo, jnp.maximum(k_start - jnp.max(rel_hi), 0) // tq)
         hi = jnp.minimum(hi, _ceil_div(jnp.maximum(k_start + tk - jnp.min(rel_lo), 0), tq))
     if arrays.q_lengths is not None:
-        hi = jnp.minimum(hi, _ceil_div(jnp.maximum(jnp.max(arrays.q_lengths) - q_base, 0), tq))
+        longest = jnp.maximum(jnp.max(arrays.q_lengths), 0)  # ≥ 0: the difference cannot wrap
+        hi = jnp.minimum(hi, _ceil_div(jnp.maximum(longest - q_base, 0), tq))
     if arrays.kv_lengths is not None:  # a chunk of padding keys is seen by no query
         hi = jnp.where(k_start + k_base < jnp.max(arrays.kv_lengths), hi, lo)
     if arrays.kv_segment_ids is not None:

@@ -42,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from chunkattn import chunked, masks
 from chunkattn.arguments import (
+    check_implementation,
     check_user_functions,
     explicit_closure,
     index_shapes,
@@ -97,8 +98,8 @@ def ring_steps(
 ) -> list[int]:
     """The ring steps some device needs: step i brings device d the block of device d − i.
 
-    `offsets` is the concrete (min, max) of q_offset, or None when it is traced (then only
-    the causal layout's own structure is known and every step is kept).
+    `offsets` is the concrete (min, max) of q_offset, or None when it is traced (then every
+    step is kept).
     """
     n = layout.size
     return [
@@ -383,11 +384,23 @@ def _from_zigzag(x: Array, axis_name: str, n: int) -> Array:
     return jnp.concatenate([first, second], axis=1)
 
 
-def _concrete_range(x: Array) -> tuple[int, int] | None:
-    try:
-        values = np.asarray(x)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+def _divisor_chunk(length: int, chunk: int) -> int:
+    """The chunk size for a piece: the largest divisor of its length up to `chunk` (the
+    pieces are not padded), or the whole piece when that divisor is under chunk / 8 (a prime
+    length would otherwise run 1×1 chunks)."""
+    best = max(d for d in range(1, chunk + 1) if length % d == 0)
+    return best if best * 8 >= chunk else length
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _concrete_range(x: Any) -> tuple[int, int] | None:
+    """(min, max) of a concrete integer array, None for None or a traced one."""
+    if x is None or not _is_concrete(x):
         return None
+    values = np.asarray(x)
     return int(values.min()), int(values.max())
 
 
@@ -453,6 +466,7 @@ def ring_attention(
                 f"ring_attention does not implement a dense {name}; express it as mask_fn / "
                 "score_fn of positions, or use dot_product_attention"
             )
+    check_implementation(implementation, config)
     if implementation not in (None, "chunked"):
         raise NotImplementedError(
             f"ring_attention runs the chunked core on each ring step; implementation="
@@ -517,20 +531,29 @@ def ring_attention(
             f"query.shape={args.query.shape}, key.shape={args.key.shape}"
         )
     check_user_functions(mask_fn, score_fn, batch, num_heads, seq_q, seq_k)
+    if config is not None and not isinstance(config, chunked.ChunkConfig):
+        raise NotImplementedError(
+            f"ring_attention runs the chunked core and takes a ChunkConfig, got "
+            f"{type(config).__name__}"
+        )
     layout = ring_layout(n, seq_q, seq_k, is_causal)
     local_batch = batch // (mesh.shape[batch_axis] if batch_axis else 1)
     local_heads = num_heads // (mesh.shape[head_axis] if head_axis else 1)
     tq, tk = (config or chunked.ChunkConfig()).resolve(
         layout.piece_q, layout.piece_k, local_batch * local_heads
     )
-    tq = max(d for d in range(1, tq + 1) if layout.piece_q % d == 0)
-    tk = max(d for d in range(1, tk + 1) if layout.piece_k % d == 0)
+    tq, tk = _divisor_chunk(layout.piece_q, tq), _divisor_chunk(layout.piece_k, tk)
     idx = index_shapes(local_batch, local_heads, tq, tk)
     block = jax.ShapeDtypeStruct((local_batch, local_heads, tq, tk), accum_dtype(args.query.dtype))
     score_fn, score_params = explicit_closure(score_fn, (block, *idx))
     mask_fn, mask_params = explicit_closure(mask_fn, idx)
     spec = masks.MaskSpec(is_causal, args.local_window_size, mask_fn)
-    steps = ring_steps(layout, spec, _concrete_range(args.q_offset))
+    # The caller's q_offset, not the normalised one (a traced array under jit even when the
+    # caller passed a Python int): a concrete offset lets the windowed ring skip steps.
+    offsets = _concrete_range(
+        np.broadcast_to(q_offset, (batch,)) if _is_concrete(q_offset) else None
+    )
+    steps = ring_steps(layout, spec, offsets)
     ring = _Ring(
         axis_name=axis_name,
         layout=layout,
@@ -591,11 +614,15 @@ def ring_attention(
         return from_zz(out) if is_causal else out
 
     seg_spec = ids if seg_q is not None else None
-    out = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(seq, seq, seq, seg_spec, seg_spec, ctx_specs),
-        out_specs=seq,
-        check_vma=False,
+    # One compiled program, also when called eagerly: its internal −inf (a row's empty
+    # summary) never reaches jax.debug_infs, as in api._run.
+    out = jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(seq, seq, seq, seg_spec, seg_spec, ctx_specs),
+            out_specs=seq,
+            check_vma=False,
+        )
     )(*sharded, ctx)
     return place(out)

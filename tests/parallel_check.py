@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import chunkattn
-from chunkattn import testing
+from chunkattn import parallel, testing
 from chunkattn.parallel import ring_attention
 
 
@@ -117,6 +117,19 @@ def main() -> int:
         "out": abs(float(got[0]) - float(want[0])) / max(1.0, abs(float(want[0]))),
         "grads": max(testing.relative_error(g, w) for g, w in zip(got[1], want[1], strict=True)),
     }
+    # Under jit, a window with a concrete q_offset still skips ring steps (T=64 on 8 devices:
+    # blocks of 8 rows, window (4, 0): only the own block and the previous one).
+    q, k, v = testing.random_qkv(jax.random.PRNGKey(0), seq_q=64, head_dim=16)
+    seen, plain = [], parallel.ring_steps
+    parallel.ring_steps = lambda *a: seen.append(plain(*a)) or seen[-1]
+    jax.jit(
+        lambda q, k, v: ring_attention(q, k, v, mesh=mesh, axis_name="sp", local_window_size=(4, 0))
+    ).lower(q, k, v)
+    parallel.ring_steps = plain
+    results["jit_window_steps"] = seen[-1]
+    with jax.debug_infs(True):  # eager: one compiled program, its internal −inf unseen
+        out = ring_attention(q, k, v, mesh=mesh, axis_name="sp", is_causal=True)
+    results["debug_infs_finite"] = bool(jnp.all(jnp.isfinite(out)))
     q, k, v = testing.random_qkv(jax.random.PRNGKey(0), seq_q=64, head_dim=16)
     try:  # 64-bit ids that do not fit int32 (no x64): refused, never truncated
         wide = np.tile(np.repeat(np.array([2**40, 0], np.int64), 32), (2, 1))

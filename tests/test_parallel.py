@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import chunkattn
+import chunkattn.pallas
 from chunkattn import masks, testing
 from chunkattn.parallel import RingLayout, ring_attention, ring_layout, ring_steps, ring_work
 
@@ -62,6 +64,14 @@ def test_segment_ids_that_do_not_fit_int32_are_refused(results):
 
 def test_kv_travel_the_ring_and_are_not_all_gathered(results):
     assert results["collective_permute"] and not results["all_gather"]
+
+
+def test_a_window_skips_ring_steps_under_jit(results):
+    assert results["jit_window_steps"] == [0, 1], results["jit_window_steps"]
+
+
+def test_eager_ring_is_clean_under_debug_infs(results):
+    assert results["debug_infs_finite"]
 
 
 def test_uneven_sequence_is_rejected(results):
@@ -124,11 +134,14 @@ def test_what_the_ring_does_not_serve_is_named():
         (dict(bias=jnp.zeros((1, 2, 8, 8))), "dense bias"),
         (dict(mask=jnp.ones((8, 8), bool)), "dense mask"),
         (dict(implementation="pallas"), "implementation='pallas'"),
+        (dict(config=chunkattn.pallas.PallasConfig()), "takes a ChunkConfig"),
     ]:
         with pytest.raises(NotImplementedError, match=feature):
             ring_attention(q, k, v, mesh=mesh, axis_name="sp", **kwargs)
     with pytest.raises(ValueError, match="sinks"):
         ring_attention(q, k, v, mesh=mesh, axis_name="sp", sinks=jnp.zeros(3))
+    with pytest.raises(ValueError, match="implementation"):
+        ring_attention(q, k, v, mesh=mesh, axis_name="sp", implementation="bogus")
 
 
 def test_two_processes_match_one_device(tmp_path):
