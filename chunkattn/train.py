@@ -33,6 +33,7 @@ metrics.jsonl (one row per logged step, each step once), and at the end loss.png
     chunkattn-train --sinks                                     # attention sinks (gpt-oss)
     chunkattn-train --attention gated_delta                     # Gated DeltaNet layers
     chunkattn-train --attention hybrid --hybrid-pattern gggs    # 3 Gated DeltaNet : 1 softmax
+    chunkattn-train --mesh dp=2,sp=2,tp=2     # 8 devices: batch, sequence (ring) and heads split
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from chunkattn.models.gpt import ATTENTION, GPT, SINKS, GPTConfig, generate
 
@@ -90,6 +93,8 @@ ADDED_OPTIONS = {"sinks": False, "hybrid_pattern": _DEFAULTS.hybrid_pattern}
 # Saved too, but a --resume may change them. --mesh describes the machine and is not saved.
 RESUME_OPTIONS = ("steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "sample")
 RUN_FILES = ("config.json", "metrics.jsonl", "loss.png", "sample.txt")  # and checkpoints/
+# --mesh: data (batch), sequence (ring attention) and tensor (heads, MLP columns) parallelism.
+MESH_AXES = ("dp", "sp", "tp")
 
 
 class UsageError(Exception):
@@ -324,8 +329,9 @@ def make_parser() -> argparse.ArgumentParser:
         "--mesh",
         metavar="SHAPE",
         default=None,
-        help="data + sequence parallelism over the devices, e.g. dp=2,sp=4; not saved with the "
-        "run (default: one device)",
+        help="data (dp), sequence (sp: ring attention) and tensor (tp: heads and MLP) "
+        "parallelism over the devices, e.g. dp=2,sp=2,tp=2, axes left out are 1; not saved "
+        "with the run (default: one device)",
     )
     return p
 
@@ -420,46 +426,63 @@ def check_args(a) -> None:
         )
     a.mesh_shape = parse_mesh(a.mesh)
     if a.mesh_shape:
-        dp, sp = a.mesh_shape.get("dp", 1), a.mesh_shape.get("sp", 1)
-        if sp > 1 and a.attention != "chunked":
-            raise UsageError(  # the ring runs the chunked core; other layers would ignore the mesh
-                f"--mesh {a.mesh}: sequence parallelism (sp > 1) runs ring attention on the "
-                f"chunked core, use --attention chunked (got {a.attention})"
-            )
-        if a.batch_size % dp:
-            raise UsageError(f"--mesh {a.mesh}: dp={dp} must divide --batch-size {a.batch_size}")
-        if a.seq_len % (sp * sp):
-            raise UsageError(  # causal ring attention stripes the sequence over sp² blocks
-                f"--mesh {a.mesh}: sp={sp} needs --seq-len to be a multiple of sp² = {sp * sp}, "
-                f"got {a.seq_len}"
-            )
+        check_mesh(a)
 
 
 def parse_mesh(text: str | None) -> dict[str, int] | None:
-    """'dp=2,sp=4' -> {'dp': 2, 'sp': 4}; checked against the devices present."""
+    """'dp=2,tp=4' -> {'dp': 2, 'sp': 1, 'tp': 4}: every axis of MESH_AXES, those not named 1;
+    checked against the devices present."""
     if not text:
         return None
     try:
-        shape = {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
+        given = [(k.strip(), int(v)) for k, v in (part.split("=") for part in text.split(","))]
     except ValueError:
-        raise UsageError(f"--mesh {text!r}: expected axis=size pairs such as dp=2,sp=4") from None
-    if set(shape) - {"dp", "sp"} or any(v < 1 for v in shape.values()):
-        raise UsageError(f"--mesh {text!r}: axes are dp and sp, sizes positive")
+        raise UsageError(
+            f"--mesh {text}: expected axis=size pairs such as dp=2,sp=2,tp=2"
+        ) from None
+    names = [k for k, _ in given]
+    if unknown := [k for k in names if k not in MESH_AXES]:
+        raise UsageError(f"--mesh {text}: unknown axis {unknown[0]!r}, the axes are dp, sp, tp")
+    if len(set(names)) < len(names):
+        raise UsageError(f"--mesh {text}: each axis once")
+    if bad := [f"{k}={v}" for k, v in given if v < 1]:
+        raise UsageError(f"--mesh {text}: sizes must be positive, got {bad[0]}")
+    shape = {axis: dict(given).get(axis, 1) for axis in MESH_AXES}
     if math.prod(shape.values()) != jax.device_count():
         raise UsageError(
-            f"--mesh {text!r} needs {math.prod(shape.values())} devices, "
+            f"--mesh {text}: dp·sp·tp = {math.prod(shape.values())} must equal the device count, "
             f"{jax.device_count()} present"
         )
     return shape
 
 
+def check_mesh(a) -> None:
+    """The model and the batch split as --mesh asks (parse_mesh checked the mesh itself)."""
+    dp, sp, tp = (a.mesh_shape[axis] for axis in MESH_AXES)
+    if a.attention != "chunked":  # other layers have no ring form: they would ignore the mesh
+        raise UsageError(
+            f"--mesh {a.mesh} runs every attention layer as ring attention on the chunked "
+            f"core, use --attention chunked (got {a.attention})"
+        )
+    if a.batch_size % dp:
+        raise UsageError(f"--mesh {a.mesh}: dp={dp} must divide --batch-size {a.batch_size}")
+    if a.heads % tp:  # GPTConfig's kv heads are the query heads here: both split over tp
+        raise UsageError(
+            f"--mesh {a.mesh}: tp={tp} must divide --heads {a.heads} (query and kv heads)"
+        )
+    if a.seq_len % (2 * sp):
+        raise UsageError(  # causal ring attention deals 2·sp zig-zag pieces, two per device
+            f"--mesh {a.mesh}: sp={sp} needs --seq-len to be a multiple of 2·sp = {2 * sp} "
+            f"(the causal ring's zig-zag layout), got {a.seq_len}"
+        )
+
+
 def make_mesh(shape: dict[str, int] | None):
+    """The (dp, sp, tp) mesh of parse_mesh's shape, Auto axes; None without --mesh."""
     if shape is None:
         return None
-    names = tuple(shape)
-    return jax.make_mesh(
-        tuple(shape.values()), names, axis_types=(jax.sharding.AxisType.Auto,) * len(names)
-    )
+    sizes = tuple(shape[axis] for axis in MESH_AXES)
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
 
 
 def schedule_length(a) -> int:
@@ -491,12 +514,32 @@ def build(a):
         logits = nnx.merge(graphdef, params, rest)(batch[:, :-1])  # (B, T, V)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
-    @jax.jit
     def train_step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    if mesh is None:
+        return model, graphdef, rest, params, tx, schedule, jax.jit(train_step), jax.jit(loss_fn)
+    # Parameters as their annotations say ("tp", layers.partitioned; the rest copied), Adam's
+    # moments like their parameters. tx.init and every step return exactly these shardings, so
+    # the step compiles once (left to propagation, its outputs' differ from the first inputs').
+    param_sh = nnx.get_named_sharding(params, mesh)
+    params = jax.device_put(params, param_sh)
+    copied = NamedSharding(mesh, P())
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        jax.eval_shape(tx.init, params),
+        param_sh,
+        transform_non_params=lambda _: copied,
+    )
+    tx = optax.GradientTransformation(jax.jit(tx.init, out_shardings=opt_sh), tx.update)
+    train_step = jax.jit(
+        train_step,
+        in_shardings=(param_sh, opt_sh, batch_sharding(mesh)),
+        out_shardings=(param_sh, opt_sh, copied),
+    )
     return model, graphdef, rest, params, tx, schedule, train_step, jax.jit(loss_fn)
 
 
@@ -755,15 +798,35 @@ def _note(text: str) -> None:
     print(f"chunkattn-train: {text}", file=sys.stderr, flush=True)
 
 
-def _dry_run(a) -> int:
+def batch_sharding(mesh) -> NamedSharding:
+    """Batches [B, T+1] over "dp"; the model splits the sequence over "sp" after the embedding
+    (T+1 tokens do not divide by sp)."""
+    return NamedSharding(mesh, P("dp", None))
+
+
+def compiled_memory(a) -> dict[str, int]:
+    """Bytes per device of the compiled train step (`memory_analysis()`, compile only):
+    temporaries (activations and their gradients), arguments (parameters, optimizer state and
+    the batch), outputs."""
     _, _, _, params, tx, _, train_step, _ = build(a)
-    batch = jax.ShapeDtypeStruct((a.batch_size, a.seq_len + 1), jnp.int32)
-    compiled = train_step.lower(params, tx.init(params), batch).compile()
-    mem = compiled.memory_analysis()
+    mesh = make_mesh(a.mesh_shape)
+    sharding = None if mesh is None else batch_sharding(mesh)
+    batch = jax.ShapeDtypeStruct((a.batch_size, a.seq_len + 1), jnp.int32, sharding=sharding)
+    mem = train_step.lower(params, tx.init(params), batch).compile().memory_analysis()
+    return {
+        "temp": mem.temp_size_in_bytes,
+        "argument": mem.argument_size_in_bytes,
+        "output": mem.output_size_in_bytes,
+    }
+
+
+def _dry_run(a) -> int:
+    mem = compiled_memory(a)
+    where = f", mesh {a.mesh}, per device" if a.mesh_shape else ""
     print(
-        f"train step, attention={a.attention}, seq_len={a.seq_len}, batch={a.batch_size}: "
-        f"compiled temp {mem.temp_size_in_bytes / 2**20:.1f} MiB, arguments "
-        f"{mem.argument_size_in_bytes / 2**20:.1f} MiB"
+        f"train step, attention={a.attention}, seq_len={a.seq_len}, batch={a.batch_size}{where}: "
+        f"compiled temp {mem['temp'] / 2**20:.1f} MiB, arguments "
+        f"{mem['argument'] / 2**20:.1f} MiB"
     )
     return 0
 
@@ -806,11 +869,6 @@ def _train(a, out: pathlib.Path, train, val, mngr) -> int:
             f"schedule ({schedule_length(a)} steps) at its final rate {a.lr * 0.1:g}"
         )
     mesh = make_mesh(a.mesh_shape)
-    if mesh is not None:
-        from jax.sharding import NamedSharding
-        from jax.sharding import PartitionSpec as P
-
-        data_sharding = NamedSharding(mesh, P("dp" if "dp" in mesh.shape else None, None))
     metrics = _open_metrics(out, start)
     step, saved, tokens, row_tokens = start, start, 0, 0
     t_start = t_row = time.perf_counter()
@@ -820,8 +878,8 @@ def _train(a, out: pathlib.Path, train, val, mngr) -> int:
         with stop:
             while step < a.steps and stop.signum is None:
                 batch = jnp.asarray(batch_at(train, a.seed, step, a.batch_size, a.seq_len))
-                if mesh is not None:  # batch over "dp"; the sequence is split in the attention
-                    batch = jax.device_put(batch, data_sharding)
+                if mesh is not None:
+                    batch = jax.device_put(batch, batch_sharding(mesh))
                 params, opt_state, loss = train_step(params, opt_state, batch)
                 step += 1
                 tokens += a.batch_size * a.seq_len
@@ -875,7 +933,7 @@ def _train(a, out: pathlib.Path, train, val, mngr) -> int:
     sample = None
     if a.sample > 0:
         trained = nnx.merge(graphdef, params, rest)
-        if mesh is not None:  # decoding uses the KV cache, not the ring: a one-device copy
+        if mesh is not None:  # decoding uses the KV cache, not the ring: a model without mesh
             trained = GPT(trained.cfg, rngs=nnx.Rngs(0))
             nnx.update(trained, params)
         prompt_len = _prompt_len(a.max_seq_len)

@@ -88,17 +88,31 @@ def test_memory_per_device_falls_with_devices(results):
 
 
 @pytest.mark.slow
-def test_training_with_data_and_sequence_parallelism_matches_one_device():
+def test_training_with_data_sequence_and_tensor_parallelism_matches_one_device():
+    """chunkattn-train on --mesh dp=2,sp=4 and dp=2,sp=2,tp=2 (8 host devices) gives one
+    device's losses; with tp the projections are column-/row-parallel and the heads stay
+    sharded through the attention (the compiled step gathers nothing)."""
     env = _bare_env()
     script = pathlib.Path(__file__).with_name("mesh_train_check.py")
     proc = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=1200
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(losses["mesh"]) == len(losses["single"]) == 4
-    for a, b in zip(losses["single"], losses["mesh"], strict=True):
-        assert abs(a - b) < 1e-4, losses
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    losses = results["losses"]
+    assert set(losses) == {"single", "dp=2,sp=4", "dp=2,sp=2,tp=2"}, losses
+    for mesh in ("dp=2,sp=4", "dp=2,sp=2,tp=2"):
+        assert len(losses[mesh]) == len(losses["single"]) == 4
+        for a, b in zip(losses["single"], losses[mesh], strict=True):
+            assert abs(a - b) < 1e-4, (mesh, losses)
+    column, row = [None, "tp"], ["tp", None]
+    specs = {"attn.wq": column, "attn.wk": column, "attn.wv": column, "attn.wo": row}
+    specs |= {"attn.sinks": ["tp"], "fc": column, "proj": row}
+    assert results["tp"]["specs"] == specs, results["tp"]
+    collectives = results["tp"]["collectives"]
+    assert collectives.get("collective-permute", 0) > 0, collectives  # the ring over sp
+    assert collectives.get("all-reduce", 0) > 0, collectives  # row-parallel sums, dp gradients
+    assert "all-gather" not in collectives and "all-to-all" not in collectives, collectives
 
 
 def test_causal_zigzag_layout_balances_the_work():

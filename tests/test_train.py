@@ -362,15 +362,34 @@ def test_dry_run_shows_chunked_fits_where_dense_grows(capsys):
 
 
 def test_mesh_flag_is_checked(capsys, monkeypatch):
-    assert train.main(["--mesh", "dp=2,sp=4", "--steps", "1"]) == 2  # one device here
-    assert "needs 8 devices" in capsys.readouterr().err
-    assert train.main(["--mesh", "tp=1", "--steps", "1"]) == 2
-    assert "axes are dp and sp" in capsys.readouterr().err
-    monkeypatch.setattr(train.jax, "device_count", lambda: 2)  # parse only: exits before running
-    assert train.main(["--mesh", "dp=2", "--batch-size", "3"]) == 2
-    assert "dp=2 must divide --batch-size 3" in capsys.readouterr().err
-    assert train.main(["--mesh", "sp=2", "--seq-len", "6"]) == 2
-    assert "sp=2 needs --seq-len to be a multiple of sp² = 4, got 6" in capsys.readouterr().err
+    """Each bad --mesh is one error line, exit status 2, before anything runs."""
+
+    def error(argv: list[str]) -> str:
+        assert train.main([*argv, "--steps", "1"]) == 2
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("chunkattn-train: error: --mesh "), lines
+        return lines[0]
+
+    assert "dp·sp·tp = 8 must equal the device count, 1 present" in error(["--mesh", "dp=2,sp=4"])
+    assert "unknown axis 'pp', the axes are dp, sp, tp" in error(["--mesh", "dp=1,pp=1"])
+    assert "expected axis=size pairs" in error(["--mesh", "dp=2,sp"])
+    assert "sizes must be positive, got tp=0" in error(["--mesh", "tp=0"])
+    assert "each axis once" in error(["--mesh", "sp=1,sp=1"])
+    monkeypatch.setattr(train.jax, "device_count", lambda: 8)  # parse only: exits before running
+    assert "dp·sp·tp = 4 must equal the device count, 8 present" in error(["--mesh", "sp=2,tp=2"])
+    assert "dp=2 must divide --batch-size 3" in error(["--mesh", "dp=2,tp=4", "--batch-size", "3"])
+    assert "tp=4 must divide --heads 6 (query and kv heads)" in error(
+        ["--mesh", "dp=2,tp=4", "--heads", "6", "--dim", "48"]
+    )
+    assert "sp=4 needs --seq-len to be a multiple of 2·sp = 8" in error(
+        ["--mesh", "sp=4,tp=2", "--seq-len", "36"]
+    )
+
+
+def test_mesh_shape_fills_in_the_missing_axes(monkeypatch):
+    monkeypatch.setattr(train.jax, "device_count", lambda: 8)
+    assert train.parse_mesh("tp=2,dp=4") == {"dp": 4, "sp": 1, "tp": 2}
+    assert train.parse_mesh("dp=2,sp=2,tp=2") == {"dp": 2, "sp": 2, "tp": 2}
 
 
 def test_variant_knobs_reach_the_layers():
@@ -393,13 +412,14 @@ def test_variant_knobs_reach_the_layers():
     assert default.cfg.dpfp_nu == 1
 
 
-def test_sequence_parallelism_needs_the_chunked_attention(capsys, monkeypatch):
-    """A layer with no ring form would silently ignore the "sp" axis: refused up front."""
+def test_a_mesh_needs_the_chunked_attention(capsys, monkeypatch):
+    """A layer with no ring form would silently ignore the mesh: refused up front."""
     monkeypatch.setattr(train.jax, "device_count", lambda: 2)  # parse only: exits before running
-    for attention in ("delta", "caterpillar", "xla"):
-        assert train.main(["--mesh", "sp=2", "--attention", attention, "--steps", "1"]) == 2
-        err = capsys.readouterr().err
-        assert "use --attention chunked" in err and attention in err
+    for mesh in ("sp=2", "tp=2", "dp=2"):
+        for attention in ("delta", "caterpillar", "xla"):
+            assert train.main(["--mesh", mesh, "--attention", attention, "--steps", "1"]) == 2
+            err = capsys.readouterr().err
+            assert "use --attention chunked" in err and attention in err
 
 
 def test_sinks_flag_trains_is_saved_and_resumes(straight, corpus, tmp_path, capsys):

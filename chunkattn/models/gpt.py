@@ -8,6 +8,12 @@ a linear-time variant "linear", "delta", "caterpillar" (`chunkattn.variants.laye
 `hybrid_pattern[i % len(hybrid_pattern)]`, g for Gated DeltaNet and s for softmax (chunked), as
 Qwen3-Next interleaves them.
 `sinks=True` gives every attention layer learnable attention sinks (gpt-oss), one logit per head.
+
+Given a mesh with axes "dp", "sp", "tp", the model runs data × sequence × tensor parallel: the
+activations [B, T, D] are sharded [dp, sp, -], every attention layer is ring attention over "sp"
+with its heads over "tp", and the MLP is Megatron's (`fc` column-parallel, `proj` row-parallel).
+The parameters carry the "tp" annotations (`chunkattn.nn.layers.partitioned`); a trainer places
+them with `nnx.get_named_sharding` (chunkattn.train does).
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from chunkattn.nn.layers import KVCache, MultiHeadAttention
+from chunkattn.nn.layers import KVCache, MultiHeadAttention, partitioned
 
 Array = jax.Array
 
@@ -96,6 +104,15 @@ class GPTConfig:
         return tuple(HYBRID_LAYERS[p[i % len(p)]] for i in range(self.num_layers))
 
 
+def _on_mesh(x: Array, mesh: Any, *axes: str | None) -> Array:
+    """x constrained to shard its dimensions over mesh `axes` (an axis the mesh lacks: not
+    sharded); x itself without a mesh."""
+    if mesh is None:
+        return x
+    spec = P(*(a if a in mesh.shape else None for a in axes))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
 class _CudnnAttention(MultiHeadAttention):
     """The same layer through `jax.nn.dot_product_attention(implementation="cudnn")`."""
 
@@ -146,14 +163,26 @@ class Block(nnx.Module):
             **variant,
         )
         self.ln2 = nnx.LayerNorm(cfg.dim, dtype=cfg.dtype, rngs=rngs)
-        self.fc = nnx.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim, dtype=cfg.dtype, rngs=rngs)
-        self.proj = nnx.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim, dtype=cfg.dtype, rngs=rngs)
+        hidden = cfg.mlp_ratio * cfg.dim  # Megatron: fc column-parallel, proj row-parallel
+        self.fc = nnx.Linear(
+            cfg.dim,
+            hidden,
+            dtype=cfg.dtype,
+            kernel_metadata=partitioned(None, "tp"),
+            bias_metadata=partitioned("tp"),
+            rngs=rngs,
+        )
+        self.proj = nnx.Linear(
+            hidden, cfg.dim, dtype=cfg.dtype, kernel_metadata=partitioned("tp", None), rngs=rngs
+        )
+        self.mesh = mesh
 
     def __call__(self, x, cache=None):
         a = self.attn(self.ln1(x), cache=cache)
         a, cache = a if cache is not None else (a, None)
         x = x + a  # (B, T, D)
-        x = x + self.proj(jax.nn.gelu(self.fc(self.ln2(x))))  # (B, T, D)
+        h = _on_mesh(jax.nn.gelu(self.fc(self.ln2(x))), self.mesh, "dp", "sp", "tp")  # (B, T, 4D)
+        x = _on_mesh(x + self.proj(h), self.mesh, "dp", "sp", None)  # (B, T, D)
         return x, cache
 
 
@@ -161,7 +190,7 @@ class GPT(nnx.Module):
     """Decoder-only transformer: tokens [B, T] -> logits [B, T, vocab]."""
 
     def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, mesh: Any = None):
-        """`mesh`: a Mesh with axes ("dp", "sp") for data + sequence (ring) parallelism."""
+        """`mesh`: a Mesh with axis "sp" and optionally "dp", "tp" (module docstring)."""
         if cfg.attention == "cudnn" and jax.default_backend() != "gpu":
             raise ValueError("GPTConfig.attention='cudnn' needs a GPU backend")
         self.cfg = cfg
@@ -170,6 +199,7 @@ class GPT(nnx.Module):
             None if cfg.rope else nnx.Embed(cfg.max_seq_len, cfg.dim, dtype=cfg.dtype, rngs=rngs)
         )
         blocks = [Block(cfg, rngs=rngs, mesh=mesh, attention=a) for a in cfg.layer_attention]
+        self.mesh = mesh
         self.blocks = nnx.List(blocks) if hasattr(nnx, "List") else blocks
         self.ln_f = nnx.LayerNorm(cfg.dim, dtype=cfg.dtype, rngs=rngs)
         self.head = (
@@ -189,6 +219,7 @@ class GPT(nnx.Module):
         if self.pos is not None:
             start = 0 if caches is None else caches[0].length
             x = x + self.pos(start + jnp.arange(seq))
+        x = _on_mesh(x, self.mesh, "dp", "sp", None)  # (B, T, D)
         new_caches = []
         for i, block in enumerate(self.blocks):
             x, c = block(x, None if caches is None else caches[i])

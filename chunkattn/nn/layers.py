@@ -40,6 +40,18 @@ Array = jax.Array
 DECODE_MAX_QUERIES = 16
 
 
+def partitioned(*axes: str | None) -> dict[str, Any]:
+    """Variable metadata that names the mesh axis of each parameter dimension (None: replicated).
+
+    An annotation only (`eager_sharding=False`: building a layer needs no mesh); a trainer turns
+    it into shardings with `nnx.get_named_sharding(state, mesh)` on a mesh that has those axes.
+    The layers here name "tp" (tensor parallelism, Megatron-style): a projection into heads is
+    column-parallel, `partitioned(None, "tp")`, and the one out of heads row-parallel,
+    `partitioned("tp", None)`, so each device keeps whole heads and nothing is gathered.
+    """
+    return {"out_sharding": axes, "eager_sharding": False}
+
+
 class KVCache(NamedTuple):
     """Keys and values of the tokens seen so far, and how many there are.
 
@@ -146,7 +158,6 @@ def _attend(
             raise NotImplementedError("a KV cache, segment_ids or a window with ring attention")
         from chunkattn.parallel import ring_attention
 
-        batch_axis = "dp" if "dp" in mesh.shape else None
         out = ring_attention(
             q,
             k,
@@ -156,7 +167,8 @@ def _attend(
             is_causal=layer.is_causal,
             sinks=sinks,
             config=layer.config,
-            batch_axis=batch_axis,
+            batch_axis="dp" if "dp" in mesh.shape else None,
+            head_axis="tp" if "tp" in mesh.shape else None,
         )
         return out, None
     kwargs: dict[str, Any] = dict(
@@ -208,12 +220,17 @@ class MultiHeadAttention(nnx.Module):
       implementation, config: passed to `chunkattn.dot_product_attention` (the full pass and
         a prefill). decode_config: a `DecodeConfig` for the decode steps (≤ 16 new tokens with
         a cache, implementation None or "chunked"), which go through `decode_attention`.
-      mesh: a `jax.sharding.Mesh` with an axis "sp" (and optionally "dp"): attention runs as
-        `chunkattn.parallel.ring_attention` with the sequence sharded over "sp".
+      mesh: a `jax.sharding.Mesh` (Auto axes) with an axis "sp", optionally "dp" and "tp":
+        attention runs as `chunkattn.parallel.ring_attention` with the sequence sharded over
+        "sp", the batch over "dp" and the heads over "tp" (N and K must divide by its size).
       use_sinks: own a parameter `sinks` [num_heads] (zeros at init), one logit per query head
         that joins each row's softmax denominator and carries no value (gpt-oss).
       dtype: the computation dtype. param_dtype: the parameters' dtype (the projections and
         `sinks`), float32 by default as in Flax.
+
+    The parameters carry sharding annotations (`partitioned`) for tensor parallelism over a
+    mesh axis "tp": wq, wk, wv and sinks split their heads over it, wo its input rows. They are
+    names only; `jax.device_put(state, nnx.get_named_sharding(state, mesh))` places them.
 
     A call with `cache=` writes T tokens at `cache.length`; tokens that do not fit raise
     ValueError (concrete length) or, under jit, a checkify error when the step runs under
@@ -248,7 +265,7 @@ class MultiHeadAttention(nnx.Module):
         rngs: nnx.Rngs,
     ):
         num_kv_heads = num_kv_heads or num_heads
-        self.mesh = mesh  # a Mesh with axis "sp" (and optionally "dp"): ring attention
+        self.mesh = mesh  # a Mesh with axis "sp" (optionally "dp", "tp"): ring attention
         if dim % num_heads or num_heads % num_kv_heads:
             raise ValueError(
                 f"dim={dim} must divide by num_heads={num_heads}, which must divide by "
@@ -268,13 +285,24 @@ class MultiHeadAttention(nnx.Module):
         )
         self.decode_config = decode_config
         hd = self.head_dim
-        lin = lambda i, o: nnx.Linear(
-            i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        lin = lambda i, o, axes: nnx.Linear(
+            i,
+            o,
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_metadata=partitioned(*axes),
+            rngs=rngs,
         )
-        self.wq, self.wk = lin(dim, num_heads * hd), lin(dim, num_kv_heads * hd)
-        self.wv, self.wo = lin(dim, num_kv_heads * hd), lin(num_heads * hd, dim)
+        heads, rows = (None, "tp"), ("tp", None)  # column-parallel in, row-parallel out
+        self.wq, self.wk = lin(dim, num_heads * hd, heads), lin(dim, num_kv_heads * hd, heads)
+        self.wv, self.wo = lin(dim, num_kv_heads * hd, heads), lin(num_heads * hd, dim, rows)
         # Used as stored, not cast to `dtype`: the core keeps softmax statistics in float32.
-        self.sinks = nnx.Param(jnp.zeros((num_heads,), param_dtype)) if use_sinks else None
+        self.sinks = (
+            nnx.Param(jnp.zeros((num_heads,), param_dtype), **partitioned("tp"))
+            if use_sinks
+            else None
+        )
 
     def __call__(
         self, x: Array, *, cache: KVCache | None = None, segment_ids: Array | None = None
