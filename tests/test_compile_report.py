@@ -1,0 +1,172 @@
+"""The Pallas kernels compiled for the H100 (sm_90a) on this host, without a GPU (issue 20).
+
+bench/compile_report.py over every feature × head dim (32–256, MLA's 192/128) × dtype at the
+default configs (float32 in part: `RUNS`), and the atomic backward, then three checks on its
+JSON: every case compiles to the kernels it should, every kernel's shared memory fits a block,
+and bf16/f16 kernels at head dims ≤ 128 spill nothing, forward and backward.
+
+Marked `cuda_aot` and left out of the default run (pyproject.toml): it needs the cuda-aot extra
+(jax's CUDA plugin, ptxas) and takes about 30 minutes on 2 cores.
+
+    .venv/bin/pip install -e ".[cuda-aot]"
+    .venv/bin/python -m pytest -m cuda_aot tests/test_compile_report.py
+
+Without the extra the report itself must say which extra it needs (a test in the default run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPORT = ROOT / "bench" / "compile_report.py"
+
+
+def _has_cuda_plugin() -> bool:
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda13") is not None
+    except ModuleNotFoundError:  # no jax plugin at all
+        return False
+
+
+HAS_PLUGIN = _has_cuda_plugin()
+NEEDS_EXTRA = pytest.mark.skipif(
+    not HAS_PLUGIN,
+    reason="needs the cuda-aot extra (jax's CUDA plugin, ptxas): "
+    '.venv/bin/pip install -e ".[cuda-aot]"',
+)
+
+HEAD_DIMS = "--head-dims=32,64,72,128,192/128,256"
+# Every feature x head dim x bf16/f16, the default (split) backward; float32 at every feature at
+# H=32 and at every head dim causal: at H >= 64 its kernels are FMA loops that spill kilobytes,
+# and ptxas takes 1-4 minutes on each (bench/NOTES.md), too long for every feature. The atomic
+# backward at every head dim, bf16/f16.
+RUNS = [
+    ["--features=all", HEAD_DIMS, "--dtypes=bf16,f16", "--backward=split"],
+    ["--features=all", "--head-dims=32", "--dtypes=f32", "--backward=split"],
+    ["--features=causal", "--head-dims=64,72,128,192/128,256", "--dtypes=f32", "--backward=split"],
+    ["--features=causal", HEAD_DIMS, "--dtypes=bf16,f16", "--backward=atomic"],
+]
+CASES = 14 * 6 * 2 + 14 + 5 + 6 * 2
+SMEM_LIMIT = 232_448  # bytes per block on sm_90a (shared_memory_per_block_optin)
+
+
+def _report(args: list[str], out: pathlib.Path) -> list[dict]:
+    proc = subprocess.run(
+        [sys.executable, str(REPORT), *args, "--jobs=2", "--json", f"--out={out}"],
+        capture_output=True,
+        text=True,
+        timeout=3 * 3600,
+        cwd=ROOT,
+    )
+    if not proc.stdout.strip():
+        raise AssertionError(f"compile_report.py printed no JSON:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout)["results"]
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory) -> list[dict]:
+    """Every case's result, compiled once per session: under pytest-xdist the first worker
+    compiles and the others wait on the lock and read its JSON (the session's folder)."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    cache = shared / "compile_report_results.json"
+    with open(shared / "compile_report.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            return json.loads(cache.read_text())
+        found = []
+        for args in RUNS:
+            found += _report(args, tmp_path_factory.mktemp("compile_report"))
+        cache.write_text(json.dumps(found, indent=1))
+        return found
+
+
+def _kernels(results, dtypes=("bf16", "f16", "f32"), max_head_dim=256, backward=None):
+    for r in results:
+        if r["dtype"] in dtypes and max(r["head_dim"], r["head_dim_v"]) <= max_head_dim:
+            if backward is None or r["backward"] == backward:
+                yield from ((r["case"], k) for k in r["kernels"])
+
+
+@pytest.mark.cuda_aot
+@NEEDS_EXTRA
+def test_every_feature_head_dim_and_dtype_compiles(results):
+    assert len(results) == CASES
+    failed = [f"{r['case']}: {r['error']}" for r in results if r["status"] != "ok"]
+    assert not failed, "\n".join(failed)
+    for r in results:  # the kernels, not a fallback: forward, dQ, dK/dV (atomic: dQ inside)
+        want = ["chunkattn_fwd", "chunkattn_bwd_dkdv"]
+        if r["backward"] == "split":
+            want.insert(1, "chunkattn_bwd_dq")
+        assert [k["kernel"] for k in r["kernels"]] == want, r["case"]
+        assert all(k.get("regs") for k in r["kernels"]), r["case"]
+
+
+@pytest.mark.cuda_aot
+@NEEDS_EXTRA
+def test_shared_memory_fits(results):
+    over = [
+        f"{case} {k['kernel']}: {k.get('smem')} B"
+        for case, k in _kernels(results)
+        if k.get("smem") is None or k["smem"] > SMEM_LIMIT
+    ]
+    assert not over, "\n".join(over)
+
+
+# Measured 2026-12-01 with jax 0.10.2 and ptxas 13.5.37 over `RUNS` (bf16/f16, H <= 128, every
+# feature: 112 cases per kernel; bench/NOTES.md v8). Strict: once a kernel change removes every
+# spill of a kernel, its check passes and fails the run until the mark goes. (Another jax gives
+# other figures: 0.12.0.1 compiles causal bf16 H=128 dK/dV to 254 registers and no spill.)
+SPILLS_TODAY = {
+    "chunkattn_fwd": "the forward spills in 2 of 112 cases: dropout at H=64 (bf16 and f16), "
+    "255 registers and 16 B",
+    "chunkattn_bwd_dq": "dQ spills in 32 of 112 cases: at H=64 in 12 of 14 features (causal: "
+    "255 registers, 24 B; dropout 512 B), and with a soft cap or dropout at H=32, dropout at "
+    "H=72 and 128",
+    "chunkattn_bwd_dkdv": "dK/dV spills in 60 of 112 cases: at H=72 and 128 in every feature "
+    "(causal: 255 registers, 40 B; bias_2d: 104 B), with a soft cap or dropout at H=64",
+}
+
+
+@pytest.mark.cuda_aot
+@NEEDS_EXTRA
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=SPILLS_TODAY[k]))
+        if k in SPILLS_TODAY
+        else k
+        for k in ("chunkattn_fwd", "chunkattn_bwd_dq", "chunkattn_bwd_dkdv")
+    ],
+)
+def test_bf16_f16_up_to_head_dim_128_spill_nothing(results, kernel):
+    """The default configs (split backward) at every feature: the issue's goal."""
+    spills = [
+        f"{case}: {k['regs']} registers, {k['spill_stores']}/{k['spill_loads']} B spilled"
+        for case, k in _kernels(results, ("bf16", "f16"), 128, backward="split")
+        if k["kernel"] == kernel and (k.get("spill_stores") or k.get("spill_loads"))
+    ]
+    assert not spills, f"{len(spills)} cases spill:\n" + "\n".join(spills)
+
+
+@pytest.mark.skipif(HAS_PLUGIN, reason="the cuda-aot extra is installed")
+def test_without_the_extra_the_report_names_it(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPORT), "--head-dims=64", "--dtypes=bf16", f"--out={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode != 0
+    assert ".[cuda-aot]" in proc.stderr, proc.stderr[-2000:]
