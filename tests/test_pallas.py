@@ -170,6 +170,26 @@ def test_atomic_backward(kwargs):
     )
 
 
+def test_atomic_backward_at_head_dims_that_are_not_a_power_of_two():
+    """The atomic dQ accumulator is as wide as the block (H=24 in 32 columns, Hv=20): the
+    padding columns take no part in the gradients, and sinks join the row sums."""
+    cfg = dataclasses.replace(TestPallasInterpret.config, backward="atomic")
+    q, k, v = testing.random_qkv(
+        jax.random.PRNGKey(1), seq_q=21, seq_k=30, num_kv_heads=2, head_dim=24, head_dim_v=20
+    )
+    testing.assert_matches_reference(
+        lambda *a, **kw: chunkattn.dot_product_attention(
+            *a, implementation="pallas", config=cfg, **kw
+        ),
+        q,
+        k,
+        v,
+        is_causal=True,
+        q_offset=9,
+        sinks=jnp.array([0.5, -1.0, 0.0, 2.0]),
+    )
+
+
 # The GPU that Pallas's Triton lowering compiles for. jax 0.11 and 0.12 read its compute
 # capability from the default device or from the abstract mesh's device, and fail without one
 # ("No supported GPU devices found"); jax 0.10 falls back to sm_90 by itself and ignores this.
