@@ -31,7 +31,6 @@ def main() -> int:
     tab = jnp.array([0.05, 0.1, 0.2, 0.4])  # a score_fn's learnable slopes (per head)
     cases = {
         "full": (dict(num_heads=4, num_kv_heads=4), dict()),
-        "causal": (dict(num_heads=4, num_kv_heads=4), dict(is_causal=True)),
         "causal_gqa": (dict(num_heads=4, num_kv_heads=2, head_dim_v=8), dict(is_causal=True)),
         "causal_segments": (
             dict(num_heads=2, num_kv_heads=1),
@@ -56,14 +55,14 @@ def main() -> int:
                 mask_fn=lambda b, h, i, j: (i + j) % 3 != 0,
             ),
         ),
-        "score_fn_params": (dict(num_heads=4, num_kv_heads=4), dict(is_causal=True, tab=tab)),
-        "dropout": (
+        "dropout_score_fn_params": (
             dict(num_heads=4, num_kv_heads=2),
             dict(
                 is_causal=True,
                 dropout_rate=0.3,
                 dropout_rng=jax.random.PRNGKey(2),
                 broadcast_dropout=False,
+                tab=tab,
             ),
         ),
     }

@@ -41,13 +41,11 @@ def results():
     "case",
     [
         "full",
-        "causal",
         "causal_gqa",
         "causal_segments",
         "causal_window_offset_sinks",
         "window_lengths_soft_cap_mask_fn",
-        "score_fn_params",
-        "dropout",
+        "dropout_score_fn_params",
         "dp_sp_tp",
     ],
 )
