@@ -46,6 +46,9 @@ class TestPallasInterpret(AttentionSuite):
     # Interpreting is slow: the lengths, masks, fully-masked rows and dtypes cover the kernels;
     # these add nothing kernel-specific at interpreter speed.
     test_long_unequal = test_vmap = test_no_retrace = test_large_logits_f16 = None
+    # Sinks only change the rows' starting max and sum: one kind per masking mechanism.
+    sink_kinds = ("causal_offset", "window_pair", "kv_lengths", "segment_pair", "mask_full")
+    sink_kinds += ("mask_fn", "bias_full", "everything")
 
     def test_debug_infs_and_nans_are_clean_on_valid_input(self):
         pytest.skip(
