@@ -177,7 +177,27 @@ def _auto_order() -> Sequence[str]:
     """Fastest first; each may decline with NotImplementedError."""
     if jax.default_backend() == "gpu":
         return ("pallas", "chunked")
+    if jax.default_backend() == "tpu":
+        return ("splash", "chunked")
     return ("chunked",)
+
+
+def _run_splash(
+    args: Arguments, opts: Options, q_offset: Any, *, forced: bool
+) -> tuple[Array, Array]:
+    """Splash attention on TPU: its band mask is static, so q_offset must be one known int."""
+    from chunkattn import splash  # imported lazily: Pallas' TPU kernels, never at package import
+
+    return _run_splash_compiled(args, opts, splash.static_offset(q_offset), forced)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _run_splash_compiled(
+    args: Arguments, opts: Options, offset: int, forced: bool
+) -> tuple[Array, Array]:
+    from chunkattn import splash
+
+    return splash.attention(args, opts, offset, forced=forced)
 
 
 def dot_product_attention(
@@ -239,8 +259,9 @@ def dot_product_attention(
       precision: passed to the matrix products; None means HIGHEST for float32 inputs (no
         TF32 on GPUs) and the backend default otherwise.
       implementation: None (fastest available), "chunked" (pure JAX, every backend), "pallas"
-        (fused GPU kernels), "xla" (dense) or "cudnn" (`jax.nn.dot_product_attention`'s cuDNN
-        kernel, for the requests it serves; never chosen by None).
+        (fused GPU kernels), "splash" (JAX's fused TPU kernel, for the requests it serves), "xla"
+        (dense) or "cudnn" (`jax.nn.dot_product_attention`'s cuDNN kernel, for the requests it
+        serves; never chosen by None).
       config: the implementation's config, e.g. `ChunkConfig(q_chunk_size=..., kv_chunk_size=...)`.
 
     Returns:
@@ -292,6 +313,9 @@ def dot_product_attention(
         try:
             if name == "cudnn":
                 return args.finish(_run_cudnn(args, opts, q_offset, return_lse), None, False)
+            if name == "splash":
+                out, lse = _run_splash(args, opts, q_offset, forced=implementation is not None)
+                return args.finish(out, lse, return_lse)
             out, lse = _run(name, args, opts)
             return args.finish(out, lse, return_lse)
         except NotImplementedError as e:
