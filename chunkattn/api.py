@@ -166,9 +166,19 @@ def _run_pallas(args: Arguments, opts: Options) -> tuple[Array, Array]:
     return pallas.attention(args, opts)  # NotImplementedError off GPU unless interpreting
 
 
+def _run_pallas_mosaic(args: Arguments, opts: Options) -> tuple[Array, Array]:
+    """The Mosaic GPU (Hopper) forward with the Triton backward: experimental, never chosen by
+    `implementation=None` until it has passed the GPU tests (chunkattn/pallas/mosaic.py)."""
+    from chunkattn import pallas
+
+    return pallas.attention(args, opts, kernel="mosaic")
+
+
 _RUNNERS: dict[str, Callable[[Arguments, Options], tuple[Array, Array]]] = {
     "chunked": _run_chunked,
     "pallas": _run_pallas,
+    "pallas_triton": _run_pallas,  # the same kernels as "pallas", named for their backend
+    "pallas_mosaic": _run_pallas_mosaic,
     "xla": _run_xla,
 }
 
@@ -261,7 +271,9 @@ def dot_product_attention(
       implementation: None (fastest available), "chunked" (pure JAX, every backend), "pallas"
         (fused GPU kernels), "splash" (JAX's fused TPU kernel, for the requests it serves), "xla"
         (dense) or "cudnn" (`jax.nn.dot_product_attention`'s cuDNN kernel, for the requests it
-        serves; never chosen by None).
+        serves; never chosen by None). "pallas_triton" is "pallas" by its backend's name;
+        "pallas_mosaic" is the experimental Hopper (Mosaic GPU) forward kernel with the Triton
+        backward (config: `MosaicConfig`), never chosen by None until it has run on a GPU.
       config: the implementation's config, e.g. `ChunkConfig(q_chunk_size=..., kv_chunk_size=...)`.
 
     Returns:

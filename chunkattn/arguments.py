@@ -28,7 +28,15 @@ from chunkattn.summary import accum_dtype
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("chunked", "pallas", "splash", "xla", "cudnn")
+IMPLEMENTATIONS = (
+    "chunked",
+    "pallas",
+    "pallas_triton",
+    "pallas_mosaic",
+    "splash",
+    "xla",
+    "cudnn",
+)
 INT32_MAX = 2**31 - 1
 INT32_MIN = -(2**31)
 MAX_SEQ_LEN = 2**29  # positions differ by less than 2^30: no int32 difference can wrap

@@ -1,4 +1,4 @@
-"""Fused FlashAttention-2 kernels in Pallas (Triton lowering) for NVIDIA GPUs.
+"""Fused FlashAttention kernels in Pallas for NVIDIA GPUs (Triton; Mosaic GPU, experimental).
 
 Imported lazily by `api.py`, never at `import chunkattn`. One file per job, imports one way
 (config -> kernel_common -> forward, backward -> dispatch):
@@ -12,11 +12,16 @@ Imported lazily by `api.py`, never at `import chunkattn`. One file per job, impo
 - `forward.py`: the forward kernel (output and log-sum-exp) and its pallas_call.
 - `backward.py`: the dK/dV kernel (looping over query blocks; with backward="atomic" it also
   adds dQ), the dQ kernel (looping over key blocks), and the dense bias's gradient.
+- `mosaic.py` (experimental, `implementation="pallas_mosaic"`): the Hopper forward kernel in
+  Pallas Mosaic GPU (wgmma, TMA, warp specialisation), `MosaicConfig`, and its parts as
+  functions checkable on the CPU; `mosaic_compat.py`: the plgpu API differences of jax 0.10,
+  0.11 and 0.12. Its backward is the Triton kernels'.
 - `dispatch.py`: the custom_vjp `flash_attention`, the checks of a user's mask_fn/score_fn,
-  and `attention(args, opts)`, the entry `api.py` calls.
+  and `attention(args, opts, kernel)`, the entry `api.py` calls.
 """
 
 from chunkattn.pallas.config import PallasConfig, interpret_mode
 from chunkattn.pallas.dispatch import attention
+from chunkattn.pallas.mosaic import MosaicConfig
 
-__all__ = ["PallasConfig", "attention", "interpret_mode"]
+__all__ = ["MosaicConfig", "PallasConfig", "attention", "interpret_mode"]

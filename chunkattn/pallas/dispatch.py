@@ -7,10 +7,16 @@ What the kernels cannot do raises NotImplementedError naming the feature, and
 `dot_product_attention(implementation=None)` falls back to the chunked path: float64, head
 dims above 256, 64-bit segment ids, a second derivative, and a `mask_fn`/`score_fn` that closes
 over arrays or uses an operation the Triton lowering lacks (checked on its jaxpr here).
+
+`attention(args, opts, kernel="mosaic")` (`implementation="pallas_mosaic"`, experimental) runs
+the Mosaic GPU forward of `mosaic.py` instead of the Triton one, for the requests it serves
+(`mosaic.unsupported_features`), and keeps the Triton backward kernels: the custom_vjp below is
+the same, only `_first_order_forward` picks the kernel (`Static.mosaic`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -20,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from chunkattn import chunked, masks
+from chunkattn.pallas import mosaic
 from chunkattn.pallas.backward import backward, bias_gradient
 from chunkattn.pallas.config import PallasConfig, block_width, heuristic, interpret_mode
 from chunkattn.pallas.forward import forward
@@ -42,6 +49,10 @@ def flash_attention(st: Static, q, k, v, bias, meta, marr, seed, sinks):
 def _first_order_forward(st: Static, q, k, v, bias, meta, marr, sinks):
     """The forward kernel. A second derivative differentiates it under a JVP, which pallas_call
     cannot do; the rule below says so instead of failing inside Pallas."""
+    if st.mosaic is not None:  # the Mosaic GPU kernel (no bias, dense mask or dropout)
+        return mosaic.forward(
+            st.mosaic, q, k, v, meta, marr.q_segment_ids, marr.kv_segment_ids, sinks
+        )
     return forward(st, q, k, v, bias, meta, marr, sinks)
 
 
@@ -176,14 +187,31 @@ def _dims(x: Array | None) -> Dims | None:
     return b, n, t, s or not t
 
 
-def attention(args: Any, opts: Any) -> tuple[Array, Array]:
+def attention(args: Any, opts: Any, kernel: str = "triton") -> tuple[Array, Array]:
     """Serve a normalised request (`arguments.Arguments`, `arguments.Options`) in the kernels.
 
+    `kernel`: "triton" (the forward and backward kernels of forward.py/backward.py) or "mosaic"
+    (the Mosaic GPU forward of mosaic.py, experimental, with the Triton backward).
     Raises NotImplementedError naming the feature for what the kernels do not implement.
     """
     interpret = interpret_mode()
+    name = "pallas_mosaic" if kernel == "mosaic" else "pallas"
     if jax.default_backend() != "gpu" and not interpret:
-        raise NotImplementedError("the pallas implementation needs a GPU backend")
+        raise NotImplementedError(f"the {name} implementation needs a GPU backend")
+    mosaic_cfg = None
+    if kernel == "mosaic":
+        missing = mosaic.unsupported_features(args, opts)
+        if missing:
+            raise NotImplementedError(
+                f"the pallas_mosaic kernel does not implement {', '.join(missing)}"
+            )
+        mosaic_cfg = opts.config if opts.config is not None else mosaic.MosaicConfig()
+        if not isinstance(mosaic_cfg, mosaic.MosaicConfig):
+            raise NotImplementedError(
+                f"the pallas_mosaic implementation takes a MosaicConfig, got "
+                f"{type(mosaic_cfg).__name__}"
+            )
+        opts = dataclasses.replace(opts, config=mosaic_cfg.backward)
     unsupported = [
         ("float64", args.query.dtype == jnp.float64),
         ("head dims above 256", max(args.query.shape[-1], args.value.shape[-1]) > 256),
@@ -209,6 +237,21 @@ def attention(args: Any, opts: Any) -> tuple[Array, Array]:
     _check_user_fns(opts, blocks["block_q"], blocks["block_k"])
     tq = max(blocks["block_q"], blocks["block_q_bwd"])
     tk = max(blocks["block_k"], blocks["block_k_bwd"])
+    plan = None
+    if mosaic_cfg is not None:  # powers of two: the larger is a multiple of the other
+        plan = mosaic.Plan(
+            scale=args.scale,
+            soft_cap=args.logits_soft_cap,
+            has_segments=args.segment_ids is not None,
+            has_sinks=args.sinks is not None,
+            groups=num_heads // num_kv_heads,
+            head_dims=(head_dim, head_dim_v),
+            block_q=mosaic_cfg.block_q,
+            block_k=mosaic_cfg.resolve_block_k((head_dim, head_dim_v)),
+            num_stages=mosaic_cfg.num_stages,
+            interpret=interpret,
+        )
+        tq, tk = max(tq, mosaic.COMPUTE_WGS * plan.block_q), max(tk, plan.block_k)
     pq, pk = -(-seq_q // tq) * tq, -(-seq_k // tk) * tk
     bias = args.bias
     bias_grad = None
@@ -252,6 +295,7 @@ def attention(args: Any, opts: Any) -> tuple[Array, Array]:
         atomic_dq=cfg.backward == "atomic",
         precision=opts.precision,
         interpret=interpret,
+        mosaic=plan,
         **blocks,
     )
     q_len = args.query_seq_lengths if args.query_seq_lengths is not None else seq_q

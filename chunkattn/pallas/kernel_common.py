@@ -71,6 +71,7 @@ class Static(NamedTuple):
     atomic_dq: bool  # PallasConfig.backward == "atomic"
     precision: Any
     interpret: bool
+    mosaic: Any = None  # a `mosaic.Plan`: the Mosaic GPU forward replaces the Triton one
 
     @property
     def log2_domain(self) -> bool:

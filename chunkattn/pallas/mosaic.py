@@ -1,0 +1,566 @@
+"""The Hopper forward kernel (Pallas Mosaic GPU: wgmma, TMA, warp specialisation), EXPERIMENTAL.
+
+`implementation="pallas_mosaic"` runs it; `implementation=None` never does until the GPU test
+suite has passed on an H100/H200 (issue 21). Its backward is the Triton kernels' (`backward.py`)
+through the same custom_vjp: the kernel returns what they need, the output and the natural-log
+lse in the Triton forward's conventions (`dispatch.flash_attention`).
+
+Structure (FlashAttention-3, arXiv 2407.08608 §3.1; jax's ops/gpu/attention_mgpu.py): one
+program per (head, tile of 2·block_q query rows, batch) with three warpgroups. The memory
+warpgroup streams the key blocks [lo, hi) of the tile through a ring of `num_stages` K/V
+buffers (TMA, one "ready" barrier per buffer, one "free" barrier that both compute warpgroups
+arrive at); the two compute warpgroups own block_q rows each and take turns on the tensor cores
+(the schedule barrier: one's softmax runs while the other's matrix products do). Scores are in
+the log2 domain (s₂ = s·log₂e: one exp2 per weight).
+
+Masks are per-row key ranges: row r may see keys [kstart_r, kend_r) (`key_ranges`: causal,
+window, q_offset, both lengths, padding), and with segment ids also only equal ids (compared
+in the kernel). `block_schedule` turns the ranges into the tile's key blocks [lo, hi)
+(intersected with `kernel_common.segment_ranges` for packed sequences) and, per compute
+warpgroup, the blocks [flo, fhi) that every one of its rows sees whole, which skip the mask
+arithmetic (`kernel_common.three_phase`). Sinks start each row's running max and sum.
+
+The parts are functions checkable on the CPU against the float32 reference: `key_ranges`,
+`block_schedule`, `score_block`, `mask_block`, `softmax_step`, `online_block` (one block of
+the loop, given its matrix product), `finish`, and `emulate`, the kernel's loops in plain jnp.
+The kernel itself runs in the Mosaic GPU interpreter from jax 0.11 (`mosaic_compat`).
+
+Serves bf16/f16 with head dims 64, 128 and 256 (q/k and v each), GQA, causal, window, q_offset,
+lengths, segment ids, soft cap, sinks, and the lse. A dense bias or mask, dropout, mask_fn,
+score_fn, float32/float64 and other head dims raise NotImplementedError naming the feature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from chunkattn.pallas.config import PallasConfig
+from chunkattn.pallas.kernel_common import LN2, LOG2E, segment_ranges, three_phase
+
+Array = jax.Array
+
+HEAD_DIMS = (64, 128, 256)
+SMEM_LIMIT = 232_448  # bytes per block on sm_90a (shared_memory_per_block_optin)
+COMPUTE_WGS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """Blocks of the Mosaic GPU forward kernel (`implementation="pallas_mosaic"`).
+
+    block_q: query rows per compute warpgroup (wgmma's M is 64 per warpgroup); a program holds
+      two, a tile of 2·block_q rows.
+    block_k: key rows per K/V buffer; None: 128 when both head dims are ≤ 128, else 64 (the
+      ring's shared memory at H = 256: `smem_bytes`).
+    num_stages: K/V buffers in the ring (TMA runs that many blocks ahead).
+    backward: the blocks of the Triton backward kernels the Mosaic forward is paired with.
+    """
+
+    block_q: int = 64
+    block_k: int | None = None
+    num_stages: int = 2
+    backward: PallasConfig = PallasConfig()
+
+    def __post_init__(self):
+        if self.block_q != 64:
+            raise ValueError(f"MosaicConfig.block_q must be 64, got {self.block_q!r}")
+        if self.block_k is not None and self.block_k not in (64, 128, 256):
+            raise ValueError(f"MosaicConfig.block_k must be 64, 128 or 256, got {self.block_k!r}")
+        if not (isinstance(self.num_stages, int) and 2 <= self.num_stages <= 4):
+            raise ValueError(f"MosaicConfig.num_stages must be in 2..4, got {self.num_stages!r}")
+        if not isinstance(self.backward, PallasConfig):
+            raise ValueError(
+                f"MosaicConfig.backward must be a PallasConfig, got {type(self.backward).__name__}"
+            )
+
+    def resolve_block_k(self, head_dims: tuple[int, int]) -> int:
+        if self.block_k is not None:
+            return self.block_k
+        return 128 if max(head_dims) <= 128 else 64
+
+
+class Plan(NamedTuple):
+    """Everything static about one kernel launch (hashable)."""
+
+    scale: float
+    soft_cap: float | None
+    has_segments: bool
+    has_sinks: bool
+    groups: int  # query heads per kv head
+    head_dims: tuple[int, int]  # (H, Hv)
+    block_q: int
+    block_k: int
+    num_stages: int
+    interpret: bool
+
+
+def smem_bytes(
+    head_dims: tuple[int, int],
+    itemsize: int,
+    block_q: int,
+    block_k: int,
+    num_stages: int,
+    interpret: bool = False,
+) -> int:
+    """The kernel's shared memory (its buffers; barriers and alignment are a few hundred B)."""
+    h, hv = head_dims
+    total = COMPUTE_WGS * block_q * h * itemsize  # Q (and O when Hv = H)
+    if hv != h:
+        total += COMPUTE_WGS * block_q * hv * itemsize
+    total += num_stages * block_k * (h + hv) * itemsize  # the K/V ring
+    total += COMPUTE_WGS * block_q * 4  # lse
+    if interpret:
+        total += COMPUTE_WGS * block_q * block_k * itemsize  # P (interpreter only)
+    return total
+
+
+def unsupported_features(args: Any, opts: Any) -> list[str]:
+    """Names of what the request asks that this kernel does not implement (empty: it serves it)."""
+    h, hv = args.query.shape[-1], args.value.shape[-1]
+    found = [
+        ("a dense bias", args.bias is not None),
+        ("a dense mask", args.mask is not None),
+        ("dropout", opts.dropout_rate > 0),
+        ("mask_fn", opts.mask_fn is not None),
+        ("score_fn", opts.score_fn is not None),
+        (
+            f"{jnp.dtype(args.query.dtype).name} inputs (it takes bfloat16 or float16)",
+            args.query.dtype not in (jnp.bfloat16, jnp.float16),
+        ),
+        (
+            f"head dims {h}/{hv} (it takes {', '.join(map(str, HEAD_DIMS))})",
+            h not in HEAD_DIMS or hv not in HEAD_DIMS,
+        ),
+    ]
+    return [name for name, present in found if present]
+
+
+# ------------------------------------------------------------ the parts (checkable on the CPU)
+
+
+def key_ranges(meta: Array, seq_q: int, seq_k: int) -> tuple[Array, Array]:
+    """Per-row key ranges, int32 [B, seq_q] each: row r may attend keys [kstart_r, kend_r).
+
+    `meta` is dispatch's int32 [B, 8] (`kernel_common.META`): q_len (col 1), kv_len (col 2) and
+    the causal/window bounds rel_lo ≤ j − r ≤ rel_hi (cols 5, 6; saturated at ±2^30). Keys lie in
+    [0, seq_k) and rows in [0, seq_q), so clipping the bounds to (−seq_q − 1, seq_k + 1) changes
+    no comparison and keeps every sum far inside int32. Rows at or past q_len get [0, 0).
+    """
+    q_len, kv_len = meta[:, 1:2], meta[:, 2:3]  # (B, 1)
+    rel_lo = jnp.maximum(meta[:, 5:6], -seq_q - 1)
+    rel_hi = jnp.minimum(meta[:, 6:7], seq_k + 1)
+    rows = jnp.arange(seq_q, dtype=jnp.int32)[None, :]
+    kstart = jnp.clip(rows + rel_lo, 0, kv_len)
+    kend = jnp.clip(rows + rel_hi + 1, kstart, kv_len)  # empty ([k, k)) when nothing allowed
+    padding = rows >= q_len
+    return jnp.where(padding, 0, kstart), jnp.where(padding, 0, kend)
+
+
+def block_schedule(
+    kstart: Array, kend: Array, block_q: int, block_k: int, seg_range: Array | None = None
+) -> Array:
+    """int32 [B, tiles, 8]: per tile of 2·block_q rows, (lo, hi, flo₀, fhi₀, flo₁, fhi₁, 0, 0).
+
+    [lo, hi): the key blocks holding any key a row of the tile may see (also within
+    `seg_range`, the blocks whose segment ids can meet the tile's). [flo_w, fhi_w) ⊆ [lo, hi):
+    the blocks every row of compute warpgroup w sees whole, kstart ≤ j·bk and (j+1)·bk ≤ kend
+    for each of its rows, so they need no mask (none with segment ids, which ranges cannot
+    describe). A tile whose rows see no key gets [0, 0).
+    """
+    batch, seq_q = kstart.shape
+    tiles = seq_q // (COMPUTE_WGS * block_q)
+    ks = kstart.reshape(batch, tiles, COMPUTE_WGS, block_q)
+    ke = kend.reshape(batch, tiles, COMPUTE_WGS, block_q)
+    nonempty = ke > ks
+    seen = jnp.any(nonempty, axis=(2, 3))
+    first = jnp.min(jnp.where(nonempty, ks, jnp.iinfo(jnp.int32).max), axis=(2, 3))
+    last = jnp.max(jnp.where(nonempty, ke, 0), axis=(2, 3))
+    lo = jnp.where(seen, first // block_k, 0)
+    hi = jnp.where(seen, -(-last // block_k), 0)
+    if seg_range is not None:
+        lo, hi = jnp.maximum(lo, seg_range[..., 0]), jnp.minimum(hi, seg_range[..., 1])
+    hi = jnp.maximum(hi, lo)
+    lo3, hi3 = lo[..., None], hi[..., None]
+    flo = -(-jnp.max(ks, axis=3) // block_k)  # (B, tiles, 2)
+    fhi = jnp.min(ke, axis=3) // block_k
+    if seg_range is not None:
+        flo = fhi = jnp.broadcast_to(lo3, flo.shape)
+    flo = jnp.clip(flo, lo3, hi3)
+    fhi = jnp.clip(fhi, flo, hi3)
+    zero = jnp.zeros_like(lo3)
+    cols = [lo3, hi3, flo[..., :1], fhi[..., :1], flo[..., 1:], fhi[..., 1:], zero, zero]
+    return jnp.concatenate(cols, axis=-1).astype(jnp.int32)
+
+
+def score_block(raw: Array, scale: float, soft_cap: float | None) -> Array:
+    """Scores in the log2 domain from raw = q·kᵀ (float32): s₂ = log₂e·s, where s = scale·raw,
+    or with a soft cap s = cap·tanh(scale·raw/cap).
+
+    tanh is written with exp2 (tanh x = 1 − 2/(1 + e^{2x})): the kernel compiles with
+    approx_math, whose tanh.approx has ~5e-4 absolute error (×cap in the score), while ex2.approx
+    is within 2 ulp; the form is exact at ±inf and loses only ~1e-7·cap near 0.
+    """
+    if soft_cap is None:
+        return raw * (scale * LOG2E)
+    e2x = jnp.exp2(raw * (2.0 * LOG2E * scale / soft_cap))
+    return (soft_cap * LOG2E) * (1.0 - 2.0 / (1.0 + e2x))
+
+
+def mask_block(s: Array, cols: Array, kstart: Array, kend: Array, segq=None, segk=None) -> Array:
+    """s [bq, bk] with −inf where row r may not see key cols[r, c]: outside [kstart_r, kend_r),
+    or (segment ids) where segq_r ≠ segk_c. kstart/kend/segq are [bq], segk [bk]."""
+    row = lambda x: lax.broadcast_in_dim(x, s.shape, [0])
+    ok = (cols >= row(kstart)) & (cols < row(kend))
+    if segq is not None:
+        ok = ok & (row(segq) == lax.broadcast_in_dim(segk, s.shape, [1]))
+    return jnp.where(ok, s, -jnp.inf)
+
+
+def initial_stats(sink2: Array) -> tuple[Array, Array]:
+    """(m, l) before the first block: a sink (log2 domain; −inf for none) is one more score with
+    no value, so max = sink and sum = 1 (FlashAttention's −inf and 0 without one)."""
+    return sink2, jnp.where(sink2 > -jnp.inf, 1.0, 0.0).astype(jnp.float32)
+
+
+def softmax_step(s: Array, m: Array, l: Array):
+    """One block of the online softmax in the log2 domain: (p, alpha, m', l').
+
+    m' = max(m, maxₖ s); p = 2^(s − m'); alpha = 2^(m − m') rescales what came before;
+    l' = alpha·l + Σₖ p. While a row has seen no key (m' = −inf) the shift is 0, so p = alpha = 0
+    and no −inf − (−inf) is formed.
+    """
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m - shift)
+    p = jnp.exp2(s - lax.broadcast_in_dim(shift, s.shape, [0]))
+    return p, alpha, m_new, l * alpha + jnp.sum(p, axis=1)
+
+
+def online_block(raw, carry, plan: Plan, dtype, mask_args, pv, before_pv=None):
+    """One key block of the loop: (acc, m, l) -> (acc', m', l') given raw = q·kᵀ.
+
+    `mask_args` is None for a block every row sees whole, else (cols, kstart, kend, segq,
+    segk) for `mask_block`; `pv(acc, p)` returns acc + p·V; `before_pv` runs between the
+    softmax and that product (the kernel's barriers).
+    """
+    acc, m, l = carry
+    s = score_block(raw, plan.scale, plan.soft_cap)
+    if mask_args is not None:
+        s = mask_block(s, *mask_args)
+    p, alpha, m, l = softmax_step(s, m, l)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    p = p.astype(dtype)
+    if max(plan.head_dims) <= 128:  # the order attention_mgpu.py found fastest at H ≤ 128
+        acc, m, l, p = lax.optimization_barrier((acc, m, l, p))
+    if before_pv is not None:
+        before_pv()
+    return pv(acc, p), m, l
+
+
+def finish(acc: Array, m: Array, l: Array) -> tuple[Array, Array]:
+    """(out float32 [bq, Hv], natural-log lse [bq]): acc/l, and m·ln2 + ln l; rows that saw
+    no key and no sink (l = 0) give 0 and −inf."""
+    valid = l > 0
+    safe = jnp.where(valid, l, 1.0)
+    inv = jnp.where(valid, 1.0 / safe, 0.0)
+    out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+    return out, jnp.where(valid, m * LN2 + jnp.log(safe), -jnp.inf)
+
+
+def sink_rows(sinks: Array, block_q: int) -> Array:
+    """float32 [N, block_q]: each head's sink in the log2 domain, one copy per row."""
+    return jnp.broadcast_to((sinks.astype(jnp.float32) * LOG2E)[:, None], (sinks.shape[0], block_q))
+
+
+class Inputs(NamedTuple):
+    """The kernel's inputs besides q, k, v (`prepare`)."""
+
+    kstart: Array  # int32 [B, Tp]: `key_ranges`
+    kend: Array  # int32 [B, Tp]
+    sched: Array  # int32 [B, tiles, 8]: `block_schedule`
+    segq: Array | None  # int32 [B, Tp]
+    segk: Array | None  # int32 [B, Sp]
+    sink2: Array | None  # float32 [N, block_q]: `sink_rows`
+
+
+def prepare(plan: Plan, meta: Array, seq_q: int, seq_k: int, q_seg, kv_seg, sinks) -> Inputs:
+    """The per-row key ranges, the block schedule, and the segment ids and sinks as the kernel
+    reads them, from dispatch's `META` columns (inputs padded to whole tiles and blocks)."""
+    tile = COMPUTE_WGS * plan.block_q
+    assert seq_q % tile == 0 and seq_k % plan.block_k == 0, (seq_q, seq_k, tile, plan.block_k)
+    kstart, kend = key_ranges(meta, seq_q, seq_k)
+    seg_range = segq = segk = None
+    if plan.has_segments:
+        segq, segk = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+        seg_range = segment_ranges(segq, segk, meta[:, 1], meta[:, 2], tile, plan.block_k, "q")
+    sched = block_schedule(kstart, kend, plan.block_q, plan.block_k, seg_range)
+    sink2 = sink_rows(sinks, plan.block_q) if plan.has_sinks else None
+    return Inputs(kstart, kend, sched, segq, segk, sink2)
+
+
+def emulate(plan: Plan, q, k, v, inputs: Inputs):
+    """The kernel's loops in plain jnp, one (batch, head, tile, warpgroup) program at a time
+    under vmap: the same schedule, three phases and `online_block`, with jnp.dot for wgmma.
+
+    (out [B, Tp, N, Hv] in q's dtype, lse float32 [B, N, Tp]): the kernel's outputs, for the
+    CPU checks of everything but the kernel's memory traffic and barriers.
+    """
+    batch, seq_q, heads, _ = q.shape
+    bq, bk = plan.block_q, plan.block_k
+    tiles = seq_q // (COMPUTE_WGS * bq)
+    kstart, kend, sched, segq, segk, sink2 = inputs
+
+    def program(b, n, t, w):
+        q_base = (t * COMPUTE_WGS + w) * bq
+        rows = lambda x: lax.dynamic_slice_in_dim(x[b], q_base, bq)  # noqa: E731
+        qb = lax.dynamic_slice_in_dim(q[b, :, n], q_base, bq)
+        kh, vh = k[b, :, n // plan.groups], v[b, :, n // plan.groups]
+        ks, ke = rows(kstart), rows(kend)
+        sq = rows(segq) if plan.has_segments else None
+        lo, hi = sched[b, t, 0], sched[b, t, 1]
+        flo, fhi = sched[b, t, 2 + 2 * w], sched[b, t, 3 + 2 * w]
+
+        def step(j, carry, masked):
+            kb = lax.dynamic_slice_in_dim(kh, j * bk, bk)
+            vb = lax.dynamic_slice_in_dim(vh, j * bk, bk)
+            raw = jnp.dot(qb, kb.T, preferred_element_type=jnp.float32)
+            mask_args = None
+            if masked:
+                cols = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+                sk = lax.dynamic_slice_in_dim(segk[b], j * bk, bk) if plan.has_segments else None
+                mask_args = (cols, ks, ke, sq, sk)
+
+            def pv(acc, p):
+                return acc + jnp.dot(p, vb, preferred_element_type=jnp.float32)
+
+            return online_block(raw, carry, plan, q.dtype, mask_args, pv)
+
+        s0 = jnp.full((bq,), -jnp.inf, jnp.float32) if sink2 is None else sink2[n]
+        m0, l0 = initial_stats(s0)
+        acc0 = jnp.zeros((bq, v.shape[-1]), jnp.float32)
+        acc, m, l = three_phase(lo, flo, fhi, hi, step, (acc0, m0, l0))
+        out, lse = finish(acc, m, l)
+        return out.astype(q.dtype), lse
+
+    idx = jnp.stack(
+        jnp.meshgrid(
+            jnp.arange(batch),
+            jnp.arange(heads),
+            jnp.arange(tiles),
+            jnp.arange(COMPUTE_WGS),
+            indexing="ij",
+        ),
+        -1,
+    ).reshape(-1, 4)
+    out, lse = jax.vmap(lambda i: program(*i))(idx)  # (programs, bq, Hv), (programs, bq)
+    out = out.reshape(batch, heads, tiles, COMPUTE_WGS, bq, -1).reshape(batch, heads, seq_q, -1)
+    lse = lse.reshape(batch, heads, seq_q)
+    return out.transpose(0, 2, 1, 3), lse
+
+
+# -------------------------------------------------------------------------------- the kernel
+
+
+def _kernel(*refs, plan: Plan):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from chunkattn.pallas import mosaic_compat as compat
+
+    refs = list(refs)
+    q_ref, k_ref, v_ref, kstart_ref, kend_ref, sched_ref = refs[:6]
+    rest = refs[6:]
+    segq_ref = segk_ref = sinks_ref = None
+    if plan.has_segments:
+        segq_ref, segk_ref = rest.pop(0), rest.pop(0)
+    if plan.has_sinks:
+        sinks_ref = rest.pop(0)
+    o_ref, lse_ref, smem, barriers = rest
+    q_smem2, o_smem2, k_smem, v_smem, lse_smem2, p_smem2 = smem
+    k_ready, v_ready, q_ready, k_free, v_free, turn = barriers
+
+    bq, bk, stages = plan.block_q, plan.block_k, plan.num_stages
+    dtype = q_ref.dtype
+    b = lax.axis_index("batch")
+    h = lax.axis_index("heads")
+    t = lax.axis_index("q_seq")
+    wg = lax.axis_index("wg")
+    lo, hi = sched_ref[b, t, 0], sched_ref[b, t, 1]
+
+    def take_turn():  # the two compute warpgroups alternate on the tensor cores
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(turn)
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        if not plan.interpret:
+            plgpu.set_max_registers(232, action="increase")
+        q_smem = q_smem2.at[wg]
+        o_smem = q_smem if o_smem2 is None else o_smem2.at[wg]  # Q's buffer is free by then
+        p_smem = None if p_smem2 is None else p_smem2.at[wg]
+        flo, fhi = sched_ref[b, t, 2 + 2 * wg], sched_ref[b, t, 3 + 2 * wg]
+        q_base = (t * COMPUTE_WGS + wg) * bq
+        rows = pl.ds(q_base, bq)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, q_ready.at[wg])
+        kstart = compat.load(kstart_ref.at[b, rows], compat.ROW)
+        kend = compat.load(kend_ref.at[b, rows], compat.ROW)
+        segq = compat.load(segq_ref.at[b, rows], compat.ROW) if plan.has_segments else None
+        if plan.has_sinks:
+            sink2 = compat.load(sinks_ref.at[h], compat.ROW)
+        else:
+            sink2 = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), compat.ROW)
+        m0, l0 = initial_stats(sink2)
+        acc0 = plgpu.layout_cast(jnp.zeros((bq, plan.head_dims[1]), jnp.float32), compat.WGMMA)
+        plgpu.barrier_wait(q_ready.at[wg])
+
+        @pl.when(hi > lo)
+        def _():
+            plgpu.barrier_wait(k_ready.at[0])
+
+        pl.when(wg == 1)(take_turn)
+
+        def step(j, carry, masked):
+            slot = lax.rem(j - lo, stages)
+            raw = compat.mma(q_smem, compat.transpose(k_smem.at[slot]), (bq, bk), take_turn)
+            plgpu.barrier_arrive(k_free.at[slot])
+            mask_args = None
+            if masked:
+                cols = j * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=compat.WGMMA)
+                segk = None
+                if plan.has_segments:
+                    segk = compat.load(segk_ref.at[b, pl.ds(j * bk, bk)], compat.COL)
+                mask_args = (cols, kstart, kend, segq, segk)
+
+            def before_pv():  # softmax done: wait for V, then for the tensor cores' turn
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(v_ready.at[slot])
+                plgpu.barrier_wait(turn)
+
+            def wait_next_k():
+                @pl.when(j + 1 < hi)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[lax.rem(j + 1 - lo, stages)])
+
+            def pv(acc, p):
+                return compat.mma_accumulate(acc, p, v_smem.at[slot], p_smem, wait_next_k)
+
+            out = online_block(raw, carry, plan, dtype, mask_args, pv, before_pv)
+            plgpu.barrier_arrive(v_free.at[slot])
+            return out
+
+        acc, m, l = three_phase(lo, flo, fhi, hi, step, (acc0, m0, l0))
+        pl.when(wg == 0)(take_turn)
+        out, lse = finish(acc, m, l)
+        o_smem[...] = out.astype(dtype)
+        lse_smem2.at[wg][...] = lse
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, rows, h])
+        plgpu.copy_smem_to_gmem(lse_smem2.at[wg], lse_ref.at[b, h, rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        if not plan.interpret:
+            plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(h, jnp.asarray(plan.groups, h.dtype))
+
+        def fetch(j, slot):
+            keys = pl.ds(j * bk, bk)
+            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot], k_ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_ready.at[slot])
+
+        for i in range(stages):  # fill the ring
+            pl.when(lo + i < hi)(functools.partial(fetch, lo + i, i))
+
+        def refill(j, carry):  # block j goes where block j − stages was, once both are done
+            slot = lax.rem(j - lo, stages)
+            keys = pl.ds(j * bk, bk)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot], k_ready.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_ready.at[slot])
+            return carry
+
+        lax.fori_loop(lo + stages, hi, refill, 0)
+
+        # Wait until the last blocks are consumed too: every phase of the "free" barriers is
+        # observed before they go (the interpreter checks it; on the GPU it costs an idle wait).
+        def drain(j):
+            slot = lax.rem(j - lo, stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+
+        for i in range(stages):
+            pl.when(hi - stages + i >= lo)(functools.partial(drain, hi - stages + i))
+
+
+def forward(plan: Plan, q, k, v, meta, q_seg=None, kv_seg=None, sinks=None):
+    """(out [B, Tp, N, Hv], lse float32 [B, N, Tp], natural log) of inputs padded to whole
+    tiles (Tp a multiple of 2·block_q, Sp of block_k), in the Triton forward's conventions:
+    rows that see no key and no sink give 0 and −inf."""
+    inputs = prepare(plan, meta, q.shape[1], k.shape[1], q_seg, kv_seg, sinks)
+    return launch(plan, q, k, v, inputs)
+
+
+def launch(plan: Plan, q, k, v, inputs: Inputs):
+    """The Mosaic GPU kernel on prepared inputs (the interpreter's when `plan.interpret`)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from chunkattn.pallas import mosaic_compat as compat
+
+    batch, seq_q, heads, h = q.shape
+    hv = v.shape[-1]
+    bq, bk, stages = plan.block_q, plan.block_k, plan.num_stages
+    tile = COMPUTE_WGS * bq
+    operands = [q, k, v, inputs.kstart, inputs.kend, inputs.sched]
+    if plan.has_segments:
+        operands += [inputs.segq, inputs.segk]
+    if plan.has_sinks:
+        operands.append(inputs.sink2)
+
+    def tiled(shape):  # wgmma's operand layout: 8×64-element tiles, 128-byte swizzle
+        transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        return plgpu.SMEM(shape, q.dtype, transforms=transforms)
+
+    smem = (
+        tiled((COMPUTE_WGS, bq, h)),
+        None if hv == h else tiled((COMPUTE_WGS, bq, hv)),
+        tiled((stages, bk, h)),
+        tiled((stages, bk, hv)),
+        plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),
+        tiled((COMPUTE_WGS, bq, bk)) if plan.interpret else None,
+    )
+    barriers = (
+        plgpu.Barrier(num_barriers=stages),  # K block ready
+        plgpu.Barrier(num_barriers=stages),  # V block ready
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # Q ready
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # K buffer free
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # V buffer free
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS),  # whose turn on the tensor cores
+    )
+    out_type = (
+        jax.ShapeDtypeStruct((batch, seq_q, heads, hv), q.dtype),
+        jax.ShapeDtypeStruct((batch, heads, seq_q), jnp.float32),
+    )
+    extra = {}
+    if plan.interpret:
+        extra["interpret"] = compat.interpret_params()
+    run = plgpu.kernel(
+        functools.partial(_kernel, plan=plan),
+        out_type=out_type,
+        scratch_types=[smem, barriers],
+        grid=(heads, seq_q // tile, batch),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        kernel_name="chunkattn_mosaic_fwd",
+        **extra,
+    )
+    return run(*operands)

@@ -1,0 +1,119 @@
+"""The Mosaic GPU (`plgpu`) calls whose API differs between the jax versions chunkattn runs on:
+0.10 (the CPU machines), 0.11 (the GPU image) and 0.12. Every difference lives here, so the
+kernel in `mosaic.py` reads the same on each.
+
+- `transpose(ref)`: a transposed view of a 2-D shared-memory ref (a wgmma operand). 0.10 has
+  only `plgpu.transpose_ref`; 0.11 adds `ref.transpose`; both lower to the same view.
+- `load(ref, layout)`: a register array in a given layout. 0.10 requires an index argument,
+  0.11 takes one optionally, 0.12 takes none.
+- `interpret_params()`: the Mosaic GPU interpreter (`plgpu.InterpretGPUParams`, public from
+  0.11). Its wgmma of 0.10 cannot read a transposed operand (q·kᵀ), so 0.10 has none here.
+- `mma(...)` and `mma_accumulate(...)`: the two matrix products of the forward. Compiled, the
+  second takes P from registers and accumulates in place (`pl.run_state`, as jax's
+  attention_mgpu.py). The interpreter implements neither (its wgmma reads A from shared memory
+  only, and it cannot lower run_state's effects), so under it P goes through shared memory and
+  the product is added to the accumulator afterwards: the same sum, another instruction path.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+JAX_VERSION = tuple(int(x) for x in jax.__version__.split(".")[:2])
+
+WGMMA = plgpu.Layout.WGMMA
+ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma accumulator
+COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column
+
+
+def transpose(ref):
+    """ref viewed transposed (2-D), as wgmma's B operand for q·kᵀ."""
+    if JAX_VERSION < (0, 11):
+        return plgpu.transpose_ref(ref, (1, 0))
+    return ref.transpose((1, 0))  # transpose_ref is deprecated from 0.11
+
+
+@functools.cache
+def _load_takes_index() -> bool:
+    """0.10 requires the index; 0.11 deprecates it; 0.12 has none."""
+    idx = inspect.signature(plgpu.load).parameters.get("idx")
+    return idx is not None and idx.default is inspect.Parameter.empty
+
+
+def load(ref, layout):
+    """The whole of `ref` as a register array in `layout` (from global or shared memory)."""
+    if _load_takes_index():
+        return plgpu.load(ref, (), layout=layout, optimized=False)
+    return plgpu.load(ref, layout=layout, optimized=False)
+
+
+def interpret_params():
+    """Parameters that run a plgpu kernel in the Mosaic GPU interpreter on the CPU.
+
+    Raises NotImplementedError on jax 0.10: its interpreter fails on a transposed wgmma operand
+    ('TransposeTransform' object has no attribute 'indices'), which q·kᵀ needs.
+    """
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    if params is None or JAX_VERSION < (0, 11):
+        raise NotImplementedError(
+            f"the Mosaic GPU interpreter of jax {jax.__version__} cannot run the pallas_mosaic "
+            "kernel (a transposed wgmma operand); it needs jax >= 0.11"
+        )
+    return params()
+
+
+def mma(a_ref, b_ref, shape: tuple[int, int], after_issue: Callable[[], None] | None = None):
+    """a_ref · b_ref (shared memory, bf16/f16) as a float32 [M, N] register array.
+
+    `after_issue` runs between issuing the wgmma and reading its result (the ping-pong
+    schedule barrier of the two compute warpgroups).
+    """
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a_ref, b_ref)
+        if after_issue is not None:
+            after_issue()
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def mma_accumulate(
+    acc,
+    p,
+    v_ref,
+    p_smem=None,
+    while_running: Callable[[], None] | None = None,
+):
+    """acc + p · v_ref: acc float32 [M, N] (WGMMA layout), p [M, K] bf16/f16 registers, v_ref
+    [K, N] in shared memory. `while_running` runs while the tensor cores work (the next
+    block's barrier wait).
+
+    `p_smem` (a [M, K] shared-memory buffer) is given only under the interpreter: P is stored
+    there and the product added afterwards (module docstring).
+    """
+    if p_smem is None:
+
+        def body(acc_ref):
+            plgpu.wgmma(acc_ref, p, v_ref)
+            if while_running is not None:
+                while_running()
+
+        return pl.run_state(body)(plgpu.ACC.init(acc))
+    p_smem[...] = p
+    plgpu.commit_smem()  # the generic-proxy store before the tensor cores read it
+
+    def body_interpret(acc_ref):
+        plgpu.wgmma(acc_ref, p_smem, v_ref)
+        if while_running is not None:
+            while_running()
+        return acc_ref[...]
+
+    return acc + pl.run_scoped(body_interpret, plgpu.ACC(acc.shape, jnp.float32))
