@@ -32,10 +32,11 @@ from chunkattn.nn.layers import KVCache, MultiHeadAttention, partitioned
 Array = jax.Array
 
 ATTENTION = (
-    "chunked", "pallas", "xla", "cudnn", "linear", "delta", "caterpillar", "gated_delta", "hybrid",
+    "chunked", "pallas", "splash", "xla", "cudnn", "linear", "delta", "caterpillar", "gated_delta",
+    "hybrid",
 )  # fmt: skip
 HYBRID_LAYERS = {"g": "gated_delta", "s": "chunked"}  # the letters of GPTConfig.hybrid_pattern
-SINKS = ("chunked", "pallas", "xla")  # the attentions whose softmax takes sinks (chunkattn's)
+SINKS = ("chunked", "pallas", "splash", "xla")  # the softmax attentions that take sinks
 
 
 @dataclasses.dataclass(frozen=True)
