@@ -3,10 +3,10 @@
 `jax.experimental.topologies.get_topology_desc` with libtpu installed gives deviceless TPU
 devices; `jit(...).lower(...).compile()` then runs XLA's and Mosaic's whole TPU pipeline here, so
 a kernel that does not fit a core's VMEM, or a layout Mosaic rejects, fails as it would on the
-chip. Marked `tpu_aot` and left out of the default run (pyproject.toml); it needs the tpu-aot
+chip. Marked `tpu_aot` and left out of the default run (pyproject.toml); it needs the tpu
 extra (libtpu at jax's version):
 
-    .venv/bin/pip install -e ".[test,tpu-aot]"
+    .venv/bin/pip install -e ".[test,tpu]"
     .venv/bin/python -m pytest -m tpu_aot tests/test_tpu_aot.py
 
 Run on 2026-12-01 with jax 0.10.2 and libtpu 0.0.42.1: all 8 cases compile (4.5 minutes on 2
@@ -29,7 +29,7 @@ pytestmark = [
     pytest.mark.tpu_aot,
     pytest.mark.skipif(
         importlib.util.find_spec("libtpu") is None,
-        reason="needs libtpu: pip install -e '.[tpu-aot]'",
+        reason="needs libtpu: pip install -e '.[tpu]'",
     ),
 ]
 
