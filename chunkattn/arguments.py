@@ -116,7 +116,8 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(np.shape(x))
 
 
-def _is_concrete(x: Any) -> bool:
+def is_concrete(x: Any) -> bool:
+    """True for a value known while tracing (a Python or NumPy value, or a concrete array)."""
     return not isinstance(x, jax.core.Tracer)
 
 
@@ -142,7 +143,7 @@ def _broadcast_4d(name: str, x: Any, target: tuple[int, int, int, int], batched:
 
 def _check_int_range(name: str, x: Any, lo: int, hi: int) -> None:
     """Refuse concrete integers outside [lo, hi] (they would wrap when narrowed to int32)."""
-    if isinstance(x, jax.core.Tracer) or np.size(x) == 0:
+    if not is_concrete(x) or np.size(x) == 0:
         return
     values = np.asarray(x)
     small, large = int(values.min()), int(values.max())
@@ -153,7 +154,7 @@ def _check_int_range(name: str, x: Any, lo: int, hi: int) -> None:
 def _int32(name: str, x: Any) -> Array:
     """x as int32: concrete values must fit; traced wider ints saturate (never wrap)."""
     _check_int_range(name, x, INT32_MIN, INT32_MAX)
-    x = x if isinstance(x, jax.core.Tracer) else np.asarray(x)
+    x = np.asarray(x) if is_concrete(x) else x
     if jnp.dtype(x.dtype).itemsize > 4 or x.dtype == np.uint32:
         x = jnp.clip(jnp.asarray(x), INT32_MIN, INT32_MAX)
     return jnp.asarray(x).astype(jnp.int32)
@@ -180,7 +181,7 @@ def _segment_array(name: str, seg: Any) -> Array:
         raise ValueError(f"segment_ids: {name} must be integer, got dtype {dtype}")
     if jnp.dtype(dtype).itemsize > 4 and not jax.config.jax_enable_x64:
         _check_int_range(f"segment_ids: {name}", seg, INT32_MIN, INT32_MAX)
-        return jnp.asarray(np.asarray(seg) if _is_concrete(seg) else seg).astype(jnp.int32)
+        return jnp.asarray(np.asarray(seg) if is_concrete(seg) else seg).astype(jnp.int32)
     seg = jnp.asarray(seg)
     if seg.dtype == jnp.uint32:
         return jax.lax.bitcast_convert_type(seg, jnp.int32)
@@ -221,7 +222,7 @@ def normalize_segment_ids(
 
 def _window_bound(w: Any, original: Any) -> int:
     """One bound of a window: a concrete non-negative integer at most 2^31 − 1."""
-    if isinstance(w, jax.core.Tracer):
+    if not is_concrete(w):
         raise ValueError(
             f"local_window_size must be concrete (it is static), got a traced value {original!r}"
         )
@@ -243,7 +244,7 @@ def _window_bound(w: Any, original: Any) -> int:
 def _window(w: Any) -> tuple[int, int] | None:
     if w is None:
         return None
-    if isinstance(w, jax.core.Tracer):
+    if not is_concrete(w):
         raise ValueError(f"local_window_size must be concrete (it is static), got {w!r}")
     shape = np.shape(w)
     if shape == ():
@@ -463,11 +464,11 @@ def normalize_arguments(
                 f"sinks must be a float array of shape [N]=({num_heads},), one logit per query "
                 f"head, got dtype {sinks.dtype} and sinks.shape={sinks.shape}"
             )
-        values = np.asarray(sinks, np.float32) if _is_concrete(sinks) else None
+        values = np.asarray(sinks, np.float32) if is_concrete(sinks) else None
         if values is not None and (np.isnan(values).any() or (values == np.inf).any()):
             raise ValueError(f"sinks must not be NaN or +inf (−inf means no sink), got {sinks!r}")
     offset = _per_batch_ints("q_offset", q_offset, batch, batched, allow_scalar=True)
-    if _is_concrete(q_offset) and np.size(q_offset) and seq_q:
+    if is_concrete(q_offset) and np.size(q_offset) and seq_q:
         _check_int_range("q_offset", q_offset, INT32_MIN, INT32_MAX - (seq_q - 1))
     lengths = [
         None if x is None else _per_batch_ints(name, x, batch, batched, allow_scalar=False)

@@ -46,6 +46,7 @@ from chunkattn.arguments import (
     check_user_functions,
     explicit_closure,
     index_shapes,
+    is_concrete,
     normalize_arguments,
     resolve_precision,
 )
@@ -392,13 +393,9 @@ def _divisor_chunk(length: int, chunk: int) -> int:
     return best if best * 8 >= chunk else length
 
 
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def _concrete_range(x: Any) -> tuple[int, int] | None:
     """(min, max) of a concrete integer array, None for None or a traced one."""
-    if x is None or not _is_concrete(x):
+    if x is None or not is_concrete(x):
         return None
     values = np.asarray(x)
     return int(values.min()), int(values.max())
@@ -551,7 +548,7 @@ def ring_attention(
     # The caller's q_offset, not the normalised one (a traced array under jit even when the
     # caller passed a Python int): a concrete offset lets the windowed ring skip steps.
     offsets = _concrete_range(
-        np.broadcast_to(q_offset, (batch,)) if _is_concrete(q_offset) else None
+        np.broadcast_to(q_offset, (batch,)) if is_concrete(q_offset) else None
     )
     steps = ring_steps(layout, spec, offsets)
     ring = _Ring(

@@ -44,7 +44,7 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-from chunkattn.arguments import INT32_MIN, Arguments, Options
+from chunkattn.arguments import INT32_MIN, Arguments, Options, is_concrete
 
 Array = jax.Array
 
@@ -87,7 +87,7 @@ def _block(length: int, want: int) -> int:
 
 def static_offset(q_offset: Any) -> int:
     """The request's q_offset as one Python int (splash's masks are static)."""
-    if isinstance(q_offset, jax.core.Tracer):
+    if not is_concrete(q_offset):
         raise NotImplementedError("the splash implementation does not serve a traced q_offset")
     values = np.unique(np.asarray(q_offset))
     if values.size > 1:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chunkattn.api import dot_product_attention
+from chunkattn.arguments import is_concrete
 from chunkattn.chunked import ChunkConfig
 
 Array = jax.Array
@@ -38,10 +39,6 @@ _SET_HERE = ("segment_ids", "query_seq_lengths", "key_value_seq_lengths")
 _PAD_Q, _PAD_K = -1, -2
 # Smallest chunk chosen for short sequences: below it the loop overhead outgrows the savings.
 _MIN_CHUNK = 128
-
-
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
 
 
 def _max_seqlen(name: str, x: Any) -> int:
@@ -62,7 +59,7 @@ def _cu_seqlens(
         raise ValueError(
             f"{name} must be int32 [num_seqs + 1] (at least [0]), got {name}.shape={shape}"
         )
-    if _is_concrete(cu):
+    if is_concrete(cu):
         values = np.asarray(cu).astype(np.int64)  # a numpy array: concrete under any trace
         lengths = np.diff(values)
         if values[0] != 0:
@@ -196,10 +193,10 @@ def varlen_attention(
         )
 
     ok = jnp.bool_(True)  # stays True unless a traced condition can fail
-    concrete = _is_concrete(cu_seqlens_q) and _is_concrete(cu_seqlens_k)
-    if not _is_concrete(cu_seqlens_q):
+    concrete = is_concrete(cu_seqlens_q) and is_concrete(cu_seqlens_k)
+    if not is_concrete(cu_seqlens_q):
         ok = ok & _valid_traced(cu_q, total_q)
-    if not _is_concrete(cu_seqlens_k):
+    if not is_concrete(cu_seqlens_k):
         ok = ok & _valid_traced(cu_k, total_k)
     if options.get("is_causal") or options.get("local_window_size") is not None:
         if concrete:
