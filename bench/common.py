@@ -142,6 +142,8 @@ def available(backend: str | None = None) -> dict[str, Fn]:
     impls: dict[str, Fn] = {"chunkattn_chunked": _chunkattn("chunked")}
     if backend == "gpu":
         impls["chunkattn_pallas"] = _chunkattn("pallas")
+        # The experimental Hopper forward (Triton backward); it declines what it does not serve.
+        impls["chunkattn_pallas_mosaic"] = _chunkattn("pallas_mosaic")
     impls["dense_xla"] = dense_xla
     impls["jax_nn_xla"] = _jax_nn("xla")
     if backend == "gpu":
@@ -287,6 +289,7 @@ def result_stem(bench: str, tag: str, env: dict[str, str]) -> str:
 LABELS = {
     "chunkattn_chunked": "chunkattn (chunked)",
     "chunkattn_pallas": "chunkattn (Pallas)",
+    "chunkattn_pallas_mosaic": "chunkattn (Mosaic GPU fwd)",
     "dense_xla": "dense XLA",
     "jax_nn_xla": "jax.nn (XLA)",
     "jax_nn_cudnn": "cuDNN (jax.nn)",

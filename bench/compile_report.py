@@ -17,6 +17,12 @@ runs ptxas from the CUDA dir it is given, here one whose ptxas is a wrapper that
 each PTX and of ptxas's `-v` report (registers, spills, stack): XLA from jax 0.11 on dumps no
 PTX, and this way the figures are those of the very ptxas run that made the cubin.
 
+The Mosaic GPU forward (`implementation="pallas_mosaic"`, `--backward mosaic`) is compiled by
+Mosaic's own pipeline inside the same `compile()`; XLA's dump shows only its custom call, so
+its figures come from Mosaic's dump (MOSAIC_GPU_DUMP_TO with _PTX, _PTXAS and _HOST_LLVM: ptxas
+-v, and the launch with its grid, threads and dynamic shared memory). Those cases compile the
+forward only: its backward is the Triton kernels, reported by the other modes.
+
 Nothing runs, so there is no time here. The figures depend on the jax version (its Triton),
 which the header names; the GPU machine runs jax 0.11.2 (bench/NOTES.md). Exit status 1 when a
 case fails to compile or a kernel asks for more shared memory than a block may have.
@@ -58,7 +64,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
 import chunkattn  # noqa: E402
-from chunkattn.pallas import PallasConfig  # noqa: E402
+from chunkattn.pallas import MosaicConfig, PallasConfig  # noqa: E402
 
 # The H100 SXM as XLA sees it (its `GpuTargetConfig`): what a compile needs to know of the
 # device. sm_90a; 227 KiB of shared memory per block (shared_memory_per_block_optin).
@@ -92,7 +98,16 @@ SMEM_LIMIT = int(re.search(r"shared_memory_per_block_optin: (\d+)", H100)[1])
 
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16, "f32": jnp.float32}
 HEAD_DIMS = ((32, 32), (64, 64), (72, 72), (96, 96), (128, 128), (192, 128), (256, 256))
-KERNELS = {"chunkattn_fwd": "fwd", "chunkattn_bwd_dq": "dQ", "chunkattn_bwd_dkdv": "dK/dV"}
+KERNELS = {
+    "chunkattn_fwd": "fwd",
+    "chunkattn_bwd_dq": "dQ",
+    "chunkattn_bwd_dkdv": "dK/dV",
+    "chunkattn_mosaic_fwd": "mosaic fwd",
+}
+BACKWARDS = ("split", "atomic", "mosaic")  # "mosaic": the Mosaic GPU forward alone
+# What the Mosaic GPU forward serves (mosaic.unsupported_features); other cases are not made.
+MOSAIC_FEATURES = ("full", "causal", "window", "lengths", "segments", "soft_cap", "sinks", "gqa")
+MOSAIC_HEAD_DIMS = (64, 128, 256)
 
 # ------------------------------------------------------------------------------------ cases
 # Each feature: the static keywords of dot_product_attention, and its array inputs as
@@ -125,7 +140,7 @@ class Case:
     dtype: str
     head_dim: int
     head_dim_v: int
-    backward: str  # PallasConfig.backward: "split" or "atomic"
+    backward: str  # PallasConfig.backward: "split" or "atomic"; "mosaic": the Mosaic forward
     config: tuple[tuple[str, int], ...] = ()
     batch: int = 2
     seq_len: int = 1024
@@ -139,7 +154,9 @@ class Case:
         extra = "".join(f" {k}={v}" for k, v in self.config)
         return f"{self.feature} {self.dtype} {dims} {self.backward}{extra}"
 
-    def pallas_config(self) -> PallasConfig:
+    def pallas_config(self) -> PallasConfig | MosaicConfig:
+        if self.backward == "mosaic":  # block_k and num_stages are the Mosaic kernel's
+            return MosaicConfig(**dict(self.config))
         return PallasConfig(backward=self.backward, **dict(self.config))
 
 
@@ -163,6 +180,15 @@ def program(case: Case, device):
         dims = tuple(sizes[d] if d in sizes else int(d) for d in shape.split(","))
         args.append(arg(dims, INPUT_DTYPES[dtype]))
     cfg = case.pallas_config()
+    if case.backward == "mosaic":
+
+        def forward(q, k, v, *inputs):
+            kw = dict(zip(names, inputs, strict=True))
+            return chunkattn.dot_product_attention(
+                q, k, v, **static, **kw, implementation="pallas_mosaic", config=cfg
+            )
+
+        return forward, args
 
     def loss(q, k, v, *inputs):
         kw = dict(zip(names, inputs, strict=True))
@@ -175,9 +201,19 @@ def program(case: Case, device):
 
 
 def cases(features, head_dims, dtypes, backwards, config) -> list[Case]:
+    """Every combination; the Mosaic forward's only where it serves them (bf16/f16, head dims
+    64/128/256, `MOSAIC_FEATURES`)."""
+
+    def served(f, h, hv, dt, bwd):
+        if bwd != "mosaic":
+            return True
+        dims_ok = h in MOSAIC_HEAD_DIMS and hv in MOSAIC_HEAD_DIMS
+        return f in MOSAIC_FEATURES and dims_ok and dt in ("bf16", "f16")
+
     return [
         Case(f, dt, h, hv, bwd, config)
         for f, (h, hv), dt, bwd in itertools.product(features, head_dims, dtypes, backwards)
+        if served(f, h, hv, dt, bwd)
     ]
 
 
@@ -256,6 +292,8 @@ def one_line(e: BaseException) -> str:
 
 def compile_case(case: Case, device, dump: pathlib.Path) -> dict:
     """Compile one case; a result with a row per kernel (a failure is a result too)."""
+    if case.backward == "mosaic":
+        return compile_mosaic_case(case, device, dump)
     t0 = time.perf_counter()
     result = dict(case=case.name, **dataclasses.asdict(case), status="ok", error=None)
     result["config"] = dict(case.config)
@@ -276,6 +314,76 @@ def compile_case(case: Case, device, dump: pathlib.Path) -> dict:
         result["kernels"].append(row)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+MOSAIC_DUMP = ("MOSAIC_GPU_DUMP_TO", "MOSAIC_GPU_DUMP_PTX", "MOSAIC_GPU_DUMP_PTXAS")
+# The host code's launch (Mosaic's host LLVM IR): grid x, y, z, cluster x, y, z, threads x, y,
+# z, dynamic shared memory.
+MOSAIC_LAUNCH = re.compile(r"@mosaic_gpu_launch_kernel\(ptr %\w+, ((?:i32 \d+, ){10})")
+MOSAIC_HASH = re.compile(r'kernel_hash = "((?:[^"\\]|\\.)*)"')
+# Mosaic compiles a kernel once per process: a case whose kernel equals an earlier one's (the
+# masks are data, so "full" and "causal" are one kernel) leaves no dump; its figures are those.
+_MOSAIC_SEEN: dict[str, tuple[str, dict]] = {}
+
+
+def compile_mosaic_case(case: Case, device, dump: pathlib.Path) -> dict:
+    """The Mosaic GPU forward of one case: its ptxas report and its launch, from Mosaic's dump
+    (the plugin reads MOSAIC_GPU_DUMP_* at each compile)."""
+    t0 = time.perf_counter()
+    result = dict(case=case.name, **dataclasses.asdict(case), status="ok", error=None)
+    result["config"] = dict(case.config)
+    shutil.rmtree(dump, ignore_errors=True)
+    dump.mkdir(parents=True)
+    name = "chunkattn_mosaic_fwd"
+    cfg = case.pallas_config()
+    bk = cfg.resolve_block_k((case.head_dim, case.head_dim_v))
+    row = dict(kernel=name, blocks=f"{2 * cfg.block_q}x{bk}", warps=12, stages=cfg.num_stages)
+    env = dict.fromkeys(MOSAIC_DUMP, "1") | {"MOSAIC_GPU_DUMP_TO": str(dump)}
+    env["MOSAIC_GPU_DUMP_HOST_LLVM"] = "1"
+    try:
+        fn, args = program(case, device)
+        with mock.patch.dict(os.environ, env), stderr_to(dump / "mosaic.log"):
+            with as_on_the_gpu(device):
+                lowered = jax.jit(fn).lower(*args)
+            lowered.compile()
+        key = "".join(MOSAIC_HASH.findall(lowered.as_text()))
+        figures = mosaic_figures(dump, name)
+        if "regs" in figures:
+            _MOSAIC_SEEN[key] = (case.name, figures)
+        elif key in _MOSAIC_SEEN:  # compiled before in this process: the same cubin
+            first, figures = _MOSAIC_SEEN[key]
+            figures = dict(figures, same_kernel_as=first)
+        row.update(figures)
+    except Exception as e:  # noqa: BLE001 - a failure is a finding, reported per case
+        result.update(status="fail", error=one_line(e))
+        row["error"] = result["error"]
+        if m := re.search(r"exceeds available shared memory.*?(\d+)", str(e)):
+            row["smem"] = int(m[1])
+    for log in dump.glob("*.mlir-passes.log"):  # ~100 MB each, and nothing read from it
+        log.unlink()
+    row["flags"] = flags(row)
+    result["kernels"] = [row]
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def mosaic_figures(dump: pathlib.Path, name: str) -> dict:
+    """ptxas's figures of the Mosaic kernel `name` and its launch (grid, threads, smem)."""
+    row: dict = {}
+    for report in dump.glob(f"{name}*.ptxas"):
+        for entry, usage in parse_ptxas(report.read_text(errors="replace")).items():
+            if entry.startswith(name):
+                row.update(usage)
+    for host in dump.glob(f"{name}*.ll"):
+        if m := MOSAIC_LAUNCH.search(host.read_text(errors="replace")):
+            v = [int(x) for x in re.findall(r"i32 (\d+)", m[1])]
+            row.update(grid=",".join(map(str, v[:3])), threads=v[6], smem=v[9])
+    ptx = sorted(dump.glob(f"{name}*.ptx"))
+    if ptx:
+        text = ptx[0].read_text(errors="replace")
+        row["wgmma"] = text.count("wgmma.mma_async")
+        row["setmaxnreg"] = text.count("setmaxnreg")
+    return row
 
 
 def compile_alone(call: Call, dump: pathlib.Path) -> dict:
@@ -593,7 +701,12 @@ def main(argv: list[str] | None = None) -> int:
         help="H or H/Hv, comma-separated (default: 32..256 and MLA's 192/128)",
     )
     p.add_argument("--dtypes", default="bf16,f16,f32", help="of bf16, f16, f32")
-    p.add_argument("--backward", default="split,atomic", help="PallasConfig.backward modes")
+    p.add_argument(
+        "--backward",
+        default="split,atomic",
+        help="PallasConfig.backward modes (split, atomic), or mosaic: the Mosaic GPU forward "
+        "(pallas_mosaic) alone, for the features and head dims it serves",
+    )
     p.add_argument(
         "--config",
         nargs="*",
@@ -620,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     for what, given, known in (
         ("--features", features, FEATURES),
         ("--dtypes", dtypes, DTYPES),
-        ("--backward", backwards, ("split", "atomic")),
+        ("--backward", backwards, BACKWARDS),
     ):
         if unknown := [x for x in given if x not in known]:
             p.error(f"{what}: unknown {unknown}; known: {', '.join(known)}")

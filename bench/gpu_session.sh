@@ -4,11 +4,12 @@
 #   bash bench/gpu_session.sh verify  OUT   # ~6 min: the in-kernel features compiled by Triton
 #   bash bench/gpu_session.sh speed   OUT   # ~8 min: split vs atomic backward, decode, peers
 #   bash bench/gpu_session.sh memory  OUT   # ≤10 min: the memory sweep 1k..1M (issue #4)
+#   bash bench/gpu_session.sh mosaic  OUT   # ~8 min: the Mosaic GPU forward's first run (#21)
 #
 # Each step has its own time limit so one hang does not take the call; results land in OUT
 # (the device tool's $OUT), to be committed under bench/results/ with NOTES.md entries.
 set -u
-part=${1:?verify | speed | memory}
+part=${1:?verify | speed | memory | mosaic}
 out=${2:?output folder}
 mkdir -p "$out"
 step() {  # step SECONDS LOGNAME COMMAND...
@@ -33,8 +34,16 @@ speed)
 memory)
     step 590 memory python bench/memory_vs_seqlen.py --out "$out"
     ;;
+mosaic)
+    # Correctness first (every feature x head dim 64/128/256 x bf16/f16, forward, lse and
+    # gradients through the Triton backward), then one speed row per mask against cuDNN and
+    # the Triton kernels at 16k, bf16, N=16, H=128 (the issue's goal: forward >= 1.0x cuDNN).
+    step 330 pytest_mosaic python -m pytest -q -x -m gpu tests/test_mosaic.py
+    step 200 speed_mosaic python bench/speed.py --seq-lens 16384 --mask both --reps 5 \
+        --impls chunkattn_pallas_mosaic chunkattn_pallas jax_nn_cudnn --tag mosaic --out "$out"
+    ;;
 *)
-    echo "unknown part $part: verify | speed | memory" >&2
+    echo "unknown part $part: verify | speed | memory | mosaic" >&2
     exit 2
     ;;
 esac

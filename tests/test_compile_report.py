@@ -5,6 +5,12 @@ default configs (float32 in part: `RUNS`), and the atomic backward, then three c
 JSON: every case compiles to the kernels it should, every kernel's shared memory fits a block,
 and bf16/f16 kernels at head dims ≤ 128 spill nothing, forward and backward.
 
+The Mosaic GPU forward (`implementation="pallas_mosaic"`, issue 21) has its own run: every
+feature it serves × head dims 64/128/256 and 128/64 × bf16/f16 compiles, fits, spills nothing,
+and is the kernel meant (3 warpgroups, wgmma, setmaxnreg), in about 3 minutes. A case whose
+kernel is an earlier case's (the masks are data: "full" and "causal" compile to one kernel)
+carries that case's figures (`same_kernel_as`).
+
 Marked `cuda_aot` and left out of the default run (pyproject.toml): it needs the cuda-aot extra
 (jax's CUDA plugin, ptxas) and takes about 30 minutes on 2 cores.
 
@@ -157,6 +163,37 @@ def test_bf16_f16_up_to_head_dim_128_spill_nothing(results, kernel):
         if k["kernel"] == kernel and (k.get("spill_stores") or k.get("spill_loads"))
     ]
     assert not spills, f"{len(spills)} cases spill:\n" + "\n".join(spills)
+
+
+MOSAIC_HEAD_DIMS = "--head-dims=64,128,256,128/64"
+MOSAIC_RUN = ["--features=all", MOSAIC_HEAD_DIMS, "--dtypes=bf16,f16", "--backward=mosaic"]
+MOSAIC_CASES = 8 * 4 * 2  # compile_report.MOSAIC_FEATURES x head dims x dtypes
+
+
+@pytest.fixture(scope="session")
+def mosaic_results(tmp_path_factory) -> list[dict]:
+    return _report(MOSAIC_RUN, tmp_path_factory.mktemp("compile_report_mosaic"))
+
+
+@pytest.mark.cuda_aot
+@NEEDS_EXTRA
+def test_mosaic_forward_compiles_fits_and_spills_nothing(mosaic_results):
+    assert len(mosaic_results) == MOSAIC_CASES
+    failed = [f"{r['case']}: {r['error']}" for r in mosaic_results if r["status"] != "ok"]
+    assert not failed, "\n".join(failed)
+    bad = []
+    for r in mosaic_results:
+        (k,) = r["kernels"]
+        assert k["kernel"] == "chunkattn_mosaic_fwd", r["case"]
+        # Two compute warpgroups and a memory one; wgmma in the loops; setmaxnreg moves
+        # registers from the memory warpgroup to the compute ones.
+        if not (k.get("regs") and k.get("threads") == 384 and k.get("wgmma", 0) > 0):
+            bad.append(f"{r['case']}: {k}")
+        elif k.get("setmaxnreg") != 2 or k.get("spill_stores") or k.get("spill_loads"):
+            bad.append(f"{r['case']}: {k}")
+        elif not 0 < k.get("smem", 0) <= SMEM_LIMIT:
+            bad.append(f"{r['case']}: shared memory {k.get('smem')} B")
+    assert not bad, "\n".join(bad)
 
 
 @pytest.mark.skipif(HAS_PLUGIN, reason="the cuda-aot extra is installed")
