@@ -30,7 +30,7 @@ from chunkattn.summary import (
     accum_dtype,
     chunk_scores,
     merge,
-    sink_summary,
+    row_start,
     summarize_scores,
 )
 
@@ -254,9 +254,7 @@ def block_forward(
             part = summarize_scores(s, vc, keep=keep, keep_scale=keep_scale, precision=st.precision)
             return merge(acc, part)
 
-        init = ChunkSummary.empty(batch, num_heads, tq, head_dim_v, adt)
-        if sinks is not None:
-            init = sink_summary(sinks, batch, tq, head_dim_v, adt)
+        init = row_start(sinks, batch, num_heads, tq, head_dim_v, adt)
         acc = _masked_then_full(lo, hi, full, kv_step, init)
         out = jax.lax.dynamic_update_slice_in_dim(out, acc.output(out.dtype), q_start, axis=1)
         lse = jax.lax.dynamic_update_slice_in_dim(lse, acc.lse(), q_start, axis=2)

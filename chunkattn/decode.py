@@ -36,7 +36,7 @@ from chunkattn.summary import (
     accum_dtype,
     merge,
     merge_stacked,
-    sink_summary,
+    row_start,
     summarize,
 )
 
@@ -262,9 +262,7 @@ def _decode_impl(q, k, v, arrays, sinks, spec, scale, soft_cap, chunk, splits, p
 
     waves = -(-(hi - lo) // splits)
     adt = accum_dtype(q.dtype)
-    init = ChunkSummary.empty(batch, num_heads, seq_q, head_dim_v, adt)
-    if sinks is not None:  # the sink's summary, merged once per row
-        init = sink_summary(sinks, batch, seq_q, head_dim_v, adt)
+    init = row_start(sinks, batch, num_heads, seq_q, head_dim_v, adt)  # a sink: merged once
     acc = jax.lax.fori_loop(0, waves, body, init)
     return acc.output(q.dtype), acc.lse()
 

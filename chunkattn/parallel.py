@@ -50,7 +50,7 @@ from chunkattn.arguments import (
     normalize_arguments,
     resolve_precision,
 )
-from chunkattn.summary import ChunkSummary, accum_dtype, merge, sink_summary
+from chunkattn.summary import ChunkSummary, accum_dtype, merge, row_start
 
 Array = jax.Array
 
@@ -225,12 +225,7 @@ def _ring_forward(ring: _Ring, q, k, v, seg_q, seg_k, ctx):
     adt = accum_dtype(q.dtype)
     lq, hv = ring.layout.piece_q, v.shape[-1]
     sinks = ctx["sinks"]
-    start = [
-        ChunkSummary.empty(batch, num_heads, lq, hv, adt)
-        if sinks is None
-        else sink_summary(sinks, batch, lq, hv, adt)
-        for _ in q_pieces
-    ]
+    start = [row_start(sinks, batch, num_heads, lq, hv, adt) for _ in q_pieces]
 
     def body(step, accs, kv):
         kb, vb, sb = kv

@@ -81,6 +81,15 @@ def sink_summary(
     )
 
 
+def row_start(
+    sinks: Array | None, batch: int, num_heads: int, tq: int, head_dim_v: int, dtype: Any
+) -> ChunkSummary:
+    """Where each row's merge loop starts: its head's sink summary, or the empty summary."""
+    if sinks is None:
+        return ChunkSummary.empty(batch, num_heads, tq, head_dim_v, dtype)
+    return sink_summary(sinks, batch, tq, head_dim_v, dtype)
+
+
 def _finite_or_zero(m: Array) -> Array:
     return jnp.where(jnp.isfinite(m), m, 0.0)
 
