@@ -1,13 +1,18 @@
 """Context parallelism: ring attention over one mesh axis, built on `shard_map` and `ppermute`.
 
 The sequence is sharded over `axis_name`. Each device keeps its query rows; key/value blocks
-travel the ring with `ppermute`, and each device runs the core's public block contract
-(`chunked.block_forward`: one query block against one key block at global positions) on its
-rows and the visiting block, merging the partial results by log-sum-exp (`summary.merge`).
-Because every position-based option is evaluated at global positions (the block's `q_base` /
-`k_base`, masks.py), the result is the single-device result: causal, window, q_offset,
-lengths, segment ids, mask_fn, score_fn, soft cap, sinks, dropout (the same position hash)
-and GQA.
+travel the ring with `ppermute`, and each device runs a public block contract (one query block
+against one key block at global positions) on its rows and the visiting block, merging the
+partial results by log-sum-exp (`summary.merge`). Because every position-based option is
+evaluated at global positions (the block's `q_base` / `k_base`, masks.py), the result is the
+single-device result: causal, window, q_offset, lengths, segment ids, mask_fn, score_fn, soft
+cap, sinks, dropout (the same position hash) and GQA.
+
+Two contracts serve a ring step (`_step_kernel` picks one per call): the chunked core's
+(`chunked.block_forward` / `block_backward`, every option, every backend) and the fused Triton
+kernels' (`pallas.block`: global positions folded into the kernels' per-batch columns; no
+mask_fn, score_fn or dropout). `implementation=None` takes the kernels on a GPU backend when
+they serve the request, the chunked core otherwise.
 
 Layouts. Without a causal mask each device holds one contiguous block of the sequence. A
 causal mask would leave the first device idle and the last one doing n times its share, so
@@ -23,7 +28,7 @@ chunk ranges of the core skip the empty chunk pairs of each piece pair.
 
 Backward (`jax.custom_vjp`): residuals are the local q, k, v, out and lse. The key/value blocks
 travel the ring again with their dK/dV accumulators; every device adds the block's gradient
-from its rows (`chunked.block_backward` with the merged out and lse, FlashAttention-2 §3.1)
+from its rows (the contract's backward with the merged out and lse, FlashAttention-2 §3.1)
 and passes both on, and the last pass brings each accumulator home.
 """
 
@@ -143,7 +148,30 @@ class _Ring(NamedTuple):
     axis_name: str
     layout: RingLayout
     steps: tuple[int, ...]
-    st: chunked.Static
+    st: chunked.Static  # the request, and the chunked contract's chunks
+    kernel: Any = None  # the Pallas block contract's `Static`: each step runs the kernels
+
+
+def _block_forward(ring: _Ring, ctx: dict, q, k, v, marr: masks.MaskArrays):
+    """(out, lse) of one piece pair by the block contract the ring runs."""
+    if ring.kernel is not None:
+        from chunkattn.pallas import block  # imported by ring_attention already
+
+        return block.block_forward(ring.kernel, q, k, v, marr)
+    return chunked.block_forward(ring.st, q, k, v, None, ctx["score_params"], marr, ctx["seed"])
+
+
+def _block_backward(ring: _Ring, ctx: dict, q, k, v, marr: masks.MaskArrays, out, lse, dout):
+    """(dq, dk, dv, dscore_params) of one piece pair from the merged out and lse."""
+    if ring.kernel is not None:
+        from chunkattn.pallas import block
+
+        return (*block.block_backward(ring.kernel, q, k, v, marr, out, lse, dout), ())
+    zero_dlse = jnp.zeros(lse.shape, lse.dtype)
+    dq, dk, dv, _, dparams = chunked.block_backward(
+        ring.st, q, k, v, None, ctx["score_params"], marr, ctx["seed"], out, lse, dout, zero_dlse
+    )
+    return dq, dk, dv, dparams
 
 
 def _split_pieces(ring: _Ring, x: Array | None) -> list[Array | None]:
@@ -237,9 +265,7 @@ def _ring_forward(ring: _Ring, q, k, v, seg_q, seg_k, ctx):
             kp = _piece_ids(ring, src)[j]
             for i, (qc, sq) in enumerate(zip(q_pieces, seg_q_pieces, strict=True)):
                 marr = _block_arrays(ring, ctx, _piece_ids(ring, me)[i], kp, sq, sc)
-                out, lse = chunked.block_forward(
-                    ring.st, qc, kc, vc, None, ctx["score_params"], marr, ctx["seed"]
-                )
+                out, lse = _block_forward(ring, ctx, qc, kc, vc, marr)
                 # (out, lse) as a summary: exp_values = out·e^(lse−m), weights e^(lse−m), m = lse
                 finite = jnp.isfinite(lse)
                 part = ChunkSummary(
@@ -266,7 +292,6 @@ def _ring_backward(ring: _Ring, q, k, v, seg_q, seg_k, ctx, out, lse, dout):
     out_p, dout_p = _split_pieces(ring, out), _split_pieces(ring, dout)
     count, lq = len(q_pieces), ring.layout.piece_q
     lse_p = [jax.lax.slice_in_dim(lse, i * lq, (i + 1) * lq, axis=2) for i in range(count)]
-    zero_dlse = jnp.zeros(lse_p[0].shape, lse.dtype)
 
     def body(step, carry, kv):
         dq, dparams = carry
@@ -282,19 +307,8 @@ def _ring_backward(ring: _Ring, q, k, v, seg_q, seg_k, ctx, out, lse, dout):
             dv_j = jnp.zeros(vc.shape, adt)
             for i in range(count):
                 marr = _block_arrays(ring, ctx, _piece_ids(ring, me)[i], kp, seg_q_pieces[i], sc)
-                dqb, dkb, dvb, _, dpb = chunked.block_backward(
-                    ring.st,
-                    q_pieces[i],
-                    kc,
-                    vc,
-                    None,
-                    ctx["score_params"],
-                    marr,
-                    ctx["seed"],
-                    out_p[i],
-                    lse_p[i],
-                    dout_p[i],
-                    zero_dlse,
+                dqb, dkb, dvb, dpb = _block_backward(
+                    ring, ctx, q_pieces[i], kc, vc, marr, out_p[i], lse_p[i], dout_p[i]
                 )
                 dq[i] = dq[i] + dqb.astype(adt)
                 dk_j, dv_j = dk_j + dkb.astype(adt), dv_j + dvb.astype(adt)
@@ -396,6 +410,43 @@ def _concrete_range(x: Any) -> tuple[int, int] | None:
     return int(values.min()), int(values.max())
 
 
+def _step_kernel(
+    implementation: str | None,
+    config: Any,
+    request: chunked.Static,
+    q: jax.ShapeDtypeStruct,
+    k: jax.ShapeDtypeStruct,
+    v: jax.ShapeDtypeStruct,
+    segment_dtype: Any,
+) -> Any:
+    """What each ring step runs: the Pallas block contract's `Static` (the fused kernels), or
+    None for the chunked block contract.
+
+    `implementation=None` takes the kernels on a GPU backend when they serve the request (and
+    `config` is not a ChunkConfig), the chunked core otherwise; a named implementation that
+    cannot serve it raises NotImplementedError naming the feature, as dot_product_attention.
+    """
+    names = ("chunked",) if implementation == "chunked" else ("pallas",)
+    if implementation is None:
+        names = ("pallas", "chunked") if jax.default_backend() == "gpu" else ("chunked",)
+    errors = []
+    for name in names:
+        try:
+            if name == "chunked":
+                if config is not None and not isinstance(config, chunked.ChunkConfig):
+                    raise NotImplementedError(
+                        f"the chunked core takes a ChunkConfig, got {type(config).__name__}"
+                    )
+                return None
+            from chunkattn.pallas import block  # imported lazily: never at package import
+
+            return block.block_static(request, q, k, v, segment_dtype=segment_dtype, config=config)
+        except NotImplementedError as e:
+            errors.append(f"{name}: {e}")
+    what = "each ring step" if implementation is None else f"implementation={implementation!r}"
+    raise NotImplementedError(f"ring_attention cannot run {what}: " + "; ".join(errors))
+
+
 def ring_attention(
     query: Array,
     key: Array,
@@ -432,15 +483,20 @@ def ring_attention(
     the same rng): `is_causal`, `local_window_size` (ring steps outside the window are
     skipped), `q_offset`, `query_seq_lengths`, `key_value_seq_lengths`, `segment_ids`,
     `mask_fn`, `score_fn` (arrays they close over get gradients), `logits_soft_cap`, dropout,
-    `sinks`, GQA. A dense `bias` or `mask`, and `implementation="pallas"` per ring step, raise
-    NotImplementedError naming them.
+    `sinks`, GQA. A dense `bias` or `mask` raises NotImplementedError naming it.
+
+    Each ring step runs the fused Pallas (Triton) kernels on a GPU backend and the chunked core
+    elsewhere (`implementation=None`); `implementation="pallas"` or `"chunked"` forces one.
+    The kernels take positions as differences only, so a request with mask_fn, score_fn or
+    dropout runs the chunked core under None and raises NotImplementedError under "pallas".
 
     Args:
       query: [B, T, N, H]; key: [B, S, K, H]; value: [B, S, K, Hv] global arrays (sharded or
         not). T and S must divide evenly over the n devices of the axis, and over 2n for a
         causal mask (the zig-zag layout). K divides N (GQA).
       mesh, axis_name: the mesh and the axis the sequence is split over.
-      config: a ChunkConfig for the per-device chunked computation.
+      implementation: None (the kernels on GPU, else chunked), "chunked", or "pallas".
+      config: a ChunkConfig for the chunked core, or a PallasConfig for the kernels.
       batch_axis: a mesh axis the batch is sharded over too (data parallelism), or None.
       head_axis: a mesh axis the heads are sharded over too (tensor parallelism: query heads N
         and kv heads K both divide by its size, so each shard keeps whole GQA groups), or None.
@@ -459,10 +515,10 @@ def ring_attention(
                 "score_fn of positions, or use dot_product_attention"
             )
     check_implementation(implementation, config)
-    if implementation not in (None, "chunked"):
+    if implementation not in (None, "chunked", "pallas", "pallas_triton"):
         raise NotImplementedError(
-            f"ring_attention runs the chunked core on each ring step; implementation="
-            f"{implementation!r} per step is not implemented"
+            f"ring_attention runs the chunked core or the pallas kernels on each ring step; "
+            f"implementation={implementation!r} per step is not implemented"
         )
     if np.ndim(query) != 4 or np.ndim(key) != 4 or np.ndim(value) != 4:
         raise ValueError(
@@ -523,17 +579,11 @@ def ring_attention(
             f"query.shape={args.query.shape}, key.shape={args.key.shape}"
         )
     check_user_functions(mask_fn, score_fn, batch, num_heads, seq_q, seq_k)
-    if config is not None and not isinstance(config, chunked.ChunkConfig):
-        raise NotImplementedError(
-            f"ring_attention runs the chunked core and takes a ChunkConfig, got "
-            f"{type(config).__name__}"
-        )
     layout = ring_layout(n, seq_q, seq_k, is_causal)
     local_batch = batch // (mesh.shape[batch_axis] if batch_axis else 1)
     local_heads = num_heads // (mesh.shape[head_axis] if head_axis else 1)
-    tq, tk = (config or chunked.ChunkConfig()).resolve(
-        layout.piece_q, layout.piece_k, local_batch * local_heads
-    )
+    chunk_config = config if isinstance(config, chunked.ChunkConfig) else chunked.ChunkConfig()
+    tq, tk = chunk_config.resolve(layout.piece_q, layout.piece_k, local_batch * local_heads)
     tq, tk = _divisor_chunk(layout.piece_q, tq), _divisor_chunk(layout.piece_k, tk)
     idx = index_shapes(local_batch, local_heads, tq, tk)
     block = jax.ShapeDtypeStruct((local_batch, local_heads, tq, tk), accum_dtype(args.query.dtype))
@@ -546,23 +596,32 @@ def ring_attention(
         np.broadcast_to(q_offset, (batch,)) if is_concrete(q_offset) else None
     )
     steps = ring_steps(layout, spec, offsets)
-    ring = _Ring(
-        axis_name=axis_name,
-        layout=layout,
-        steps=tuple(steps),
-        st=chunked.Static(
-            spec=spec,
-            scale=args.scale,
-            soft_cap=args.logits_soft_cap,
-            score_fn=score_fn,
-            dropout_rate=float(dropout_rate),
-            broadcast_dropout=bool(broadcast_dropout),
-            tq=tq,
-            tk=tk,
-            seq_k=layout.piece_k,
-            precision=resolve_precision(precision, args.query.dtype),
-        ),
+    request = chunked.Static(
+        spec=spec,
+        scale=args.scale,
+        soft_cap=args.logits_soft_cap,
+        score_fn=score_fn,
+        dropout_rate=float(dropout_rate),
+        broadcast_dropout=bool(broadcast_dropout),
+        tq=tq,
+        tk=tk,
+        seq_k=layout.piece_k,
+        precision=resolve_precision(precision, args.query.dtype),
     )
+    local_kv_heads = num_kv_heads // (mesh.shape[head_axis] if head_axis else 1)
+    piece = lambda x, length, heads: jax.ShapeDtypeStruct(
+        (local_batch, length, heads, x.shape[-1]), x.dtype
+    )
+    kernel = _step_kernel(
+        implementation,
+        config,
+        request,
+        piece(args.query, layout.piece_q, local_heads),
+        piece(args.key, layout.piece_k, local_kv_heads),
+        piece(args.value, layout.piece_k, local_kv_heads),
+        None if args.segment_ids is None else args.segment_ids[0].dtype,
+    )
+    ring = _Ring(axis_name=axis_name, layout=layout, steps=tuple(steps), st=request, kernel=kernel)
     seq = P(batch_axis, axis_name, head_axis)  # [B, T, N, H]
     ids = P(batch_axis, axis_name)  # [B, T] segment ids
     per_batch = P(batch_axis)

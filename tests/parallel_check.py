@@ -8,6 +8,7 @@ It sets up its 8 host devices itself (XLA_FLAGS, JAX_PLATFORMS=cpu) unless they 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import host_devices  # noqa: F401  (8 host CPU devices, set up before jax is imported)
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import chunkattn
+import chunkattn.pallas
 from chunkattn import parallel, testing
 from chunkattn.parallel import ring_attention
 
@@ -94,6 +96,34 @@ def main() -> int:
                 testing.relative_error(g, w) for g, w in zip(leaves(got), leaves(want), strict=True)
             ),
         }
+    # Each ring step in the Pallas kernels (in the interpreter): causal zig-zag pieces of two
+    # 16-blocks, GQA, segment ids, query lengths (with sinks: a padding row's merged lse is
+    # its sink's), soft cap and q_offset, against single-device dot_product_attention.
+    q, k, v = testing.random_qkv(
+        jax.random.PRNGKey(5), seq_q=512, num_heads=4, num_kv_heads=2, head_dim=16, head_dim_v=8
+    )
+    proj = jax.random.normal(jax.random.PRNGKey(1), q.shape[:3] + (v.shape[-1],))
+    kwp = dict(is_causal=True, q_offset=jnp.array([0, 2]), logits_soft_cap=2.0)
+    kwp |= dict(query_seq_lengths=jnp.array([512, 300]))
+    kwp |= dict(segment_ids=jnp.sort(jax.random.randint(jax.random.PRNGKey(7), (2, 512), 0, 9)))
+    blocks = chunkattn.pallas.PallasConfig(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
+
+    def lossp(f, q, k, v, s):
+        return jnp.sum(f(q, k, v, sinks=s, **kwp) * proj)
+
+    ringp = lambda q, k, v, **kw: ring_attention(
+        q, k, v, mesh=mesh, axis_name="sp", implementation="pallas", config=blocks, **kw
+    )
+    gradp = lambda f: jax.value_and_grad(lambda *a: lossp(f, *a), argnums=(0, 1, 2, 3))
+    sinks = jnp.array([0.5, -1.0, 2.0, 0.0])
+    os.environ["CHUNKATTN_PALLAS_INTERPRET"] = "1"  # read when the ring is built: this case only
+    got = jax.jit(gradp(ringp))(q, k, v, sinks)
+    os.environ.pop("CHUNKATTN_PALLAS_INTERPRET")
+    want = gradp(chunkattn.dot_product_attention)(q, k, v, sinks)
+    results["pallas_ring"] = {
+        "out": abs(float(got[0]) - float(want[0])) / max(1.0, abs(float(want[0]))),
+        "grads": max(testing.relative_error(g, w) for g, w in zip(got[1], want[1], strict=True)),
+    }
     # Data × sequence × tensor parallelism: batch over dp, sequence over sp, heads over tp.
     mesh3 = jax.make_mesh((2, 2, 2), ("dp", "sp", "tp"), axis_types=auto * 3)
     q, k, v = testing.random_qkv(

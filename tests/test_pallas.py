@@ -23,10 +23,11 @@ import pytest
 from attention_suite import AttentionSuite
 
 import chunkattn
-from chunkattn import testing
-from chunkattn.pallas import PallasConfig
+from chunkattn import chunked, masks, testing
+from chunkattn.pallas import PallasConfig, block
 from chunkattn.pallas.config import heuristic
-from chunkattn.pallas.kernel_common import segment_ranges
+from chunkattn.pallas.kernel_common import META, segment_ranges
+from chunkattn.parallel import ring_attention
 
 ON_GPU = jax.default_backend() == "gpu"
 
@@ -206,14 +207,15 @@ _ABSTRACT_H100 = jax.sharding.AbstractMesh(
 )
 
 
-def _triton_kernels_for_cuda(fn, *args) -> int:
+def _triton_kernels_for_cuda(fn, *args, mesh=_ABSTRACT_H100) -> int:
     """Lower `fn` for CUDA on any host (the Pallas → Triton lowering runs here) and count the
     Triton kernel calls in the program. PTX compilation is left out (bench/compile_report.py
-    does it on the CPU with the cuda-aot extra)."""
+    does it on the CPU with the cuda-aot extra). `mesh`: an abstract H100 mesh whose axes a
+    shard_map inside `fn` uses."""
     check = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
     with (
         mock.patch.object(jax, "default_backend", lambda: "gpu"),  # the dispatcher's view
-        jax.sharding.use_abstract_mesh(_ABSTRACT_H100),  # the lowering's view
+        jax.sharding.use_abstract_mesh(mesh),  # the lowering's view
     ):
         exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[check])(
             *args
@@ -399,3 +401,100 @@ def test_packed_documents_match_the_reference():
         is_causal=True,
         sinks=jnp.array([0.0, 1.0, -1.0, 0.5]),
     )
+
+
+# ------------------------------------------------------------- the block contract (block.py)
+
+
+def _block_request(**kwargs) -> chunked.Static:
+    request = dict(spec=masks.MaskSpec(), scale=0.25, soft_cap=None, score_fn=None)
+    request |= dict(dropout_rate=0.0, broadcast_dropout=True, tq=8, tk=8, seq_k=40)
+    return chunked.Static(**(request | dict(precision=jax.lax.Precision.HIGHEST) | kwargs))
+
+
+def test_block_meta_folds_global_positions():
+    """A block at global row q_base and key k_base: the kernels' causal/window bounds are the
+    global ones shifted by k_base − q_base (an offset near int32's limit saturates instead of
+    wrapping), and the lengths count from the bases, clipped to the block."""
+    q = k = v = jax.ShapeDtypeStruct((2, 24, 2, 16), jnp.float32)
+    spec = masks.MaskSpec(is_causal=True, window=(30, 2))
+    st = block.block_static(_block_request(spec=spec), q, k, v)
+    marr = masks.MaskArrays(
+        jnp.array([3, 2**31 - 100], jnp.int32),
+        q_lengths=jnp.array([70, -(2**31)], jnp.int32),
+        kv_lengths=jnp.array([30, 2**31 - 1], jnp.int32),
+        q_base=jnp.int32(48),
+        k_base=jnp.int32(16),
+    )
+    meta = dict(zip(META, np.asarray(block.block_meta(st, marr, 24, 40)).T, strict=True))
+    np.testing.assert_array_equal(meta["q_offset"], [3 + 32, 2**30 + 32])
+    np.testing.assert_array_equal(meta["q_len"], [22, 0])
+    np.testing.assert_array_equal(meta["kv_len"], [14, 40])
+    np.testing.assert_array_equal(meta["rel_lo"], [3 - 30 + 32, 2**30 + 32])
+    np.testing.assert_array_equal(meta["rel_hi"], [3 + 32, 2**30 + 32])
+    for feature, kwargs in [
+        ("mask_fn", dict(spec=masks.MaskSpec(mask_fn=lambda b, h, i, j: i >= j))),
+        ("score_fn", dict(score_fn=lambda s, b, h, i, j: s)),
+        ("dropout", dict(dropout_rate=0.1)),
+    ]:
+        with pytest.raises(NotImplementedError, match=feature):
+            block.block_static(_block_request(**kwargs), q, k, v)
+
+
+def test_block_forward_equals_the_chunked_contract_at_global_positions():
+    """The kernels on one block at global positions (causal + window + q_offset, lengths,
+    segment ids, soft cap, GQA; several 16-blocks and a tail) give the chunked contract's out
+    and lse, rows that see no key included. The backward from a merged lse is checked through
+    the ring (tests/parallel_check.py, case pallas_ring: multi-block pieces, sinks, lengths)."""
+    q, k, v = testing.random_qkv(
+        jax.random.PRNGKey(0), seq_q=40, seq_k=56, num_heads=4, num_kv_heads=2, head_dim=16
+    )
+    ids = lambda *runs: jnp.asarray(np.concatenate([np.full(n, i) for i, n in enumerate(runs)]))
+    marr = masks.MaskArrays(
+        jnp.array([3, -5], jnp.int32),
+        q_lengths=jnp.array([100, 70]),
+        kv_lengths=jnp.array([90, 60]),
+        q_segment_ids=jnp.stack([ids(10, 30), ids(40)]),
+        kv_segment_ids=jnp.stack([ids(20, 36), ids(30, 26)]),
+        q_base=jnp.int32(56),
+        k_base=jnp.int32(24),
+    )
+    spec = masks.MaskSpec(is_causal=True, window=(40, 2))
+    request = _block_request(spec=spec, soft_cap=2.0, seq_k=56)
+    cfg = PallasConfig(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
+    st = block.block_static(request, q, k, v, segment_dtype=jnp.int32, config=cfg)
+
+    def both(q, k, v, marr):
+        got = block.block_forward(st, q, k, v, marr)
+        return got, chunked.block_forward(request, q, k, v, None, (), marr, None)
+
+    (out, lse), (want_out, want_lse) = jax.jit(both)(q, k, v, marr)
+    assert np.isneginf(want_lse).any() and np.isfinite(want_lse).any()  # both kinds of row
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
+    finite = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)
+    tol = testing.tolerance(q.dtype)
+    assert testing.relative_error(out, want_out) <= tol
+    assert testing.relative_error(finite(lse), finite(want_lse)) <= tol
+
+
+def test_ring_attention_steps_lower_to_triton_for_cuda(monkeypatch):
+    """On a GPU, ring_attention(implementation=None) runs the kernels in its ring steps: a
+    window with q_offset, GQA, segment ids, lengths, soft cap and sinks lowers to the forward,
+    dQ and dK/dV Triton kernels (one piece pair per step here: a causal ring's zig-zag runs
+    2 × 2 pairs, the interpreter case of tests/parallel_check.py), and nothing falls back."""
+    monkeypatch.delenv("CHUNKATTN_PALLAS_INTERPRET", raising=False)
+    mesh = jax.sharding.AbstractMesh((1,), ("sp",), abstract_device=_ABSTRACT_H100.abstract_device)
+    q, k, v = testing.random_qkv(
+        jax.random.PRNGKey(0), seq_q=256, num_heads=4, num_kv_heads=2, head_dim=64
+    )
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    kwargs = dict(local_window_size=(100, 0), q_offset=3, logits_soft_cap=30.0)
+    kwargs |= dict(segment_ids=jnp.arange(256)[None].repeat(2, 0) // 37)
+    kwargs |= dict(query_seq_lengths=jnp.array([200, 100]), sinks=jnp.zeros(4))
+
+    def loss(q, k, v):
+        out = ring_attention(q, k, v, mesh=mesh, axis_name="sp", **kwargs)
+        return jnp.sum(out.astype(jnp.float32))
+
+    kernels = _triton_kernels_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v, mesh=mesh)
+    assert kernels == 3, kernels

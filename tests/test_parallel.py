@@ -46,6 +46,7 @@ def results():
         "causal_window_offset_sinks",
         "window_lengths_soft_cap_mask_fn",
         "dropout_score_fn_params",
+        "pallas_ring",
         "dp_sp_tp",
     ],
 )
@@ -139,17 +140,29 @@ def test_window_skips_whole_ring_steps():
     ]
 
 
-def test_what_the_ring_does_not_serve_is_named():
+def test_what_the_ring_does_not_serve_is_named(monkeypatch):
     mesh = jax.make_mesh((1,), ("sp",))
     q = k = v = jnp.ones((1, 8, 2, 16))
     for kwargs, feature in [
         (dict(bias=jnp.zeros((1, 2, 8, 8))), "dense bias"),
         (dict(mask=jnp.ones((8, 8), bool)), "dense mask"),
-        (dict(implementation="pallas"), "implementation='pallas'"),
+        (dict(implementation="pallas"), "implementation='pallas'.*GPU backend"),
         (dict(config=chunkattn.pallas.PallasConfig()), "takes a ChunkConfig"),
+        (dict(implementation="splash"), "implementation='splash' per step"),
     ]:
         with pytest.raises(NotImplementedError, match=feature):
             ring_attention(q, k, v, mesh=mesh, axis_name="sp", **kwargs)
+    # The kernels' positions are the block's own: what hashes or passes global positions is
+    # the chunked contract's (implementation=None on a GPU falls back to it for these).
+    monkeypatch.setenv("CHUNKATTN_PALLAS_INTERPRET", "1")
+    for kwargs, feature in [
+        (dict(mask_fn=lambda b, h, i, j: i >= j), "mask_fn"),
+        (dict(score_fn=lambda s, b, h, i, j: s), "score_fn"),
+        (dict(dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0)), "dropout"),
+        (dict(config=chunkattn.ChunkConfig()), "PallasConfig, got ChunkConfig"),
+    ]:
+        with pytest.raises(NotImplementedError, match=feature):
+            ring_attention(q, k, v, mesh=mesh, axis_name="sp", implementation="pallas", **kwargs)
     with pytest.raises(ValueError, match="sinks"):
         ring_attention(q, k, v, mesh=mesh, axis_name="sp", sinks=jnp.zeros(3))
     with pytest.raises(ValueError, match="implementation"):

@@ -166,6 +166,7 @@ def _attend(
             axis_name="sp",
             is_causal=layer.is_causal,
             sinks=sinks,
+            implementation=layer.implementation,  # per ring step: "chunked", "pallas", None
             config=layer.config,
             batch_axis="dp" if "dp" in mesh.shape else None,
             head_axis="tp" if "tp" in mesh.shape else None,

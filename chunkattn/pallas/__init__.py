@@ -1,7 +1,7 @@
 """Fused FlashAttention kernels in Pallas for NVIDIA GPUs (Triton; Mosaic GPU, experimental).
 
-Imported lazily by `api.py`, never at `import chunkattn`. One file per job, imports one way
-(config -> kernel_common -> forward, backward -> dispatch):
+Imported lazily by `api.py` and `parallel.py`, never at `import chunkattn`. One file per job,
+imports one way (config -> kernel_common -> forward, backward -> block, dispatch):
 
 - `config.py`: `PallasConfig` (validated block sizes, warps, stages, backward mode), the block
   sizes per head dim and dtype (`heuristic`), `block_width`, and `interpret_mode`
@@ -16,6 +16,9 @@ Imported lazily by `api.py`, never at `import chunkattn`. One file per job, impo
   Pallas Mosaic GPU (wgmma, TMA, warp specialisation), `MosaicConfig`, and its parts as
   functions checkable on the CPU; `mosaic_compat.py`: the plgpu API differences of jax 0.10,
   0.11 and 0.12. Its backward is the Triton kernels'.
+- `block.py`: the kernels' block contract, beside `chunked.block_forward` / `block_backward`:
+  one query block against one key block at global positions folded into `META` (ring
+  attention runs it per ring step on a GPU).
 - `dispatch.py`: the custom_vjp `flash_attention`, the checks of a user's mask_fn/score_fn,
   and `attention(args, opts, kernel)`, the entry `api.py` calls.
 """
