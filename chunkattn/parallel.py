@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,9 @@ from chunkattn.arguments import (
     resolve_precision,
 )
 from chunkattn.summary import ChunkSummary, accum_dtype, merge, row_start
+
+if TYPE_CHECKING:  # the kernels are imported lazily, by ring_attention when it runs them
+    from chunkattn.pallas import PallasConfig
 
 Array = jax.Array
 
@@ -472,7 +475,7 @@ def ring_attention(
     sinks: Array | None = None,
     precision: Any = None,
     implementation: str | None = None,
-    config: chunked.ChunkConfig | None = None,
+    config: chunked.ChunkConfig | PallasConfig | None = None,
     batch_axis: str | None = None,
     head_axis: str | None = None,
 ) -> Array:
