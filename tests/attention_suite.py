@@ -89,6 +89,8 @@ class AttentionSuite:
     may_decline: ClassVar[bool] = False
     # The mask kinds the sinks run with (None: every kind); a slow path may narrow them.
     sink_kinds: ClassVar[tuple[str, ...] | None] = None
+    # The (T, S) pairs test_lengths runs (None: every pair); a slow path may narrow them.
+    length_pairs: ClassVar[tuple[tuple[int, int], ...] | None] = None
 
     def attention(self, *args, **kwargs):
         try:
@@ -107,6 +109,8 @@ class AttentionSuite:
 
     @pytest.mark.parametrize("T,S", [(1, 1), (17, 17), (1, 257), (257, 17), (33, 100)])
     def test_lengths(self, T, S):
+        if self.length_pairs is not None and (T, S) not in self.length_pairs:
+            pytest.skip(f"{type(self).__name__} runs the lengths {self.length_pairs}")
         q, k, v = testing.random_qkv(
             _key(T + S), seq_q=T, seq_k=S, num_heads=N, num_kv_heads=K, head_dim=H
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -152,7 +154,13 @@ def test_memory_grows_linearly(causal):
 _MASKS = ("none", "causal", "causal_window", "segment_pair", "kv_lengths", "mask_ts", "everything")
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Each example compiles its own chunking: 6 in the default run (about a minute), more with the
+# fuzz's long profile (CHUNKATTN_FUZZ=long, tests/test_fuzz.py).
+@settings(
+    max_examples=6 if os.environ.get("CHUNKATTN_FUZZ", "ci") == "ci" else 300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(
     T=st.integers(1, 40),
     S=st.integers(1, 40),

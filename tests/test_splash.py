@@ -35,6 +35,8 @@ class TestSplashInterpret(AttentionSuite):
     # Interpreting is slow; these add nothing splash-specific at interpreter speed.
     test_long_unequal = test_vmap = test_no_retrace = test_large_logits_f16 = None
     sink_kinds = ("causal_offset", "window_pair", "kv_lengths", "segment_pair")
+    # Every length pads to 128-wide blocks: one block, a long key side, a long query side.
+    length_pairs = ((33, 100), (1, 257), (257, 17))
 
     def test_debug_infs_and_nans_are_clean_on_valid_input(self):
         pytest.skip("the TPU interpreter runs each kernel body as its own program")
