@@ -34,7 +34,7 @@ from chunkattn import chunked, masks
 from chunkattn.pallas.backward import backward
 from chunkattn.pallas.config import PallasConfig, block_width, heuristic, interpret_mode
 from chunkattn.pallas.forward import forward
-from chunkattn.pallas.kernel_common import META, Array, Static
+from chunkattn.pallas.kernel_common import META, Array, Static, pad_to
 
 
 def block_static(
@@ -137,14 +137,6 @@ def _padded(st: Static, rows: int, keys: int) -> tuple[int, int]:
     return -(-rows // bq) * bq, -(-keys // bk) * bk
 
 
-def _pad(x: Array, axis: int, size: int, value: Any = 0) -> Array:
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=value)
-
-
 def _kernel_mask_arrays(marr: masks.MaskArrays, pq: int, pk: int) -> masks.MaskArrays:
     """The block's segment ids padded to whole blocks (by each row's last id, so the kernels'
     `segment_ranges` stay tight; padding is masked by the lengths)."""
@@ -161,7 +153,7 @@ def block_forward(st: Static, q: Array, k: Array, v: Array, marr: masks.MaskArra
     rows, keys = q.shape[1], k.shape[1]
     pq, pk = _padded(st, rows, keys)
     meta = block_meta(st, marr, rows, keys)
-    qp, kp, vp = _pad(q, 1, pq), _pad(k, 1, pk), _pad(v, 1, pk)
+    qp, kp, vp = pad_to(q, 1, pq), pad_to(k, 1, pk), pad_to(v, 1, pk)
     out, lse = forward(st, qp, kp, vp, None, meta, _kernel_mask_arrays(marr, pq, pk), None)
     return out[:, :rows], lse[:, :, :rows]
 
@@ -190,15 +182,15 @@ def block_backward(
     dlse = jnp.zeros(lse.shape, jnp.float32) if dlse is None else dlse
     dq, dk, dv = backward(
         st,
-        _pad(q, 1, pq),
-        _pad(k, 1, pk),
-        _pad(v, 1, pk),
+        pad_to(q, 1, pq),
+        pad_to(k, 1, pk),
+        pad_to(v, 1, pk),
         None,
         meta,
         _kernel_mask_arrays(marr, pq, pk),
-        _pad(out, 1, pq),
-        _pad(lse, 2, pq, -jnp.inf),
-        _pad(dout, 1, pq),
-        _pad(dlse, 2, pq),
+        pad_to(out, 1, pq),
+        pad_to(lse, 2, pq, -jnp.inf),
+        pad_to(dout, 1, pq),
+        pad_to(dlse, 2, pq),
     )
     return dq[:, :rows], dk[:, :keys], dv[:, :keys]

@@ -30,7 +30,7 @@ from chunkattn.pallas import mosaic
 from chunkattn.pallas.backward import backward, bias_gradient
 from chunkattn.pallas.config import PallasConfig, block_width, heuristic, interpret_mode
 from chunkattn.pallas.forward import forward
-from chunkattn.pallas.kernel_common import F32_MAX, Array, Dims, Static
+from chunkattn.pallas.kernel_common import F32_MAX, Array, Dims, Static, pad_to
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -103,19 +103,11 @@ flash_attention.defvjp(_flash_fwd, _flash_bwd)
 # ---------------------------------------------------------------------------------- entry
 
 
-def _pad_to(x: Array, axis: int, size: int, value: Any = 0) -> Array:
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=value)
-
-
 def _pad_dense(x: Array, pq: int, pk: int, value: Any) -> Array:
     """A [b, n, t, s] bias/mask padded to (pq, pk) on its full dims; broadcast dims stay 1."""
     if x.shape[2] != 1:
-        x = _pad_to(x, 2, pq, value)
-    return x if x.shape[3] == 1 else _pad_to(x, 3, pk, value)
+        x = pad_to(x, 2, pq, value)
+    return x if x.shape[3] == 1 else pad_to(x, 3, pk, value)
 
 
 def _lowerable_primitives() -> set[str] | None:
@@ -272,8 +264,8 @@ def attention(args: Any, opts: Any, kernel: str = "triton") -> tuple[Array, Arra
         )
     marr = args.mask_arrays()
     marr = marr._replace(
-        q_segment_ids=None if marr.q_segment_ids is None else _pad_to(marr.q_segment_ids, 1, pq),
-        kv_segment_ids=None if marr.kv_segment_ids is None else _pad_to(marr.kv_segment_ids, 1, pk),
+        q_segment_ids=None if marr.q_segment_ids is None else pad_to(marr.q_segment_ids, 1, pq),
+        kv_segment_ids=None if marr.kv_segment_ids is None else pad_to(marr.kv_segment_ids, 1, pk),
         mask=None if marr.mask is None else _pad_dense(marr.mask, pq, pk, False),
     )
     st = Static(
@@ -318,7 +310,7 @@ def attention(args: Any, opts: Any, kernel: str = "triton") -> tuple[Array, Arra
         ],
         axis=1,
     ).astype(jnp.int32)  # (B, 8): `META`
-    qp, kp, vp = _pad_to(q, 1, pq), _pad_to(k, 1, pk), _pad_to(v, 1, pk)  # head dims: in-kernel
+    qp, kp, vp = pad_to(q, 1, pq), pad_to(k, 1, pk), pad_to(v, 1, pk)  # head dims: in-kernel
     out, lse = flash_attention(st, qp, kp, vp, bias, meta, marr, seed, args.sinks)
     out, lse = out[:, :seq_q], lse[:, :, :seq_q]
     if args.sinks is not None:  # padding queries (past query_seq_lengths) attend to the sink

@@ -456,3 +456,12 @@ def extra_specs(st: Static, *, rows: int, cols: int, blocked: str) -> list[pl.Bl
 
         specs.append(pl.BlockSpec(shape, index))
     return specs
+
+
+def pad_to(x: Array, axis: int, size: int, value: Any = 0) -> Array:
+    """x padded with `value` along `axis` to `size` (unchanged when already that size)."""
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
