@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE_FLAG
 
 import chunkattn
 import chunkattn.pallas
@@ -22,8 +23,12 @@ from chunkattn.parallel import RingLayout, ring_attention, ring_layout, ring_ste
 
 
 def _bare_env() -> dict[str, str]:
-    """No device set-up: the scripts, run as a user runs them, make their own 8 host devices."""
-    return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    """No device set-up: the scripts, run as a user runs them, make their own 8 host devices
+    (conftest's compile-speed flag stays: it changes how fast XLA compiles, not what)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    if FAST_COMPILE_FLAG in os.environ.get("XLA_FLAGS", ""):
+        env["XLA_FLAGS"] = FAST_COMPILE_FLAG
+    return env
 
 
 @pytest.fixture(scope="module")

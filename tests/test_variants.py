@@ -173,10 +173,10 @@ def test_caterpillar_matches_recurrence(cl, t):
     args = (q, k, v, gates, ik, iv)
     fast = lambda q, k, v, g, ik, iv: caterpillar(q, k, v, g, length=cl, init_k=ik, init_v=iv)
     slow = lambda q, k, v, g, ik, iv: caterpillar_recurrence(q, k, v, g, cl, ik, iv)
-    np.testing.assert_allclose(fast(*args), slow(*args), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(fast)(*args), jax.jit(slow)(*args), rtol=1e-4, atol=1e-5)
     loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a)))
-    g1 = jax.grad(loss(fast), argnums=tuple(range(6)))(*args)
-    g2 = jax.grad(loss(slow), argnums=tuple(range(6)))(*args)
+    g1 = jax.jit(jax.grad(loss(fast), argnums=tuple(range(6))))(*args)
+    g2 = jax.jit(jax.grad(loss(slow), argnums=tuple(range(6))))(*args)
     for a, b in zip(g1, g2, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
     with pytest.raises(ValueError, match="init_k"):
