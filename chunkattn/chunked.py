@@ -30,6 +30,7 @@ from chunkattn.summary import (
     accum_dtype,
     chunk_scores,
     merge,
+    output_delta,
     row_start,
     summarize_scores,
 )
@@ -295,7 +296,7 @@ def block_backward(
     adt = accum_dtype(q.dtype)
 
     # D = rowsum(dO ∘ O) (B, N, Tp); dlse enters dS with the opposite sign, so fold it in.
-    delta = jnp.einsum("btnh,btnh->bnt", dout.astype(adt), out.astype(adt)) - dlse.astype(adt)
+    delta = output_delta(out, dout, dlse)  # (B, N, Tp)
     lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # masked rows: s = −inf gives P = 0
 
     def kv_step(j, carry):
@@ -412,7 +413,7 @@ def sink_gradient(sinks: Array, out: Array, lse: Array, dout: Array, dlse: Array
     − dlse, as in the backward of the keys.
     """
     adt = accum_dtype(out.dtype)
-    delta = jnp.einsum("btnh,btnh->bnt", dout.astype(adt), out.astype(adt)) - dlse.astype(adt)
+    delta = output_delta(out, dout, dlse)
     p_sink = jnp.exp(sinks.astype(adt)[None, :, None] - lse.astype(adt))
     p_sink = jnp.where(jnp.isfinite(p_sink), p_sink, 0.0)
     return (-jnp.sum(p_sink * delta, axis=(0, 2))).astype(sinks.dtype)

@@ -63,6 +63,19 @@ def accum_dtype(dtype: Any) -> Any:
     return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
+def output_delta(out: Array, dout: Array, dlse: Array) -> Array:
+    """D = rowsum(dO ∘ O) − dlse of the FlashAttention backward, float32 [B, N, T].
+
+    out, dout [B, T, N, Hv]; dlse [B, N, T]. An elementwise product and a sum, in the
+    accumulation dtype: not an einsum, which backends may run as a reduced-precision matmul
+    (TF32 on GPU, bfloat16 passes on TPU at default precision), while every dS = P ∘ (dP − D)
+    depends on D's last bits.
+    """
+    adt = accum_dtype(out.dtype)
+    d = jnp.sum(dout.astype(adt) * out.astype(adt), axis=-1)  # (B, T, N)
+    return jnp.swapaxes(d, 1, 2) - dlse.astype(adt)
+
+
 def sink_summary(
     sinks: Array, batch: int, tq: int, head_dim_v: int, dtype: Any = jnp.float32
 ) -> ChunkSummary:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import chunkattn
 from chunkattn import masks, testing
-from chunkattn.summary import merge_stacked
+from chunkattn.summary import merge_stacked, output_delta
 
 
 class TestChunked(AttentionSuite):
@@ -95,6 +95,20 @@ def test_dropout_rate_statistics():
         )
         kept = float(jnp.mean(out)) * (1 - rate)
         assert abs(kept - (1 - rate)) < 0.01, (rate, kept)
+
+
+def test_backward_delta_is_a_float32_sum_not_a_matmul():
+    """D = rowsum(dO ∘ O) − dlse feeds every dS: it must not become a dot (TF32 on GPU,
+    bfloat16 passes on TPU at default precision), whatever the input dtype."""
+    out, dout = (
+        jax.random.normal(jax.random.PRNGKey(i), (2, 5, 3, 8), jnp.bfloat16) for i in (0, 1)
+    )
+    dlse = jax.random.normal(jax.random.PRNGKey(2), (2, 3, 5))
+    jaxpr = str(jax.make_jaxpr(output_delta)(out, dout, dlse))
+    assert "dot_general" not in jaxpr, jaxpr
+    want = np.einsum("btnh,btnh->bnt", np.float64(out), np.float64(dout)) - np.float64(dlse)
+    np.testing.assert_allclose(output_delta(out, dout, dlse), want, rtol=1e-6, atol=1e-6)
+    assert output_delta(out, dout, dlse).dtype == jnp.float32
 
 
 def test_summarize_and_merge_equal_full_attention():

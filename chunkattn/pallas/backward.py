@@ -47,6 +47,7 @@ from chunkattn.pallas.kernel_common import (
     store,
     three_phase,
 )
+from chunkattn.summary import output_delta
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *refs, st, nk):
@@ -149,9 +150,9 @@ def backward(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
     seq_k, num_kv_heads = k.shape[1], k.shape[2]
     head_dim, head_dim_v = map(block_width, st.head_dims)  # block widths
     g = st.groups
-    # D = rowsum(dO ∘ O) − dlse (the lse output's cotangent enters dS as +P·dlse).
-    delta = jnp.einsum("btnh,btnh->bnt", dout.astype(jnp.float32), out.astype(jnp.float32))
-    delta = delta - dlse.astype(jnp.float32)
+    # D = rowsum(dO ∘ O) − dlse (the lse output's cotangent enters dS as +P·dlse), exact in
+    # float32 (an einsum here ran as a TF32 matmul on GPU).
+    delta = output_delta(out, dout, dlse)
     no_key = ~jnp.isfinite(lse) | (lse >= F32_MAX)  # −inf, or the residual's F32_MAX
     lse2 = jnp.where(no_key, jnp.inf, lse * LOG2E if st.log2_domain else lse)  # no key: P = 0
     extra = extra_inputs(st, bias, marr, seq_k, grid_segment_ranges(st, marr, meta, "q"))
