@@ -155,11 +155,15 @@ def backward(st: Static, q, k, v, bias, meta, marr, out, lse, dout, dlse):
     delta = output_delta(out, dout, dlse)
     no_key = ~jnp.isfinite(lse) | (lse >= F32_MAX)  # −inf, or the residual's F32_MAX
     lse2 = jnp.where(no_key, jnp.inf, lse * LOG2E if st.log2_domain else lse)  # no key: P = 0
-    extra = extra_inputs(st, bias, marr, seq_k, grid_segment_ranges(st, marr, meta, "q"))
     full_row = pl.BlockSpec((None, None, seq_q), lambda j, b, n: (b, n, 0))
     dq = None
     if not st.atomic_dq:
-        dq = _dq_call(st, q, k, v, dout, lse2, delta, meta, extra)
+        # The dQ kernel has its own key block (config.heuristic: half the forward's at H=128,
+        # where dQ spilled at 128×128); the kernel reads st.block_k, so it, its segment ranges
+        # and its dense tiles get a Static with that block.
+        sdq = st._replace(block_k=st.block_k_dq)
+        extra = extra_inputs(sdq, bias, marr, seq_k, grid_segment_ranges(sdq, marr, meta, "q"))
+        dq = _dq_call(sdq, q, k, v, dout, lse2, delta, meta, extra)
 
     bk = st.block_k_bwd
     part_dtype = k.dtype if g == 1 else jnp.float32  # per-query-head partials, summed below

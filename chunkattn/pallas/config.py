@@ -27,8 +27,9 @@ def _is_pow2(x: int) -> bool:
 class PallasConfig:
     """Block sizes and launch parameters of the Pallas kernels (None: per-shape heuristic).
 
-    block_q / block_k tile the forward and dQ kernels; block_q_bwd / block_k_bwd the dK/dV
-    kernel; the *_bwd launch parameters serve both backward kernels. Blocks are powers of two
+    block_q / block_k tile the forward and dQ kernels (left open, dQ's key block is the
+    heuristic's own, half the forward's at H=128); block_q_bwd / block_k_bwd the dK/dV kernel;
+    the *_bwd launch parameters serve both backward kernels. Blocks are powers of two
     ≥ 16; warps in {1, 2, 4, 8, 16}; stages 1–8.
     """
 
@@ -71,32 +72,47 @@ def heuristic(
     cfg: PallasConfig,
     dense_tiles: bool = False,
 ) -> dict:
-    """Block sizes per head dim and dtype (bench/NOTES.md), clipped to the sequence.
+    """Block sizes per head dim (its block width) and dtype, clipped to the sequence.
 
-    `dense_tiles`: a dense bias or mask varies along both T and S, so the forward and dQ loops
-    also stream a (block_q, block_k) tile of it through shared memory each step.
+    bf16/f16 at head dims ≤ 128 are chosen so that no kernel spills registers, forward or
+    backward, in any feature (bench/NOTES.md v10): compiled for the H100 (sm_90a) on the CPU
+    with bench/compile_report.py over its 14 features at H = 32, 64, 72, 128, bf16 and f16,
+    on jax 0.11.2 (the GPU machine's) and 0.10.2. The forward keeps v2's measured 128×128 at
+    H=128. What moved from v8's configs, and why:
+    - 8 warps at H ≤ 64 (was 4): at 4, the 128-row forward and dQ tiles and the 64×64 dK/dV
+      tiles held 255 registers per thread and spilled with dropout or a soft cap.
+    - the dQ kernel has its own key block, half the forward's at H=128 (128×64, not 128×128):
+      at 128×128 it spilled with a window (H=72) or dropout. A user's block_k sets both.
+    - dK/dV 64×64 at H=128 (was 32×128, the same score tile): 32×128 held 255 registers and
+      spilled in nearly every feature (its dK and dV accumulators are 128 of them), and ptxas
+      serialized its wgmma; 64×64 does not spill on 0.11.2 and its wgmma is not serialized
+      (on 0.10.2 it spills 16–132 B at H=72/128 in 9 of the 14 features).
+    float32 and H > 128 keep v8's configs (float32 has no tensor-core path and spills
+    kilobytes from H=64 whatever the blocks; H=192/256 did not spill).
+
+    `dense_tiles`: a dense bias or mask varies along both T and S, so the kernels also stream
+    a (block_q, block_k) tile of it: the forward's key block is halved (shared memory,
+    bench/NOTES.md v5; dQ's never exceeds it) and so is dK/dV's query block at H=128 (the
+    tile's registers: 64×64 spilled with a 2-D bias there, 32×64 does not).
     """
     wide = jnp.dtype(dtype).itemsize >= 4  # float32 tiles take twice the shared memory
-    # H=128 from bench/pallas_tune.py on the H100 (bench/NOTES.md); the others are untuned.
+    # (block_q, block_k, block_k of dQ, warps, stages, block_q_bwd, block_k_bwd, warps_bwd)
     if head_dim <= 64:
-        bq, bk, warps, stages, bq_b, bk_b = 128, 64, 4, 3, 64, 64
+        table = (128, 64, 64, 8, 3, 64, 64, 8) if not wide else (64, 32, 32, 4, 3, 32, 32, 4)
     elif head_dim <= 128:
-        bq, bk, warps, stages, bq_b, bk_b = 128, 128, 8, 2, 32, 128
+        table = (128, 128, 64, 8, 2, 64, 64, 8) if not wide else (64, 64, 64, 8, 2, 16, 64, 8)
     else:
-        bq, bk, warps, stages, bq_b, bk_b = 64, 32, 8, 2, 32, 32
-    if wide:
-        bq, bk, bq_b, bk_b = (
-            max(bq // 2, 16),
-            max(bk // 2, 16),
-            max(bq_b // 2, 16),
-            max(bk_b // 2, 16),
-        )
+        table = (64, 32, 32, 8, 2, 32, 32, 8) if not wide else (32, 16, 16, 8, 2, 16, 16, 8)
+    bq, bk, bk_dq, warps, stages, bq_b, bk_b, warps_b = table
 
     if dense_tiles:
         # At 128×128 bf16 with 2 stages, K and V tiles take 128 KiB, Q 32 KiB, and a pipelined
         # 128×128 bias tile another 64 KiB: past the H100's 227 KiB with Triton's scratch. Half
         # the key block keeps the loop's tiles at ~100 KiB (a prediction, bench/NOTES.md v5).
         bk = max(bk // 2, 16)
+        if 64 < head_dim <= 128 and not wide:
+            bq_b = max(bq_b // 2, 16)
+    bk_dq = min(bk_dq, bk)
 
     def clip(b: int, n: int) -> int:
         return max(16, min(b, pl.next_power_of_2(n)))
@@ -106,9 +122,10 @@ def heuristic(
         block_k=clip(cfg.block_k or bk, seq_k),
         block_q_bwd=clip(cfg.block_q_bwd or bq_b, seq_q),
         block_k_bwd=clip(cfg.block_k_bwd or bk_b, seq_k),
+        block_k_dq=clip(cfg.block_k or bk_dq, seq_k),
         num_warps=cfg.num_warps or warps,
         num_stages=cfg.num_stages or stages,
-        num_warps_bwd=cfg.num_warps_bwd or warps,
+        num_warps_bwd=cfg.num_warps_bwd or warps_b,
         num_stages_bwd=cfg.num_stages_bwd or 2,
     )
 

@@ -62,6 +62,7 @@ class Static(NamedTuple):
     block_k: int
     block_q_bwd: int
     block_k_bwd: int
+    block_k_dq: int  # the dQ kernel's key block (block_q × block_k_dq; config.heuristic)
     num_warps: int
     num_stages: int
     num_warps_bwd: int
