@@ -203,23 +203,6 @@ def _check_block(st: Static, q: Array, k: Array) -> None:
         )
 
 
-def _prescaled(st: Static, q: Array) -> tuple[Static, Array, float]:
-    """Fold the score scale into the queries when that is exact enough: (st, q, dq factor).
-
-    scale·(q·kᵀ) costs a pass over every tq×tk score block; (scale·q)·kᵀ one over Q. Done for
-    0 < scale ≤ 1 (no overflow) in float32/float64, where it changes only the last bit, or for
-    a power-of-two scale, which is exact in any dtype. The backward's dQ = scale·Σ dS·K then
-    takes the factor once at the end, and dK = Σ dSᵀ·(scale·Q) needs none.
-    """
-    scale = st.scale
-    if not 0.0 < scale <= 1.0:
-        return st, q, 1.0
-    exact = float(scale).hex().startswith("0x1.0000000000000p")  # a power of two
-    if not (exact or q.dtype in (jnp.float32, jnp.float64)):
-        return st, q, 1.0
-    return st._replace(scale=1.0), (q * jnp.asarray(scale, q.dtype)).astype(q.dtype), scale
-
-
 def block_forward(
     st: Static,
     q: Array,
@@ -243,7 +226,6 @@ def block_forward(
     `block_backward` the backward from a merged (out, lse).
     """
     _check_block(st, q, k)
-    st, q, _ = _prescaled(st, q)
     batch, seq_q, num_heads, _ = q.shape
     seq_k, head_dim_v = k.shape[1], v.shape[-1]
     tq, tk = st.tq, st.tk
@@ -305,8 +287,6 @@ def block_backward(
     blocks add up to the single-device gradient (FA-2 backward, module docstring).
     """
     _check_block(st, q, k)
-    q_dtype = q.dtype
-    st, q, dq_scale = _prescaled(st, q)
     batch, seq_q, num_heads, head_dim = q.shape
     seq_k, num_kv_heads, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
     groups = num_heads // num_kv_heads
@@ -422,9 +402,7 @@ def block_backward(
     )
     dbias = None if bias is None else dbias.astype(bias.dtype)
     dparams = tuple(g.astype(p.dtype) for g, p in zip(dparams, score_params, strict=True))
-    if dq_scale != 1.0:
-        dq = dq * dq_scale
-    return dq.astype(q_dtype), dk, dv, dbias, dparams
+    return dq.astype(q.dtype), dk, dv, dbias, dparams
 
 
 def sink_gradient(sinks: Array, out: Array, lse: Array, dout: Array, dlse: Array) -> Array:
