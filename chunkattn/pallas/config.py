@@ -93,7 +93,9 @@ def heuristic(
     `dense_tiles`: a dense bias or mask varies along both T and S, so the kernels also stream
     a (block_q, block_k) tile of it: the forward's key block is halved (shared memory,
     bench/NOTES.md v5; dQ's never exceeds it) and so is dK/dV's query block at H=128 (the
-    tile's registers: 64×64 spilled with a 2-D bias there, 32×64 does not).
+    tile's registers: 64×64 spilled with a 2-D bias there, 32×64 does not). The atomic
+    backward halves that query block as well (its dK/dV kernel also holds dS·K: 64×64 spilled
+    8–48 B in 12 of 14 features on 0.11.2, 32×64 in none).
     """
     wide = jnp.dtype(dtype).itemsize >= 4  # float32 tiles take twice the shared memory
     # (block_q, block_k, block_k of dQ, warps, stages, block_q_bwd, block_k_bwd, warps_bwd)
@@ -110,8 +112,10 @@ def heuristic(
         # 128×128 bias tile another 64 KiB: past the H100's 227 KiB with Triton's scratch. Half
         # the key block keeps the loop's tiles at ~100 KiB (a prediction, bench/NOTES.md v5).
         bk = max(bk // 2, 16)
-        if 64 < head_dim <= 128 and not wide:
-            bq_b = max(bq_b // 2, 16)
+    if (dense_tiles or cfg.backward == "atomic") and 64 < head_dim <= 128 and not wide:
+        # dK/dV's registers at H=128: a dense tile, or the atomic mode's dS·K (a float32
+        # block_q_bwd × H tile), spilled at 64×64; 32×64 does not.
+        bq_b //= 2
     bk_dq = min(bk_dq, bk)
 
     def clip(b: int, n: int) -> int:
