@@ -317,7 +317,13 @@ def test_emulated_gradients_through_the_triton_backward(emulated):
 def no_compilation_cache():
     """The persistent compilation cache off: with it on (tests/conftest.py) the interpreter's
     programs hung in the segments case (jax 0.11.2: every thread in a futex wait, two warpgroups
-    in barrier waits); with it off, all four cases pass."""
+    in barrier waits); with it off, all four cases passed then.
+
+    With it off they still hang now and then: on jax 0.12.0.1 (CI's newest-JAX job, 2026-12-02)
+    one case sat in `_thread_map_callback` waiting on the interpreter's thread futures with no
+    CPU in use, after passing by hand the same day. Whether jax's interpreter or this kernel's
+    barrier protocol is at fault is open (issue 21); until it is known, these tests are not in
+    CI's newest-JAX job (on jax 0.10 they skip), and a GPU run must watch for a hang."""
     was = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     yield
