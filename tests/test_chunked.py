@@ -168,7 +168,7 @@ def test_memory_grows_linearly(causal):
 _MASKS = ("none", "causal", "causal_window", "segment_pair", "kv_lengths", "mask_ts", "everything")
 
 
-# Each example compiles its own chunking: 4 in the default run (about 40 s), more with the
+# Each example compiles its own chunking: 4 in the default run (about 17 s), more with the
 # fuzz's long profile (CHUNKATTN_FUZZ=long, tests/test_fuzz.py).
 @settings(
     max_examples=4 if os.environ.get("CHUNKATTN_FUZZ", "ci") == "ci" else 300,
