@@ -15,7 +15,9 @@ imports one way (config -> kernel_common -> forward, backward -> block, dispatch
 - `mosaic.py` (experimental, `implementation="pallas_mosaic"`): the Hopper forward kernel in
   Pallas Mosaic GPU (wgmma, TMA, warp specialisation), `MosaicConfig`, and its parts as
   functions checkable on the CPU; `mosaic_compat.py`: the plgpu API differences of jax 0.10,
-  0.11 and 0.12. Its backward is the Triton kernels'.
+  0.11 and 0.12. Its backward is the Triton kernels' unless `MosaicConfig(backward=
+  MosaicBackwardConfig())` picks `mosaic_backward.py` (experimental): the Mosaic GPU dK/dV
+  and dQ kernels.
 - `block.py`: the kernels' block contract, beside `chunked.block_forward` / `block_backward`:
   one query block against one key block at global positions folded into `META` (ring
   attention runs it per ring step on a GPU).
@@ -26,5 +28,6 @@ imports one way (config -> kernel_common -> forward, backward -> block, dispatch
 from chunkattn.pallas.config import PallasConfig, interpret_mode
 from chunkattn.pallas.dispatch import attention
 from chunkattn.pallas.mosaic import MosaicConfig
+from chunkattn.pallas.mosaic_backward import MosaicBackwardConfig
 
-__all__ = ["MosaicConfig", "PallasConfig", "attention", "interpret_mode"]
+__all__ = ["MosaicBackwardConfig", "MosaicConfig", "PallasConfig", "attention", "interpret_mode"]

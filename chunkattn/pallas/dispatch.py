@@ -11,7 +11,9 @@ over arrays or uses an operation the Triton lowering lacks (checked on its jaxpr
 `attention(args, opts, kernel="mosaic")` (`implementation="pallas_mosaic"`, experimental) runs
 the Mosaic GPU forward of `mosaic.py` instead of the Triton one, for the requests it serves
 (`mosaic.unsupported_features`), and keeps the Triton backward kernels: the custom_vjp below is
-the same, only `_first_order_forward` picks the kernel (`Static.mosaic`).
+the same, only `_first_order_forward` picks the kernel (`Static.mosaic`). With
+`MosaicConfig(backward=MosaicBackwardConfig())` the Mosaic GPU backward of
+`mosaic_backward.py` replaces the Triton one (`Plan.backward`; experimental).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from chunkattn import chunked, masks
-from chunkattn.pallas import mosaic
+from chunkattn.pallas import mosaic, mosaic_backward
 from chunkattn.pallas.backward import backward, bias_gradient
 from chunkattn.pallas.config import PallasConfig, block_width, heuristic, interpret_mode
 from chunkattn.pallas.forward import forward
@@ -83,7 +85,11 @@ def _first_order_bwd(st, res, dout, dlse):
     """The backward kernels; differentiating them again raises a clear error (their loops have
     data-dependent bounds, which JAX cannot reverse-differentiate)."""
     q, k, v, bias, meta, marr, seed, out, lse, sinks = res
-    dq, dk, dv = backward(st, q, k, v, bias, meta, marr, out, lse, dout, dlse)
+    if st.mosaic is not None and st.mosaic.backward is not None:  # no bias with Mosaic
+        segs = marr.q_segment_ids, marr.kv_segment_ids
+        dq, dk, dv = mosaic_backward.backward(st.mosaic, q, k, v, meta, *segs, out, lse, dout, dlse)
+    else:
+        dq, dk, dv = backward(st, q, k, v, bias, meta, marr, out, lse, dout, dlse)
     dbias = None
     if bias is not None:
         dbias = bias_gradient(st, q, k, v, bias, meta, marr, seed, out, lse, dout, dlse)
@@ -203,7 +209,17 @@ def attention(args: Any, opts: Any, kernel: str = "triton") -> tuple[Array, Arra
                 f"the pallas_mosaic implementation takes a MosaicConfig, got "
                 f"{type(mosaic_cfg).__name__}"
             )
-        opts = dataclasses.replace(opts, config=mosaic_cfg.backward)
+        bwd_plan, triton_cfg = None, mosaic_cfg.backward
+        if isinstance(mosaic_cfg.backward, mosaic_backward.MosaicBackwardConfig):
+            missing = mosaic_backward.unsupported_features(
+                (args.query.shape[-1], args.value.shape[-1])
+            )
+            if missing:
+                raise NotImplementedError(
+                    f"the pallas_mosaic kernel does not implement {', '.join(missing)}"
+                )
+            bwd_plan, triton_cfg = mosaic_backward.plan_for(mosaic_cfg.backward), PallasConfig()
+        opts = dataclasses.replace(opts, config=triton_cfg)
     unsupported = [
         ("float64", args.query.dtype == jnp.float64),
         ("head dims above 256", max(args.query.shape[-1], args.value.shape[-1]) > 256),
@@ -242,8 +258,12 @@ def attention(args: Any, opts: Any, kernel: str = "triton") -> tuple[Array, Arra
             block_k=mosaic_cfg.resolve_block_k((head_dim, head_dim_v)),
             num_stages=mosaic_cfg.num_stages,
             interpret=interpret,
+            backward=bwd_plan,
         )
         tq, tk = max(tq, mosaic.COMPUTE_WGS * plan.block_q), max(tk, plan.block_k)
+        if bwd_plan is not None:
+            pad_q, pad_k = mosaic_backward.padding(bwd_plan)
+            tq, tk = max(tq, pad_q), max(tk, pad_k)
     pq, pk = -(-seq_q // tq) * tq, -(-seq_k // tk) * tk
     bias = args.bias
     bias_grad = None

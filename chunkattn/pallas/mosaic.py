@@ -3,7 +3,9 @@
 `implementation="pallas_mosaic"` runs it; `implementation=None` never does until the GPU test
 suite has passed on an H100/H200 (issue 21). Its backward is the Triton kernels' (`backward.py`)
 through the same custom_vjp: the kernel returns what they need, the output and the natural-log
-lse in the Triton forward's conventions (`dispatch.flash_attention`).
+lse in the Triton forward's conventions (`dispatch.flash_attention`). The Mosaic GPU backward
+(`mosaic_backward.py`, experimental) replaces them with
+`MosaicConfig(backward=MosaicBackwardConfig())`.
 
 Structure (FlashAttention-3, arXiv 2407.08608 §3.1; jax's ops/gpu/attention_mgpu.py): one
 program per (head, tile of 2·block_q query rows, batch) with three warpgroups. The memory
@@ -59,7 +61,9 @@ class MosaicConfig:
     block_k: key rows per K/V buffer; None: 128 when both head dims are ≤ 128, else 64 (the
       ring's shared memory at H = 256: `smem_bytes`).
     num_stages: K/V buffers in the ring (TMA runs that many blocks ahead).
-    backward: the blocks of the Triton backward kernels the Mosaic forward is paired with.
+    backward: the backward the Mosaic forward is paired with: a PallasConfig, the Triton
+      kernels with its blocks (the default), or a `mosaic_backward.MosaicBackwardConfig`, the
+      Mosaic GPU backward kernels (experimental, issue 21: never run on a GPU yet).
     """
 
     block_q: int = 64
@@ -74,9 +78,12 @@ class MosaicConfig:
             raise ValueError(f"MosaicConfig.block_k must be 64, 128 or 256, got {self.block_k!r}")
         if not (isinstance(self.num_stages, int) and 2 <= self.num_stages <= 4):
             raise ValueError(f"MosaicConfig.num_stages must be in 2..4, got {self.num_stages!r}")
-        if not isinstance(self.backward, PallasConfig):
+        from chunkattn.pallas.mosaic_backward import MosaicBackwardConfig
+
+        if not isinstance(self.backward, PallasConfig | MosaicBackwardConfig):
             raise ValueError(
-                f"MosaicConfig.backward must be a PallasConfig, got {type(self.backward).__name__}"
+                "MosaicConfig.backward must be a PallasConfig or a MosaicBackwardConfig, got "
+                f"{type(self.backward).__name__}"
             )
 
     def resolve_block_k(self, head_dims: tuple[int, int]) -> int:
@@ -98,6 +105,7 @@ class Plan(NamedTuple):
     block_k: int
     num_stages: int
     interpret: bool
+    backward: Any = None  # a `mosaic_backward.BwdPlan`: the Mosaic backward, else Triton's
 
 
 def smem_bytes(

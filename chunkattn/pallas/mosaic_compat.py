@@ -8,7 +8,8 @@ kernel in `mosaic.py` reads the same on each.
   0.11 takes one optionally, 0.12 takes none.
 - `interpret_params()`: the Mosaic GPU interpreter (`plgpu.InterpretGPUParams`, public from
   0.11). Its wgmma of 0.10 cannot read a transposed operand (q·kᵀ), so 0.10 has none here.
-- `mma(...)` and `mma_accumulate(...)`: the two matrix products of the forward. Compiled, the
+- `mma(...)`, `mma_pair(...)` and `mma_accumulate(...)`: the matrix products of the forward and
+  the backward (`mosaic_backward.py`). Compiled, the
   second takes P from registers and accumulates in place (`pl.run_state`, as jax's
   attention_mgpu.py). The interpreter implements neither (its wgmma reads A from shared memory
   only, and it cannot lower run_state's effects), so under it P goes through shared memory and
@@ -117,3 +118,17 @@ def mma_accumulate(
         return acc_ref[...]
 
     return acc + pl.run_scoped(body_interpret, plgpu.ACC(acc.shape, jnp.float32))
+
+
+def mma_pair(first, second, shape: tuple[int, int]):
+    """(a₁·b₁, a₂·b₂) for two (a_ref, b_ref) pairs in shared memory, float32 [M, N] each: both
+    wgmmas are issued before either result is read, one wait for the two (the backward's
+    S = Q·Kᵀ and dP = dO·Vᵀ)."""
+
+    def body(acc1, acc2):
+        plgpu.wgmma(acc1, *first)
+        plgpu.wgmma(acc2, *second)
+        return acc1[...], acc2[...]
+
+    acc = plgpu.ACC(shape, jnp.float32)
+    return pl.run_scoped(body, acc, acc)

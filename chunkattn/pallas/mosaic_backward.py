@@ -1,0 +1,710 @@
+"""The Hopper backward kernels (Pallas Mosaic GPU: wgmma, TMA, warp specialisation), EXPERIMENTAL.
+
+`implementation="pallas_mosaic"` runs them when asked for:
+`MosaicConfig(backward=MosaicBackwardConfig())`. The default pairs the Mosaic forward with the
+Triton backward (`backward.py`) until these kernels have run on a GPU (issue 21).
+
+Two kernels, each with FlashAttention-3's warpgroups (arXiv 2407.08608 §3; jax's
+ops/gpu/attention_mgpu.py `_attention_bwd`, tokamax's Mosaic GPU backward): two compute
+warpgroups and a memory warpgroup streaming blocks through a ring of TMA buffers (one "ready"
+barrier per buffer, one "free" barrier both compute warpgroups arrive at).
+
+- dK/dV: one program per (kv head, tile of 2·block_kv keys, batch); each compute warpgroup
+  owns block_kv keys (K and V in shared memory, dK and dV in float32 registers) and the memory
+  warpgroup streams the query blocks (Q, dO) that see any of the tile's keys, for every query
+  head of the kv head (GQA sums in the registers, no partial outputs). Per block (transposed,
+  so that the accumulators' rows are keys and P, dS are wgmma A operands from registers):
+  Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, Pᵀ = 2^(Sᵀ₂ − lse₂), dV += Pᵀ·dO, dSᵀ = Pᵀ∘(dPᵀ − D), dK += dSᵀ·Q.
+- dQ: one program per (head, tile of 2·block_q query rows, batch), the forward's grid and
+  schedule (`mosaic.block_schedule`); the memory warpgroup streams K/V blocks. Per block:
+  S = Q·Kᵀ, dP = dO·Vᵀ, dS = P∘(dP − D), dQ += dS·K.
+
+Why dQ has its own kernel (7 matrix products per block pair against FA3's 5 with a float32
+dQ added by atomics): the atomic form needs dS in shared memory for dSᵀ's transpose and a
+third float32 accumulator (dQ, [block_q, H]) beside dK and dV in the compute warpgroups'
+registers (64 + 64 + 64 at H=128 of 232), and the Mosaic GPU interpreter (jax 0.11.2) has no
+TMA reduction ("reduction_op not supported"), so an atomic kernel could not be run on the CPU
+at all. The split pair runs in the interpreter, reuses the forward's schedule for dQ, and
+compiles without spills (bench/NOTES.md v11).
+
+D = rowsum(dO∘O) − dlse is `summary.output_delta` (exact float32); lse₂ is the residual lse in
+the log2 domain, +inf for a row that saw no key (P = 0). Masks are the forward's per-row key
+ranges (`mosaic.key_ranges`); for dK/dV `q_block_schedule` turns them into, per key tile, the
+query blocks [lo, hi) that see any of its keys and, per compute warpgroup, the blocks
+[flo, fhi) whose rows all see its keys whole (no mask arithmetic): causal skips every block
+above the diagonal. The sinks' gradient is `chunked.sink_gradient` of the residuals
+(dispatch.py), as with the Triton backward.
+
+Serves what the forward serves at head dims 64 and 128 (q/k and v each): bf16/f16, GQA,
+causal, window, q_offset, lengths, segment ids, soft cap, sinks, the lse's cotangent. Head
+dim 256 raises NotImplementedError (dK and dV alone would be 256 registers per thread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from chunkattn.pallas import mosaic
+from chunkattn.pallas.kernel_common import F32_MAX, LOG2E, segment_ranges, three_phase
+from chunkattn.summary import output_delta
+
+Array = jax.Array
+
+HEAD_DIMS = (64, 128)
+COMPUTE_WGS = mosaic.COMPUTE_WGS
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBackwardConfig:
+    """Blocks of the Mosaic GPU backward kernels (`MosaicConfig(backward=...)`).
+
+    block_q: query rows per streamed block of the dK/dV kernel (the N of Sᵀ = K·Qᵀ).
+    block_kv: key rows per compute warpgroup of the dK/dV kernel (wgmma's M: 64); a program
+      holds two, a tile of 2·block_kv keys.
+    block_k_dq: key rows per streamed block of the dQ kernel (its query rows per compute
+      warpgroup are 64, as the forward's).
+    num_stages: buffers in each kernel's TMA ring.
+    """
+
+    block_q: int = 64
+    block_kv: int = 64
+    block_k_dq: int = 64
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if self.block_q not in (64, 128):
+            raise ValueError(
+                f"MosaicBackwardConfig.block_q must be 64 or 128, got {self.block_q!r}"
+            )
+        if self.block_kv != 64:
+            raise ValueError(f"MosaicBackwardConfig.block_kv must be 64, got {self.block_kv!r}")
+        if self.block_k_dq not in (64, 128):
+            raise ValueError(
+                f"MosaicBackwardConfig.block_k_dq must be 64 or 128, got {self.block_k_dq!r}"
+            )
+        if not (isinstance(self.num_stages, int) and 2 <= self.num_stages <= 4):
+            raise ValueError(
+                f"MosaicBackwardConfig.num_stages must be in 2..4, got {self.num_stages!r}"
+            )
+
+
+class BwdPlan(NamedTuple):
+    """The backward's static part of a `mosaic.Plan` (hashable)."""
+
+    block_q: int  # dK/dV: query rows per streamed block
+    block_kv: int  # dK/dV: keys per compute warpgroup
+    block_k_dq: int  # dQ: keys per streamed block
+    num_stages: int
+
+
+def plan_for(cfg: MosaicBackwardConfig) -> BwdPlan:
+    return BwdPlan(cfg.block_q, cfg.block_kv, cfg.block_k_dq, cfg.num_stages)
+
+
+def unsupported_features(head_dims: tuple[int, int]) -> list[str]:
+    """What the backward kernels do not implement beyond what the forward refuses."""
+    h, hv = head_dims
+    if h in HEAD_DIMS and hv in HEAD_DIMS:
+        return []
+    return [f"head dims {h}/{hv} in the Mosaic backward (it takes 64 and 128)"]
+
+
+def padding(bp: BwdPlan) -> tuple[int, int]:
+    """(query, key) multiples the backward's inputs are padded to."""
+    return max(COMPUTE_WGS * 64, bp.block_q), max(COMPUTE_WGS * bp.block_kv, bp.block_k_dq)
+
+
+def smem_bytes(
+    kernel: str, head_dims: tuple[int, int], itemsize: int, bp: BwdPlan, interpret: bool = False
+) -> int:
+    """Shared memory of the buffers of `kernel` ("dq" or "dkdv"); Mosaic adds ~2.6 KB."""
+    h, hv = head_dims
+    stages = bp.num_stages
+    if kernel == "dq":
+        total = COMPUTE_WGS * 64 * (h + hv) * itemsize  # Q and dO per warpgroup
+        total += stages * bp.block_k_dq * (h + hv) * itemsize  # the K/V ring
+        if interpret:
+            total += COMPUTE_WGS * 64 * bp.block_k_dq * itemsize  # dS
+        return total
+    total = COMPUTE_WGS * bp.block_kv * (h + hv) * itemsize  # K and V per warpgroup
+    total += stages * bp.block_q * (h + hv) * itemsize  # the Q/dO ring
+    if interpret:
+        total += COMPUTE_WGS * bp.block_kv * bp.block_q * itemsize  # Pᵀ, then dSᵀ
+    return total
+
+
+# ------------------------------------------------------------ the parts (checkable on the CPU)
+
+
+def q_block_schedule(
+    kstart: Array,
+    kend: Array,
+    seq_k: int,
+    block_q: int,
+    block_kv: int,
+    seg_range: Array | None = None,
+) -> Array:
+    """int32 [B, tiles, 8]: per key tile of 2·block_kv keys, (lo, hi, flo₀, fhi₀, flo₁, fhi₁,
+    0, 0) over query blocks of block_q rows, from the per-row key ranges [kstart_r, kend_r).
+
+    [lo, hi): from the first to the last query block one of whose rows sees a key of the tile
+    (within `seg_range`, the blocks whose segment ids can meet the tile's). [flo_w, fhi_w) ⊆
+    [lo, hi): a run of blocks each of whose rows sees all of warpgroup w's keys
+    [k₀, k₀ + block_kv) (kstart_r ≤ k₀ and k₀ + block_kv ≤ kend_r), which need no mask (none
+    with segment ids). A tile no row sees gets [0, 0).
+    """
+    batch, seq_q = kstart.shape
+    nq, tiles = seq_q // block_q, seq_k // (COMPUTE_WGS * block_kv)
+    ks = kstart.reshape(batch, 1, nq, block_q)
+    ke = kend.reshape(batch, 1, nq, block_q)
+    nonempty = ke > ks
+    first = jnp.min(jnp.where(nonempty, ks, jnp.iinfo(jnp.int32).max), axis=3)  # (B, 1, nq)
+    last = jnp.max(jnp.where(nonempty, ke, 0), axis=3)
+    t0 = (jnp.arange(tiles, dtype=jnp.int32) * (COMPUTE_WGS * block_kv))[None, :, None]
+    meets = (first < t0 + COMPUTE_WGS * block_kv) & (last > t0)  # (B, tiles, nq)
+    idx = jnp.arange(nq, dtype=jnp.int32)
+    hi = jnp.max(jnp.where(meets, idx + 1, 0), axis=2)  # (B, tiles)
+    lo = jnp.minimum(jnp.min(jnp.where(meets, idx, nq), axis=2), hi)
+    if seg_range is not None:
+        lo, hi = jnp.maximum(lo, seg_range[..., 0]), jnp.minimum(hi, seg_range[..., 1])
+    hi = jnp.maximum(hi, lo)
+    cols = [lo[..., None], hi[..., None]]
+    all_lo, all_hi = jnp.max(ks, axis=3), jnp.min(ke, axis=3)  # every row sees [all_lo, all_hi)
+    for w in range(COMPUTE_WGS):
+        k0 = t0 + w * block_kv
+        full = (all_lo <= k0) & (k0 + block_kv <= all_hi)  # (B, tiles, nq)
+        flo = jnp.min(jnp.where(full, idx, nq), axis=2)
+        fhi = jnp.min(jnp.where(~full & (idx > flo[..., None]), idx, nq), axis=2)
+        if seg_range is not None:
+            flo = fhi = lo
+        flo = jnp.clip(flo, lo, hi)
+        fhi = jnp.clip(fhi, flo, hi)
+        cols += [flo[..., None], fhi[..., None]]
+    zero = jnp.zeros_like(cols[0])
+    return jnp.concatenate([*cols, zero, zero], axis=-1).astype(jnp.int32)
+
+
+def block_grads(raw, dp, lse2, delta, plan: mosaic.Plan, mask=None, row_axis: int = 0):
+    """(P, dS) of one block from raw = q·kᵀ and dp = dO·vᵀ (float32; transposed, keys × rows,
+    when row_axis = 1).
+
+    P = 2^(s₂ − lse₂) with s₂ the log2-domain score (`mosaic.score_block`) and lse₂ per row
+    (+inf: the row saw no key, P = 0); dS = P∘(dP − D) with D per row, times 1 − t² with a
+    soft cap (d cap·tanh(x/cap)/dx, t = s₂/(cap·log₂e)), taken before the mask so that a
+    masked score (−inf) meets P = 0, never ∞·0. `mask(s₂)` sets the disallowed scores to −inf.
+    dS is the gradient of scale·q·kᵀ: dQ = scale·dS·K, dK = scale·dSᵀ·Q.
+    """
+    s = mosaic.score_block(raw, plan.scale, plan.soft_cap)
+    slope = None
+    if plan.soft_cap is not None:
+        t = s * (1.0 / (plan.soft_cap * LOG2E))
+        slope = 1.0 - t * t
+    if mask is not None:
+        s = mask(s)
+    rows = lambda x: lax.broadcast_in_dim(x, s.shape, [row_axis])  # noqa: E731
+    p = jnp.exp2(s - rows(lse2))
+    ds = p * (dp - rows(delta))
+    if slope is not None:
+        ds = ds * slope
+    return p, ds
+
+
+def mask_block_t(s, keys, kstart, kend, segk=None, segq=None):
+    """s [bkv, bq] (keys × rows) with −inf where row c may not see key keys[k, c]: outside
+    [kstart_c, kend_c), or (segment ids) segq_c ≠ segk_k. kstart/kend/segq [bq], segk [bkv]."""
+    col = lambda x: lax.broadcast_in_dim(x, s.shape, [1])  # noqa: E731
+    ok = (keys >= col(kstart)) & (keys < col(kend))
+    if segq is not None:
+        ok = ok & (lax.broadcast_in_dim(segk, s.shape, [0]) == col(segq))
+    return jnp.where(ok, s, -jnp.inf)
+
+
+class BwdInputs(NamedTuple):
+    """The kernels' inputs besides q, k, v, dO (`inputs_for`)."""
+
+    lse2: Array  # float32 [B, N, Tp]: log2-domain lse, +inf for a row that saw no key
+    delta: Array  # float32 [B, N, Tp]: D = rowsum(dO∘O) − dlse
+    kstart: Array  # int32 [B, Tp]: `mosaic.key_ranges`
+    kend: Array  # int32 [B, Tp]
+    sched_dq: Array  # int32 [B, q tiles, 8]: `mosaic.block_schedule` at block_k_dq
+    sched_kv: Array  # int32 [B, kv tiles, 8]: `q_block_schedule`
+    segq: Array | None  # int32 [B, Tp]
+    segk: Array | None  # int32 [B, Sp]
+
+
+def schedules(plan: mosaic.Plan, meta, seq_q: int, seq_k: int, q_seg, kv_seg):
+    """(kstart, kend, sched_dq, sched_kv, segq, segk): both kernels' schedules."""
+    bp = plan.backward
+    kstart, kend = mosaic.key_ranges(meta, seq_q, seq_k)
+    segq = segk = None
+    seg_q = seg_k = None
+    if plan.has_segments:
+        segq, segk = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
+        q_len, kv_len = meta[:, 1], meta[:, 2]
+        seg_q = segment_ranges(segq, segk, q_len, kv_len, COMPUTE_WGS * 64, bp.block_k_dq, "q")
+        seg_k = segment_ranges(
+            segq, segk, q_len, kv_len, bp.block_q, COMPUTE_WGS * bp.block_kv, "k"
+        )
+    sched_dq = mosaic.block_schedule(kstart, kend, 64, bp.block_k_dq, seg_q)
+    sched_kv = q_block_schedule(kstart, kend, seq_k, bp.block_q, bp.block_kv, seg_k)
+    return kstart, kend, sched_dq, sched_kv, segq, segk
+
+
+def inputs_for(plan: mosaic.Plan, meta, q_seg, kv_seg, out, lse, dout, dlse, seq_k) -> BwdInputs:
+    """Everything the kernels read besides q, k, v and dO (`BwdInputs`)."""
+    no_key = ~jnp.isfinite(lse) | (lse >= F32_MAX)  # −inf, or the residual's F32_MAX
+    lse2 = jnp.where(no_key, jnp.inf, lse * LOG2E)
+    delta = output_delta(out, dout, dlse)
+    parts = schedules(plan, meta, out.shape[1], seq_k, q_seg, kv_seg)
+    return BwdInputs(lse2, delta, *parts)
+
+
+def emulate_dq(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
+    """The dQ kernel's loops in plain jnp (dQ [B, Tp, N, H] in q's dtype), one (batch, head,
+    tile, warpgroup) program at a time under vmap."""
+    batch, seq_q, heads, _ = q.shape
+    bq, bk = 64, plan.backward.block_k_dq
+    tiles = seq_q // (COMPUTE_WGS * bq)
+
+    def program(b, n, t, w):
+        q_base = (t * COMPUTE_WGS + w) * bq
+        rows = lambda x: lax.dynamic_slice_in_dim(x, q_base, bq)  # noqa: E731
+        qb, dob = rows(q[b, :, n]), rows(do[b, :, n])
+        kh, vh = k[b, :, n // plan.groups], v[b, :, n // plan.groups]
+        lse2, delta = rows(inp.lse2[b, n]), rows(inp.delta[b, n])
+        ks, ke = rows(inp.kstart[b]), rows(inp.kend[b])
+        sq = rows(inp.segq[b]) if plan.has_segments else None
+        lo, hi = inp.sched_dq[b, t, 0], inp.sched_dq[b, t, 1]
+        flo, fhi = inp.sched_dq[b, t, 2 + 2 * w], inp.sched_dq[b, t, 3 + 2 * w]
+
+        def step(j, dq, masked):
+            kb = lax.dynamic_slice_in_dim(kh, j * bk, bk)
+            vb = lax.dynamic_slice_in_dim(vh, j * bk, bk)
+            raw = jnp.dot(qb, kb.T, preferred_element_type=jnp.float32)
+            dp = jnp.dot(dob, vb.T, preferred_element_type=jnp.float32)
+            mask = None
+            if masked:
+                cols = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+                sk = lax.dynamic_slice_in_dim(inp.segk[b], j * bk, bk) if sq is not None else None
+                mask = functools.partial(mosaic.mask_block, cols=cols, kstart=ks, kend=ke)
+                mask = functools.partial(mask, segq=sq, segk=sk)
+            _, ds = block_grads(raw, dp, lse2, delta, plan, mask)
+            return dq + jnp.dot(ds.astype(q.dtype), kb, preferred_element_type=jnp.float32)
+
+        dq = three_phase(lo, flo, fhi, hi, step, jnp.zeros((bq, q.shape[-1]), jnp.float32))
+        return (dq * plan.scale).astype(q.dtype)
+
+    idx = _grid(batch, heads, tiles)
+    dq = jax.vmap(lambda i: program(*i))(idx)  # (programs, bq, H)
+    dq = dq.reshape(batch, heads, seq_q, -1)
+    return dq.transpose(0, 2, 1, 3)
+
+
+def emulate_dkdv(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
+    """The dK/dV kernel's loops in plain jnp ((dK [B, Sp, K, H], dV [B, Sp, K, Hv]) in k's
+    dtype), one (batch, kv head, tile, warpgroup) program at a time under vmap."""
+    batch, seq_k, kv_heads, _ = k.shape
+    bp = plan.backward
+    bq, bkv, g = bp.block_q, bp.block_kv, plan.groups
+    tiles = seq_k // (COMPUTE_WGS * bkv)
+
+    def program(b, kh, t, w):
+        k_base = (t * COMPUTE_WGS + w) * bkv
+        kb = lax.dynamic_slice_in_dim(k[b, :, kh], k_base, bkv)
+        vb = lax.dynamic_slice_in_dim(v[b, :, kh], k_base, bkv)
+        sk = lax.dynamic_slice_in_dim(inp.segk[b], k_base, bkv) if plan.has_segments else None
+        lo, hi = inp.sched_kv[b, t, 0], inp.sched_kv[b, t, 1]
+        flo, fhi = inp.sched_kv[b, t, 2 + 2 * w], inp.sched_kv[b, t, 3 + 2 * w]
+        keys = k_base + lax.broadcasted_iota(jnp.int32, (bkv, bq), 0)
+
+        def head(gi, carry):
+            n = kh * g + gi
+
+            def step(i, carry, masked):
+                dk, dv = carry
+                rows = lambda x: lax.dynamic_slice_in_dim(x, i * bq, bq)  # noqa: E731
+                qb, dob = rows(q[b, :, n]), rows(do[b, :, n])
+                raw = jnp.dot(kb, qb.T, preferred_element_type=jnp.float32)  # Sᵀ (bkv, bq)
+                dp = jnp.dot(vb, dob.T, preferred_element_type=jnp.float32)  # dPᵀ
+                mask = None
+                if masked:
+                    sq = rows(inp.segq[b]) if sk is not None else None
+                    mask = functools.partial(
+                        mask_block_t,
+                        keys=keys,
+                        kstart=rows(inp.kstart[b]),
+                        kend=rows(inp.kend[b]),
+                        segk=sk,
+                        segq=sq,
+                    )
+                lse2, delta = rows(inp.lse2[b, n]), rows(inp.delta[b, n])
+                p, ds = block_grads(raw, dp, lse2, delta, plan, mask, row_axis=1)
+                dv = dv + jnp.dot(p.astype(q.dtype), dob, preferred_element_type=jnp.float32)
+                dk = dk + jnp.dot(ds.astype(q.dtype), qb, preferred_element_type=jnp.float32)
+                return dk, dv
+
+            return three_phase(lo, flo, fhi, hi, step, carry)
+
+        init = (
+            jnp.zeros((bkv, k.shape[-1]), jnp.float32),
+            jnp.zeros((bkv, v.shape[-1]), jnp.float32),
+        )
+        dk, dv = lax.fori_loop(0, g, head, init)
+        return (dk * plan.scale).astype(k.dtype), dv.astype(v.dtype)
+
+    idx = _grid(batch, kv_heads, tiles)
+    dk, dv = jax.vmap(lambda i: program(*i))(idx)  # (programs, bkv, H)
+    fix = lambda x: x.reshape(batch, kv_heads, seq_k, -1).transpose(0, 2, 1, 3)  # noqa: E731
+    return fix(dk), fix(dv)
+
+
+def _grid(batch: int, heads: int, tiles: int) -> Array:
+    """int32 [programs, 4]: (batch, head, tile, warpgroup) in the kernels' output order."""
+    axes = (jnp.arange(batch), jnp.arange(heads), jnp.arange(tiles), jnp.arange(COMPUTE_WGS))
+    return jnp.stack(jnp.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 4)
+
+
+def emulate(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
+    """(dQ, dK, dV) by `emulate_dq` and `emulate_dkdv` (what `launch` returns)."""
+    dk, dv = emulate_dkdv(plan, q, k, v, do, inp)
+    return emulate_dq(plan, q, k, v, do, inp), dk, dv
+
+
+def backward(plan: mosaic.Plan, q, k, v, meta, q_seg, kv_seg, out, lse, dout, dlse):
+    """(dQ, dK, dV) of inputs padded to whole tiles (`padding`), from the forward's residuals
+    (out, lse natural with F32_MAX for a row that saw no key) and the cotangents."""
+    inp = inputs_for(plan, meta, q_seg, kv_seg, out, lse, dout, dlse, k.shape[1])
+    return launch(plan, q, k, v, dout.astype(q.dtype), inp)
+
+
+# ------------------------------------------------------------------------------- the kernels
+
+
+def _dq_kernel(*refs, plan: mosaic.Plan):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from chunkattn.pallas import mosaic_compat as compat
+
+    refs = list(refs)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kstart_ref, kend_ref, sched_ref = refs[:9]
+    rest = refs[9:]
+    segq_ref = segk_ref = None
+    if plan.has_segments:
+        segq_ref, segk_ref = rest.pop(0), rest.pop(0)
+    dq_ref, smem, barriers = rest
+    q_smem2, do_smem2, k_smem, v_smem, ds_smem2 = smem
+    k_ready, v_ready, q_ready, do_ready, k_free, v_free = barriers
+
+    bq, bk, stages = 64, plan.backward.block_k_dq, plan.backward.num_stages
+    dtype = q_ref.dtype
+    b = lax.axis_index("batch")
+    h = lax.axis_index("heads")
+    t = lax.axis_index("q_seq")
+    wg = lax.axis_index("wg")
+    lo, hi = sched_ref[b, t, 0], sched_ref[b, t, 1]
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        if not plan.interpret:
+            plgpu.set_max_registers(232, action="increase")
+        q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+        ds_smem = None if ds_smem2 is None else ds_smem2.at[wg]
+        flo, fhi = sched_ref[b, t, 2 + 2 * wg], sched_ref[b, t, 3 + 2 * wg]
+        rows = pl.ds((t * COMPUTE_WGS + wg) * bq, bq)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, q_ready.at[wg])
+        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem, do_ready.at[wg])
+        lse2 = compat.load(lse_ref.at[b, h, rows], compat.ROW)
+        delta = compat.load(delta_ref.at[b, h, rows], compat.ROW)
+        kstart = compat.load(kstart_ref.at[b, rows], compat.ROW)
+        kend = compat.load(kend_ref.at[b, rows], compat.ROW)
+        segq = compat.load(segq_ref.at[b, rows], compat.ROW) if plan.has_segments else None
+        dq0 = plgpu.layout_cast(jnp.zeros((bq, plan.head_dims[0]), jnp.float32), compat.WGMMA)
+        plgpu.barrier_wait(q_ready.at[wg])
+        plgpu.barrier_wait(do_ready.at[wg])
+
+        def step(j, dq, masked):
+            slot = lax.rem(j - lo, stages)
+            plgpu.barrier_wait(k_ready.at[slot])
+            plgpu.barrier_wait(v_ready.at[slot])
+            raw, dp = compat.mma_pair(
+                (q_smem, compat.transpose(k_smem.at[slot])),
+                (do_smem, compat.transpose(v_smem.at[slot])),
+                (bq, bk),
+            )
+            plgpu.barrier_arrive(v_free.at[slot])
+            mask = None
+            if masked:
+                cols = j * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=compat.WGMMA)
+                segk = None
+                if plan.has_segments:
+                    segk = compat.load(segk_ref.at[b, pl.ds(j * bk, bk)], compat.COL)
+                mask = functools.partial(
+                    mosaic.mask_block, cols=cols, kstart=kstart, kend=kend, segq=segq, segk=segk
+                )
+            _, ds = block_grads(raw, dp, lse2, delta, plan, mask)
+            dq = compat.mma_accumulate(dq, ds.astype(dtype), k_smem.at[slot], ds_smem)
+            plgpu.barrier_arrive(k_free.at[slot])
+            return dq
+
+        dq = three_phase(lo, flo, fhi, hi, step, dq0)
+        q_smem[...] = (dq * plan.scale).astype(dtype)  # Q's buffer is free by now
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        if not plan.interpret:
+            plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(h, jnp.asarray(plan.groups, h.dtype))
+
+        def copy(src, dst, ready):
+            def issue(n, slot):
+                keys = pl.ds((lo + n) * bk, bk)
+                plgpu.copy_gmem_to_smem(src.at[b, keys, kv_head], dst.at[slot], ready.at[slot])
+
+            return issue
+
+        streams = [(copy(k_ref, k_smem, k_ready), k_free), (copy(v_ref, v_smem, v_ready), v_free)]
+        _stream(hi - lo, streams, stages)
+
+
+def _dkdv_kernel(*refs, plan: mosaic.Plan):
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from chunkattn.pallas import mosaic_compat as compat
+
+    refs = list(refs)
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kstart_ref, kend_ref, sched_ref = refs[:9]
+    rest = refs[9:]
+    segq_ref = segk_ref = None
+    if plan.has_segments:
+        segq_ref, segk_ref = rest.pop(0), rest.pop(0)
+    dk_ref, dv_ref, smem, barriers = rest
+    k_smem2, v_smem2, q_smem, do_smem, p_smem2 = smem
+    q_ready, do_ready, k_ready, v_ready, q_free, do_free = barriers
+
+    bp = plan.backward
+    bq, bkv, stages, g = bp.block_q, bp.block_kv, bp.num_stages, plan.groups
+    dtype = q_ref.dtype
+    b = lax.axis_index("batch")
+    kh = lax.axis_index("heads")  # the kv head
+    t = lax.axis_index("kv_seq")
+    wg = lax.axis_index("wg")
+    lo, hi = sched_ref[b, t, 0], sched_ref[b, t, 1]
+    nb = hi - lo  # query blocks per query head
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        if not plan.interpret:
+            plgpu.set_max_registers(232, action="increase")
+        k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+        p_smem = None if p_smem2 is None else p_smem2.at[wg]
+        flo, fhi = sched_ref[b, t, 2 + 2 * wg], sched_ref[b, t, 3 + 2 * wg]
+        k_base = (t * COMPUTE_WGS + wg) * bkv
+        keys = pl.ds(k_base, bkv)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kh], k_smem, k_ready.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kh], v_smem, v_ready.at[wg])
+        segk = compat.load(segk_ref.at[b, keys], compat.ROW) if plan.has_segments else None
+        key_idx = k_base + plgpu.broadcasted_iota(jnp.int32, (bkv, bq), 0, layout=compat.WGMMA)
+        zeros = lambda d: plgpu.layout_cast(jnp.zeros((bkv, d), jnp.float32), compat.WGMMA)  # noqa: E731
+        carry = (zeros(plan.head_dims[0]), zeros(plan.head_dims[1]))
+        plgpu.barrier_wait(k_ready.at[wg])
+        plgpu.barrier_wait(v_ready.at[wg])
+
+        def head(gi, carry):
+            n = kh * g + gi  # the query head
+
+            def step(i, carry, masked):
+                dk, dv = carry
+                slot = lax.rem(gi * nb + i - lo, stages)
+                rows = pl.ds(i * bq, bq)
+                lse2 = compat.load(lse_ref.at[b, n, rows], compat.COL)
+                delta = compat.load(delta_ref.at[b, n, rows], compat.COL)
+                plgpu.barrier_wait(q_ready.at[slot])
+                plgpu.barrier_wait(do_ready.at[slot])
+                raw, dp = compat.mma_pair(
+                    (k_smem, compat.transpose(q_smem.at[slot])),
+                    (v_smem, compat.transpose(do_smem.at[slot])),
+                    (bkv, bq),
+                )
+                mask = None
+                if masked:
+                    segq = None
+                    if plan.has_segments:
+                        segq = compat.load(segq_ref.at[b, rows], compat.COL)
+                    mask = functools.partial(
+                        mask_block_t,
+                        keys=key_idx,
+                        kstart=compat.load(kstart_ref.at[b, rows], compat.COL),
+                        kend=compat.load(kend_ref.at[b, rows], compat.COL),
+                        segk=segk,
+                        segq=segq,
+                    )
+                p, ds = block_grads(raw, dp, lse2, delta, plan, mask, row_axis=1)
+                dv = compat.mma_accumulate(dv, p.astype(dtype), do_smem.at[slot], p_smem)
+                plgpu.barrier_arrive(do_free.at[slot])
+                dk = compat.mma_accumulate(dk, ds.astype(dtype), q_smem.at[slot], p_smem)
+                plgpu.barrier_arrive(q_free.at[slot])
+                return dk, dv
+
+            return three_phase(lo, flo, fhi, hi, step, carry)
+
+        dk, dv = head(0, carry) if g == 1 else lax.fori_loop(0, g, head, carry)
+        k_smem[...] = (dk * plan.scale).astype(dtype)  # K's and V's buffers are free by now
+        v_smem[...] = dv.astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, keys, kh])
+        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, keys, kh])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        if not plan.interpret:
+            plgpu.set_max_registers(40, action="decrease")
+        nb_safe = jnp.maximum(nb, 1)
+
+        def copy(src, dst, ready):
+            def issue(n, slot):  # step n: query head kh·g + n // nb, block lo + n % nb
+                head = kh * g + lax.div(n, nb_safe)
+                rows = pl.ds((lo + lax.rem(n, nb_safe)) * bq, bq)
+                plgpu.copy_gmem_to_smem(src.at[b, rows, head], dst.at[slot], ready.at[slot])
+
+            return issue
+
+        streams = [
+            (copy(q_ref, q_smem, q_ready), q_free),
+            (copy(do_ref, do_smem, do_ready), do_free),
+        ]
+        _stream(g * nb, streams, stages)
+
+
+def _stream(count, streams, stages: int) -> None:
+    """The memory warpgroup's loop: steps 0..count−1 through a ring of `stages` buffers.
+
+    `streams` is [(issue(n, slot), free barrier)]: `issue` starts step n's TMA copy into
+    `slot` (arriving on that slot's "ready" barrier); step n reuses the slot of step
+    n − stages once both compute warpgroups have arrived at its "free" barrier. At the end
+    every "free" phase is waited for, so none is left unobserved when the barriers go (the
+    interpreter checks it).
+    """
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def fill(n):
+        for issue, _ in streams:
+            issue(n, n)
+
+    for i in range(stages):
+        pl.when(i < count)(functools.partial(fill, i))
+
+    def refill(n, carry):
+        slot = lax.rem(n, stages)
+        for issue, free in streams:
+            plgpu.barrier_wait(free.at[slot])
+            issue(n, slot)
+        return carry
+
+    lax.fori_loop(stages, count, refill, 0)
+
+    def drain(n):
+        slot = lax.rem(n, stages)
+        for _, free in streams:
+            plgpu.barrier_wait(free.at[slot])
+
+    for i in range(stages):
+        n = count - stages + i
+        pl.when(n >= 0)(functools.partial(drain, n))
+
+
+def launch(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
+    """(dQ, dK, dV) by the two Mosaic GPU kernels (the interpreter's when `plan.interpret`)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    from chunkattn.pallas import mosaic_compat as compat
+
+    batch, seq_q, heads, h = q.shape
+    seq_k, kv_heads, hv = k.shape[1], k.shape[2], v.shape[-1]
+    bp = plan.backward
+    stages = bp.num_stages
+
+    def tiled(shape):  # wgmma's operand layout: 8×64-element tiles, 128-byte swizzle
+        transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        return plgpu.SMEM(shape, q.dtype, transforms=transforms)
+
+    extra = {}
+    if plan.interpret:
+        extra["interpret"] = compat.interpret_params()
+    params = plgpu.CompilerParams(approx_math=True)
+    operands = [q, k, v, do, inp.lse2, inp.delta, inp.kstart, inp.kend]
+    segs = [inp.segq, inp.segk] if plan.has_segments else []
+
+    bq, bk = 64, bp.block_k_dq
+    dq_smem = (
+        tiled((COMPUTE_WGS, bq, h)),
+        tiled((COMPUTE_WGS, bq, hv)),
+        tiled((stages, bk, h)),
+        tiled((stages, bk, hv)),
+        tiled((COMPUTE_WGS, bq, bk)) if plan.interpret else None,
+    )
+    dq_barriers = (
+        plgpu.Barrier(num_barriers=stages),  # K block ready
+        plgpu.Barrier(num_barriers=stages),  # V block ready
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # Q ready
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # dO ready
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # K buffer free
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # V buffer free
+    )
+    dq = plgpu.kernel(
+        functools.partial(_dq_kernel, plan=plan),
+        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        scratch_types=[dq_smem, dq_barriers],
+        grid=(heads, seq_q // (COMPUTE_WGS * bq), batch),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=params,
+        kernel_name="chunkattn_mosaic_bwd_dq",
+        **extra,
+    )(*operands, inp.sched_dq, *segs)
+
+    bq, bkv = bp.block_q, bp.block_kv
+    kv_smem = (
+        tiled((COMPUTE_WGS, bkv, h)),
+        tiled((COMPUTE_WGS, bkv, hv)),
+        tiled((stages, bq, h)),
+        tiled((stages, bq, hv)),
+        tiled((COMPUTE_WGS, bkv, bq)) if plan.interpret else None,
+    )
+    kv_barriers = (
+        plgpu.Barrier(num_barriers=stages),  # Q block ready
+        plgpu.Barrier(num_barriers=stages),  # dO block ready
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # K ready
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # V ready
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # Q buffer free
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # dO buffer free
+    )
+    dk, dv = plgpu.kernel(
+        functools.partial(_dkdv_kernel, plan=plan),
+        out_type=(
+            jax.ShapeDtypeStruct(k.shape, k.dtype),
+            jax.ShapeDtypeStruct(v.shape, v.dtype),
+        ),
+        scratch_types=[kv_smem, kv_barriers],
+        grid=(kv_heads, seq_k // (COMPUTE_WGS * bkv), batch),
+        grid_names=("heads", "kv_seq", "batch"),
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=params,
+        kernel_name="chunkattn_mosaic_bwd_dkdv",
+        **extra,
+    )(*operands, inp.sched_kv, *segs)
+    return dq, dk, dv
