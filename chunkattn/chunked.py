@@ -29,10 +29,15 @@ from chunkattn.summary import (
     ChunkSummary,
     accum_dtype,
     chunk_scores,
+    grouped_heads,
     merge,
     output_delta,
     row_start,
+    scores_grouped,
     summarize_scores,
+    transposed_times,
+    ungrouped_heads,
+    weights_times_values,
 )
 
 Array = jax.Array
@@ -325,24 +330,13 @@ def block_backward(
             if st.dropout_rate > 0:
                 keep = _dropout_keep(st, seed, marr, blk, batch, num_heads, tq, tk)
                 p_drop = jnp.where(keep, p * keep_scale, 0.0)
-            p5 = p_drop.astype(v.dtype).reshape(batch, num_kv_heads, groups, tq, tk)
-            do5 = doc.reshape(batch, tq, num_kv_heads, groups, head_dim_v)
-            # dV += Pᵀ·dO: (B, K, G, tq, tk) x (B, tq, K, G, Hv) -> (B, tk, K, Hv)
-            dvc = dvc + jnp.einsum(
-                "bkgqs,bqkgh->bskh",
-                p5,
-                do5,
-                precision=st.precision,
-                preferred_element_type=adt,
-            )
-            # dP = dO·Vᵀ: (B, tq, K, G, Hv) x (B, tk, K, Hv) -> (B, K, G, tq, tk)
-            dp = jnp.einsum(
-                "bqkgh,bskh->bkgqs",
-                do5,
-                vc,
-                precision=st.precision,
-                preferred_element_type=adt,
-            ).reshape(batch, num_heads, tq, tk)
+            # The products in the grouped layout (summary.grouped_heads): [B, K, G·tq, ·].
+            pg = p_drop.astype(v.dtype).reshape(batch, num_kv_heads, groups * tq, tk)
+            dog = grouped_heads(doc, num_kv_heads)  # (B, K, G·tq, Hv)
+            # dVᵀ += dOᵀ·P: (B, K, G·tq, Hv) x (B, K, G·tq, tk) -> (B, K, Hv, tk)
+            dvc = dvc + transposed_times(dog, pg, precision=st.precision)
+            # dP = dO·Vᵀ: (B, K, G·tq, Hv) x (B, tk, K, Hv) -> (B, N, tq, tk)
+            dp = scores_grouped(dog, vc, precision=st.precision).reshape(p.shape)
             if st.dropout_rate > 0:
                 dp = jnp.where(keep, dp * keep_scale, 0.0)
             ds = p * (dp - delta_c[..., None])  # d(loss)/d(final scores)
@@ -361,33 +355,23 @@ def block_backward(
                 dbias = masks.add_block(dbias, ds, q_start, k_start)
             if st.soft_cap is not None:  # d/dx cap·tanh(x/cap) = 1 − tanh²
                 ds = ds * (1.0 - jnp.square(jnp.tanh(raw / st.soft_cap)))
-            ds5 = (ds * st.scale).astype(q.dtype).reshape(batch, num_kv_heads, groups, tq, tk)
-            # dQ += dS·K: (B, K, G, tq, tk) x (B, tk, K, H) -> (B, tq, K, G, H)
-            dqc = jnp.einsum(
-                "bkgqs,bskh->bqkgh",
-                ds5,
-                kc,
-                precision=st.precision,
-                preferred_element_type=adt,
-            ).reshape(batch, tq, num_heads, head_dim)
+            dsg = (ds * st.scale).astype(q.dtype).reshape(batch, num_kv_heads, groups * tq, tk)
+            # dQ += dS·K: (B, K, G·tq, tk) x (B, tk, K, H) -> (B, tq, N, H)
+            dqc = ungrouped_heads(weights_times_values(dsg, kc, precision=st.precision), tq)
             old = jax.lax.dynamic_slice_in_dim(dq, q_start, tq, axis=1)
             dq = jax.lax.dynamic_update_slice_in_dim(dq, old + dqc, q_start, axis=1)
-            # dK += dSᵀ·Q: (B, K, G, tq, tk) x (B, tq, K, G, H) -> (B, tk, K, H)
-            q5 = qc.reshape(batch, tq, num_kv_heads, groups, head_dim)
-            dkc = dkc + jnp.einsum(
-                "bkgqs,bqkgh->bskh",
-                ds5,
-                q5,
-                precision=st.precision,
-                preferred_element_type=adt,
-            )
+            # dKᵀ += Qᵀ·dS: (B, K, G·tq, H) x (B, K, G·tq, tk) -> (B, K, H, tk)
+            qg = grouped_heads(qc, num_kv_heads)
+            dkc = dkc + transposed_times(qg, dsg, precision=st.precision)
             return dq, dkc, dvc, dbias, dparams
 
-        dkc = jnp.zeros((batch, tk, num_kv_heads, head_dim), adt)
-        dvc = jnp.zeros((batch, tk, num_kv_heads, head_dim_v), adt)
+        dkc = jnp.zeros((batch, num_kv_heads, head_dim, tk), adt)  # dKᵀ, dVᵀ: see q_step
+        dvc = jnp.zeros((batch, num_kv_heads, head_dim_v, tk), adt)
         dq, dkc, dvc, dbias, dparams = _masked_then_full(
             lo, hi, full, q_step, (dq, dkc, dvc, dbias, dparams)
         )
+        dkc = jnp.transpose(dkc, (0, 3, 1, 2))  # (B, tk, K, H)
+        dvc = jnp.transpose(dvc, (0, 3, 1, 2))
         dk = jax.lax.dynamic_update_slice_in_dim(dk, dkc.astype(dk.dtype), k_start, axis=1)
         dv = jax.lax.dynamic_update_slice_in_dim(dv, dvc.astype(dv.dtype), k_start, axis=1)
         return dq, dk, dv, dbias, dparams

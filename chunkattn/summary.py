@@ -127,27 +127,59 @@ def summarize_scores(
     exp_weights = jnp.sum(w, axis=-1)
     if keep is not None:
         w = jnp.where(keep, w * keep_scale, 0.0)
-    w5 = w.astype(value.dtype).reshape(batch, num_kv_heads, num_heads // num_kv_heads, tq, tk)
-    # (B, K, G, tq, tk) x (B, tk, K, Hv) -> (B, K, G, tq, Hv)
-    exp_values = jnp.einsum(
-        "bkgqs,bskh->bkgqh", w5, value, precision=precision, preferred_element_type=s.dtype
-    ).reshape(batch, num_heads, tq, value.shape[-1])
-    return ChunkSummary(exp_values, exp_weights, m)
+    wg = w.astype(value.dtype).reshape(batch, num_kv_heads, -1, tk)  # (B, K, G·tq, tk)
+    exp_values = weights_times_values(wg, value, precision=precision)  # (B, K, G·tq, Hv)
+    return ChunkSummary(exp_values.reshape(batch, num_heads, tq, -1), exp_weights, m)
+
+
+def grouped_heads(x: Array, num_kv_heads: int) -> Array:
+    """[B, t, N, H] -> [B, K, G·t, H]: the query heads of each kv head stacked along rows.
+
+    The block products below take their [t, t] operands in this layout, so each is one batched
+    matmul over (B, K) whose big operand and result are never transposed; only the [t, H] ones
+    are (XLA:CPU otherwise moved whole score blocks between layouts, ~1 ms per 512² block).
+    """
+    batch, t, num_heads, head_dim = x.shape
+    groups = num_heads // num_kv_heads
+    x = x.reshape(batch, t, num_kv_heads, groups, head_dim)
+    return jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(batch, num_kv_heads, groups * t, head_dim)
+
+
+def ungrouped_heads(x: Array, t: int) -> Array:
+    """[B, K, G·t, H] -> [B, t, N, H]: the inverse of `grouped_heads`."""
+    batch, num_kv_heads, rows, head_dim = x.shape
+    x = x.reshape(batch, num_kv_heads, rows // t, t, head_dim)
+    return jnp.transpose(x, (0, 3, 1, 2, 4)).reshape(batch, t, -1, head_dim)
+
+
+def _bdot(a: Array, b: Array, contract: tuple[int, int], batch: tuple, precision, dtype) -> Array:
+    dims = (((contract[0],), (contract[1],)), batch)
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=dtype)
+
+
+def scores_grouped(qg: Array, key: Array, *, precision: Any = None) -> Array:
+    """q·kᵀ in float32: qg [B, K, G·tq, H] (`grouped_heads`), key [B, tk, K, H]
+    -> [B, K, G·tq, tk]."""
+    return _bdot(qg, key, (3, 3), ((0, 1), (0, 2)), precision, accum_dtype(qg.dtype))
+
+
+def weights_times_values(wg: Array, value: Array, *, precision: Any = None) -> Array:
+    """w·v: wg [B, K, G·tq, tk], value [B, tk, K, Hv] -> float32 [B, K, G·tq, Hv]."""
+    return _bdot(wg, value, (3, 1), ((0, 1), (0, 2)), precision, accum_dtype(wg.dtype))
+
+
+def transposed_times(ag: Array, bg: Array, *, precision: Any = None) -> Array:
+    """aᵀ·b over the stacked rows: ag [B, K, G·tq, Ha], bg [B, K, G·tq, tk] -> float32
+    [B, K, Ha, tk] (the backward's dVᵀ = dOᵀ·P and dKᵀ = Qᵀ·dS, with the big operand
+    contracted along its rows, as a row-major matmul wants it)."""
+    return _bdot(ag, bg, (2, 2), ((0, 1), (0, 1)), precision, accum_dtype(ag.dtype))
 
 
 def chunk_scores(query: Array, key: Array, *, scale: float, precision: Any = None) -> Array:
     """scale · q · kᵀ in float32: query [B, tq, N, H], key [B, tk, K, H] -> [B, N, tq, tk]."""
-    batch, tq, num_heads, head_dim = query.shape
-    num_kv_heads = key.shape[2]
-    q5 = query.reshape(batch, tq, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    # (B, tq, K, G, H) x (B, tk, K, H) -> (B, K, G, tq, tk)
-    s = jnp.einsum(
-        "bqkgh,bskh->bkgqs",
-        q5,
-        key,
-        precision=precision,
-        preferred_element_type=accum_dtype(query.dtype),
-    )
+    batch, tq, num_heads, _ = query.shape
+    qg = grouped_heads(query, key.shape[2])  # (B, K, G·tq, H)
+    s = scores_grouped(qg, key, precision=precision)  # (B, K, G·tq, tk)
     return s.reshape(batch, num_heads, tq, key.shape[1]) * scale
 
 
