@@ -21,7 +21,10 @@ The Mosaic GPU forward (`implementation="pallas_mosaic"`, `--backward mosaic`) i
 Mosaic's own pipeline inside the same `compile()`; XLA's dump shows only its custom call, so
 its figures come from Mosaic's dump (MOSAIC_GPU_DUMP_TO with _PTX, _PTXAS and _HOST_LLVM: ptxas
 -v, and the launch with its grid, threads and dynamic shared memory). Those cases compile the
-forward only: its backward is the Triton kernels, reported by the other modes.
+forward only: its backward is the Triton kernels, reported by the other modes. `--backward
+mosaic_bwd` compiles the Mosaic forward with the Mosaic GPU backward (value_and_grad with
+`MosaicConfig(backward=MosaicBackwardConfig())`, issue 21): three Mosaic kernels per case, at
+head dims 64 and 128; `--config` then sets MosaicBackwardConfig fields.
 
 Nothing runs, so there is no time here. The figures depend on the jax version (its Triton),
 which the header names; the GPU machine runs jax 0.11.2 (bench/NOTES.md). Exit status 1 when a
@@ -64,7 +67,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.experimental import pallas as pl  # noqa: E402
 
 import chunkattn  # noqa: E402
-from chunkattn.pallas import MosaicConfig, PallasConfig  # noqa: E402
+from chunkattn.pallas import MosaicBackwardConfig, MosaicConfig, PallasConfig  # noqa: E402
 
 # The H100 SXM as XLA sees it (its `GpuTargetConfig`): what a compile needs to know of the
 # device. sm_90a; 227 KiB of shared memory per block (shared_memory_per_block_optin).
@@ -103,11 +106,16 @@ KERNELS = {
     "chunkattn_bwd_dq": "dQ",
     "chunkattn_bwd_dkdv": "dK/dV",
     "chunkattn_mosaic_fwd": "mosaic fwd",
+    "chunkattn_mosaic_bwd_dq": "mosaic dQ",
+    "chunkattn_mosaic_bwd_dkdv": "mosaic dK/dV",
 }
-BACKWARDS = ("split", "atomic", "mosaic")  # "mosaic": the Mosaic GPU forward alone
+# "mosaic": the Mosaic GPU forward alone; "mosaic_bwd": it and the Mosaic GPU backward.
+BACKWARDS = ("split", "atomic", "mosaic", "mosaic_bwd")
 # What the Mosaic GPU forward serves (mosaic.unsupported_features); other cases are not made.
 MOSAIC_FEATURES = ("full", "causal", "window", "lengths", "segments", "soft_cap", "sinks", "gqa")
 MOSAIC_HEAD_DIMS = (64, 128, 256)
+MOSAIC_BWD_HEAD_DIMS = (64, 128)  # mosaic_backward.HEAD_DIMS
+MOSAIC_KERNELS = ("chunkattn_mosaic_fwd", "chunkattn_mosaic_bwd_dq", "chunkattn_mosaic_bwd_dkdv")
 
 # ------------------------------------------------------------------------------------ cases
 # Each feature: the static keywords of dot_product_attention, and its array inputs as
@@ -157,6 +165,8 @@ class Case:
     def pallas_config(self) -> PallasConfig | MosaicConfig:
         if self.backward == "mosaic":  # block_k and num_stages are the Mosaic kernel's
             return MosaicConfig(**dict(self.config))
+        if self.backward == "mosaic_bwd":  # the fields are the Mosaic backward's
+            return MosaicConfig(backward=MosaicBackwardConfig(**dict(self.config)))
         return PallasConfig(backward=self.backward, **dict(self.config))
 
 
@@ -190,10 +200,12 @@ def program(case: Case, device):
 
         return forward, args
 
+    impl = "pallas_mosaic" if case.backward == "mosaic_bwd" else "pallas"
+
     def loss(q, k, v, *inputs):
         kw = dict(zip(names, inputs, strict=True))
         out = chunkattn.dot_product_attention(
-            q, k, v, **static, **kw, implementation="pallas", config=cfg
+            q, k, v, **static, **kw, implementation=impl, config=cfg
         )
         return jnp.sum(out.astype(jnp.float32))
 
@@ -205,9 +217,10 @@ def cases(features, head_dims, dtypes, backwards, config) -> list[Case]:
     64/128/256, `MOSAIC_FEATURES`)."""
 
     def served(f, h, hv, dt, bwd):
-        if bwd != "mosaic":
+        if bwd not in ("mosaic", "mosaic_bwd"):
             return True
-        dims_ok = h in MOSAIC_HEAD_DIMS and hv in MOSAIC_HEAD_DIMS
+        served_dims = MOSAIC_BWD_HEAD_DIMS if bwd == "mosaic_bwd" else MOSAIC_HEAD_DIMS
+        dims_ok = h in served_dims and hv in served_dims
         return f in MOSAIC_FEATURES and dims_ok and dt in ("bf16", "f16")
 
     return [
@@ -292,7 +305,7 @@ def one_line(e: BaseException) -> str:
 
 def compile_case(case: Case, device, dump: pathlib.Path) -> dict:
     """Compile one case; a result with a row per kernel (a failure is a result too)."""
-    if case.backward == "mosaic":
+    if case.backward in ("mosaic", "mosaic_bwd"):
         return compile_mosaic_case(case, device, dump)
     t0 = time.perf_counter()
     result = dict(case=case.name, **dataclasses.asdict(case), status="ok", error=None)
@@ -321,23 +334,47 @@ MOSAIC_DUMP = ("MOSAIC_GPU_DUMP_TO", "MOSAIC_GPU_DUMP_PTX", "MOSAIC_GPU_DUMP_PTX
 # z, dynamic shared memory.
 MOSAIC_LAUNCH = re.compile(r"@mosaic_gpu_launch_kernel\(ptr %\w+, ((?:i32 \d+, ){10})")
 MOSAIC_HASH = re.compile(r'kernel_hash = "((?:[^"\\]|\\.)*)"')
-# Mosaic compiles a kernel once per process: a case whose kernel equals an earlier one's (the
-# masks are data, so "full" and "causal" are one kernel) leaves no dump; its figures are those.
-_MOSAIC_SEEN: dict[str, tuple[str, dict]] = {}
+# Mosaic compiles a kernel once per process: a kernel equal to an earlier case's (the masks are
+# data, so "full" and "causal" are one kernel; the forward of mosaic_bwd is mosaic's) leaves no
+# dump; its figures are that case's, found by its name and hash.
+_MOSAIC_SEEN: dict[tuple[str, str], tuple[str, dict]] = {}
+
+
+def mosaic_launch_rows(case: Case) -> dict[str, dict]:
+    """The Mosaic kernels of a case with their tiles: the forward's 2·block_q × block_k; dQ's
+    128 query rows × block_k_dq; dK/dV's 2·block_kv keys × block_q."""
+    cfg = case.pallas_config()
+    bk = cfg.resolve_block_k((case.head_dim, case.head_dim_v))
+    rows = {MOSAIC_KERNELS[0]: (f"{2 * cfg.block_q}x{bk}", cfg.num_stages)}
+    if case.backward == "mosaic_bwd":
+        b = cfg.backward
+        rows[MOSAIC_KERNELS[1]] = (f"128x{b.block_k_dq}", b.num_stages)
+        rows[MOSAIC_KERNELS[2]] = (f"{2 * b.block_kv}x{b.block_q}", b.num_stages)
+    return {
+        name: dict(kernel=name, blocks=blocks, warps=12, stages=stages)
+        for name, (blocks, stages) in rows.items()
+    }
+
+
+def mosaic_hashes(text: str) -> dict[str, str]:
+    """Kernel name -> kernel_hash, per Mosaic custom call of a lowered program."""
+    out = {}
+    for line in text.splitlines():
+        name = next((n for n in MOSAIC_KERNELS if n in line), None)
+        if name is not None and (m := MOSAIC_HASH.search(line)):
+            out[name] = m[1]
+    return out
 
 
 def compile_mosaic_case(case: Case, device, dump: pathlib.Path) -> dict:
-    """The Mosaic GPU forward of one case: its ptxas report and its launch, from Mosaic's dump
-    (the plugin reads MOSAIC_GPU_DUMP_* at each compile)."""
+    """The Mosaic GPU kernels of one case: each one's ptxas report and launch, from Mosaic's
+    dump (the plugin reads MOSAIC_GPU_DUMP_* at each compile)."""
     t0 = time.perf_counter()
     result = dict(case=case.name, **dataclasses.asdict(case), status="ok", error=None)
     result["config"] = dict(case.config)
     shutil.rmtree(dump, ignore_errors=True)
     dump.mkdir(parents=True)
-    name = "chunkattn_mosaic_fwd"
-    cfg = case.pallas_config()
-    bk = cfg.resolve_block_k((case.head_dim, case.head_dim_v))
-    row = dict(kernel=name, blocks=f"{2 * cfg.block_q}x{bk}", warps=12, stages=cfg.num_stages)
+    rows = mosaic_launch_rows(case)
     env = dict.fromkeys(MOSAIC_DUMP, "1") | {"MOSAIC_GPU_DUMP_TO": str(dump)}
     env["MOSAIC_GPU_DUMP_HOST_LLVM"] = "1"
     try:
@@ -346,23 +383,28 @@ def compile_mosaic_case(case: Case, device, dump: pathlib.Path) -> dict:
             with as_on_the_gpu(device):
                 lowered = jax.jit(fn).lower(*args)
             lowered.compile()
-        key = "".join(MOSAIC_HASH.findall(lowered.as_text()))
-        figures = mosaic_figures(dump, name)
-        if "regs" in figures:
-            _MOSAIC_SEEN[key] = (case.name, figures)
-        elif key in _MOSAIC_SEEN:  # compiled before in this process: the same cubin
-            first, figures = _MOSAIC_SEEN[key]
-            figures = dict(figures, same_kernel_as=first)
-        row.update(figures)
+        hashes = mosaic_hashes(lowered.as_text())
+        for name, row in rows.items():
+            figures = mosaic_figures(dump, name)
+            key = (name, hashes.get(name, ""))
+            if "regs" in figures:
+                _MOSAIC_SEEN[key] = (case.name, figures)
+            elif key in _MOSAIC_SEEN:  # compiled before in this process: the same cubin
+                first, figures = _MOSAIC_SEEN[key]
+                figures = dict(figures, same_kernel_as=first)
+            row.update(figures)
     except Exception as e:  # noqa: BLE001 - a failure is a finding, reported per case
         result.update(status="fail", error=one_line(e))
-        row["error"] = result["error"]
+        for row in rows.values():
+            row["error"] = result["error"]
         if m := re.search(r"exceeds available shared memory.*?(\d+)", str(e)):
-            row["smem"] = int(m[1])
+            for row in rows.values():
+                row["smem"] = int(m[1])
     for log in dump.glob("*.mlir-passes.log"):  # ~100 MB each, and nothing read from it
         log.unlink()
-    row["flags"] = flags(row)
-    result["kernels"] = [row]
+    for row in rows.values():
+        row["flags"] = flags(row)
+    result["kernels"] = list(rows.values())
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
@@ -675,6 +717,7 @@ def head_dim_pair(text: str) -> tuple[int, int]:
 
 def parse_config(items: list[str]) -> tuple[tuple[str, int], ...]:
     fields = {f.name for f in dataclasses.fields(PallasConfig)} - {"backward"}
+    fields |= {f.name for f in dataclasses.fields(MosaicBackwardConfig)}  # for mosaic_bwd
     out = []
     for item in items:
         key, _, value = item.partition("=")
@@ -705,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
         "--backward",
         default="split,atomic",
         help="PallasConfig.backward modes (split, atomic), or mosaic: the Mosaic GPU forward "
-        "(pallas_mosaic) alone, for the features and head dims it serves",
+        "(pallas_mosaic) alone, for the features and head dims it serves, or mosaic_bwd: it "
+        "and the Mosaic GPU backward (head dims 64, 128)",
     )
     p.add_argument(
         "--config",

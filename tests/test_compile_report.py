@@ -7,7 +7,8 @@ and bf16/f16 kernels at head dims ≤ 128 spill nothing, forward and backward.
 
 The Mosaic GPU forward (`implementation="pallas_mosaic"`, issue 21) has its own run: every
 feature it serves × head dims 64/128/256 and 128/64 × bf16/f16 compiles, fits, spills nothing,
-and is the kernel meant (3 warpgroups, wgmma, setmaxnreg), in about 3 minutes. A case whose
+and is the kernel meant (3 warpgroups, wgmma, setmaxnreg), in about 3 minutes; with the Mosaic
+GPU backward (`--backward mosaic_bwd`) its three kernels at head dims 64/128 the same. A case whose
 kernel is an earlier case's (the masks are data: "full" and "causal" compile to one kernel)
 carries that case's figures (`same_kernel_as`).
 
@@ -53,17 +54,22 @@ NEEDS_EXTRA = pytest.mark.skipif(
 )
 
 HEAD_DIMS = "--head-dims=32,64,72,128,192/128,256"
-# Every feature x head dim x bf16/f16, the default (split) backward; float32 at every feature at
-# H=32 and at every head dim causal: at H >= 64 its kernels are FMA loops that spill kilobytes,
-# and ptxas takes 1-4 minutes on each (bench/NOTES.md), too long for every feature. The atomic
-# backward at every head dim, bf16/f16.
+# Every feature x head dim x bf16/f16, the default (split) backward; float32 at its default
+# precision (None: HIGHEST, exact, FMA loops) at every feature at H=32 and at every head dim
+# causal: ptxas takes minutes on an FMA kernel that spills (bench/NOTES.md v8, v12), too long for
+# every feature. float32 at precision=DEFAULT (TF32 tensor cores) at every feature and head dim
+# <= 128. The atomic backward at every head dim, bf16/f16, and float32 at DEFAULT.
+F32_TF32 = "--precision=default"
+H_TO_128 = "--head-dims=32,64,72,128"
 RUNS = [
     ["--features=all", HEAD_DIMS, "--dtypes=bf16,f16", "--backward=split"],
     ["--features=all", "--head-dims=32", "--dtypes=f32", "--backward=split"],
     ["--features=causal", "--head-dims=64,72,128,192/128,256", "--dtypes=f32", "--backward=split"],
+    ["--features=all", H_TO_128, "--dtypes=f32", "--backward=split", F32_TF32],
     ["--features=causal", HEAD_DIMS, "--dtypes=bf16,f16", "--backward=atomic"],
+    ["--features=causal", H_TO_128, "--dtypes=f32", "--backward=atomic", F32_TF32],
 ]
-CASES = 14 * 6 * 2 + 14 + 5 + 6 * 2
+CASES = 14 * 6 * 2 + 14 + 5 + 14 * 4 + 6 * 2 + 4
 SMEM_LIMIT = 232_448  # bytes per block on sm_90a (shared_memory_per_block_optin)
 
 
@@ -98,11 +104,14 @@ def results(tmp_path_factory) -> list[dict]:
         return found
 
 
-def _kernels(results, dtypes=("bf16", "f16", "f32"), max_head_dim=256, backward=None):
+def _kernels(
+    results, dtypes=("bf16", "f16", "f32"), max_head_dim=256, backward=None, precision=None
+):
     for r in results:
         if r["dtype"] in dtypes and max(r["head_dim"], r["head_dim_v"]) <= max_head_dim:
             if backward is None or r["backward"] == backward:
-                yield from ((r["case"], k) for k in r["kernels"])
+                if precision is None or r.get("precision", "none") == precision:
+                    yield from ((r["case"], k) for k in r["kernels"])
 
 
 @pytest.mark.cuda_aot
@@ -166,6 +175,24 @@ def test_bf16_f16_up_to_head_dim_128_spill_nothing(results, kernel):
     assert not spills, f"{len(spills)} cases spill:\n" + "\n".join(spills)
 
 
+@pytest.mark.cuda_aot
+@NEEDS_EXTRA
+@pytest.mark.parametrize("kernel", ["chunkattn_fwd", "chunkattn_bwd_dq", "chunkattn_bwd_dkdv"])
+def test_float32_tf32_up_to_head_dim_128_spill_nothing(results, kernel):
+    """float32 at precision=DEFAULT (TF32 tensor cores, config's "tf32" blocks): every feature,
+    split backward, and causal atomic; and its products are tensor-core ones (.tf32)."""
+    found, spills = 0, []
+    for case, k in _kernels(results, ("f32",), 128, precision="default"):
+        if k["kernel"] != kernel:
+            continue
+        found += 1
+        assert ".tf32" in k.get("math", ""), f"{case}: {k.get('math')}"
+        if k.get("spill_stores") or k.get("spill_loads"):
+            spills.append(f"{case}: {k['regs']} registers, {k['spill_stores']} B spilled")
+    assert found == (14 * 4 if kernel == "chunkattn_bwd_dq" else 14 * 4 + 4)
+    assert not spills, f"{len(spills)} cases spill:\n" + "\n".join(spills)
+
+
 MOSAIC_HEAD_DIMS = "--head-dims=64,128,256,128/64"
 MOSAIC_RUN = ["--features=all", MOSAIC_HEAD_DIMS, "--dtypes=bf16,f16", "--backward=mosaic"]
 MOSAIC_CASES = 8 * 4 * 2  # compile_report.MOSAIC_FEATURES x head dims x dtypes
@@ -194,6 +221,42 @@ def test_mosaic_forward_compiles_fits_and_spills_nothing(mosaic_results):
             bad.append(f"{r['case']}: {k}")
         elif not 0 < k.get("smem", 0) <= SMEM_LIMIT:
             bad.append(f"{r['case']}: shared memory {k.get('smem')} B")
+    assert not bad, "\n".join(bad)
+
+
+MOSAIC_BWD_RUN = [
+    "--features=full,causal,window,lengths,segments,soft_cap,sinks,gqa",
+    "--head-dims=64,128,128/64,64/128",
+    "--dtypes=bf16,f16",
+    "--backward=mosaic_bwd",
+]
+MOSAIC_BWD_CASES = 8 * 4 * 2
+
+
+@pytest.mark.cuda_aot
+@NEEDS_EXTRA
+def test_mosaic_backward_compiles_fits_and_spills_nothing(tmp_path_factory):
+    """The Mosaic GPU backward (issue 21): forward, dQ and dK/dV kernels of every feature it
+    serves x head dims 64/128 x bf16/f16 compile, fit and spill nothing (bench/NOTES.md v11)."""
+    results = _report(MOSAIC_BWD_RUN, tmp_path_factory.mktemp("compile_report_mosaic_bwd"))
+    assert len(results) == MOSAIC_BWD_CASES
+    failed = [f"{r['case']}: {r['error']}" for r in results if r["status"] != "ok"]
+    assert not failed, "\n".join(failed)
+    bad = []
+    for r in results:
+        names = [k["kernel"] for k in r["kernels"]]
+        assert names == [
+            "chunkattn_mosaic_fwd",
+            "chunkattn_mosaic_bwd_dq",
+            "chunkattn_mosaic_bwd_dkdv",
+        ], r["case"]
+        for k in r["kernels"]:
+            if not (k.get("regs") and k.get("threads") == 384 and k.get("wgmma", 0) > 0):
+                bad.append(f"{r['case']}: {k}")
+            elif k.get("setmaxnreg") != 2 or k.get("spill_stores") or k.get("spill_loads"):
+                bad.append(f"{r['case']}: {k}")
+            elif not 0 < k.get("smem", 0) <= SMEM_LIMIT:
+                bad.append(f"{r['case']}: shared memory {k.get('smem')} B")
     assert not bad, "\n".join(bad)
 
 
