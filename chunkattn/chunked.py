@@ -28,7 +28,6 @@ from chunkattn import masks
 from chunkattn.summary import (
     ChunkSummary,
     accum_dtype,
-    chunk_scores,
     grouped_heads,
     merge,
     output_delta,
@@ -124,7 +123,7 @@ def _index_grids(batch: int, num_heads: int, blk: _Block, tq: int, tk: int, marr
 
 def _block_scores(
     st: Static,
-    q: Array,
+    qg: Array,
     k: Array,
     bias: Array | None,
     score_params: tuple[Array, ...],
@@ -134,14 +133,18 @@ def _block_scores(
 ) -> tuple[Array, Array, Array]:
     """Scores of one block in the documented order: scale·q·kᵀ → cap → + bias → score_fn → mask.
 
+    `qg` is the query block in the grouped layout [B, K, G·tq, H] (summary.grouped_heads).
+
     Returns (raw, biased, masked), all float32 [B, N, tq, tk]: raw is scale·q·kᵀ, biased is the
     input of score_fn, masked the final scores with −inf where a key may not be attended.
     A `full` block (classified from the mask's index structure) skips the mask arithmetic.
     """
-    batch, tq, num_heads, _ = q.shape
-    tk = k.shape[1]
-    adt = accum_dtype(q.dtype)
-    raw = chunk_scores(q, k, scale=st.scale, precision=st.precision)
+    batch, num_kv_heads, rows, _ = qg.shape
+    tq, tk = st.tq, k.shape[1]
+    num_heads = num_kv_heads * rows // tq
+    adt = accum_dtype(qg.dtype)
+    raw = scores_grouped(qg, k, precision=st.precision).reshape(batch, num_heads, tq, tk)
+    raw = raw * st.scale
     s = raw
     if st.soft_cap is not None:
         s = st.soft_cap * jnp.tanh(s / st.soft_cap)
@@ -243,6 +246,7 @@ def block_forward(
         out, lse = carry
         q_start = i * tq
         qc = jax.lax.dynamic_slice_in_dim(q, q_start, tq, axis=1)  # (B, tq, N, H)
+        qg = grouped_heads(qc, k.shape[2])  # (B, K, G·tq, H), once per query block
         lo, hi = masks.kv_chunk_range(st.spec, marr, q_start, tq, tk, nk)
         full = None
         if index_only:
@@ -253,7 +257,7 @@ def block_forward(
             blk = _Block(q_start, k_start, seq_k)
             kc = jax.lax.dynamic_slice_in_dim(k, k_start, tk, axis=1)  # (B, tk, K, H)
             vc = jax.lax.dynamic_slice_in_dim(v, k_start, tk, axis=1)  # (B, tk, K, Hv)
-            _, _, s = _block_scores(st, qc, kc, bias, score_params, marr, blk, is_full)
+            _, _, s = _block_scores(st, qg, kc, bias, score_params, marr, blk, is_full)
             keep = None
             if st.dropout_rate > 0:
                 keep = _dropout_keep(st, seed, marr, blk, batch, num_heads, tq, tk)
@@ -324,7 +328,8 @@ def block_backward(
             doc = jax.lax.dynamic_slice_in_dim(dout, q_start, tq, axis=1)  # (B, tq, N, Hv)
             lse_c = jax.lax.dynamic_slice_in_dim(lse_safe, q_start, tq, axis=2)  # (B, N, tq)
             delta_c = jax.lax.dynamic_slice_in_dim(delta, q_start, tq, axis=2)  # (B, N, tq)
-            raw, biased, s = _block_scores(st, qc, kc, bias, score_params, marr, blk, is_full)
+            qg = grouped_heads(qc, num_kv_heads)  # (B, K, G·tq, H)
+            raw, biased, s = _block_scores(st, qg, kc, bias, score_params, marr, blk, is_full)
             p = jnp.exp(s - lse_c[..., None])  # (B, N, tq, tk); 0 where masked
             p_drop = p
             if st.dropout_rate > 0:
@@ -361,7 +366,6 @@ def block_backward(
             old = jax.lax.dynamic_slice_in_dim(dq, q_start, tq, axis=1)
             dq = jax.lax.dynamic_update_slice_in_dim(dq, old + dqc, q_start, axis=1)
             # dKᵀ += Qᵀ·dS: (B, K, G·tq, H) x (B, K, G·tq, tk) -> (B, K, H, tk)
-            qg = grouped_heads(qc, num_kv_heads)
             dkc = dkc + transposed_times(qg, dsg, precision=st.precision)
             return dq, dkc, dvc, dbias, dparams
 
