@@ -59,6 +59,16 @@ def _chunkattn(impl: str) -> Fn:
     )
 
 
+def _chunkattn_mosaic_backward(q, k, v, causal):
+    """pallas_mosaic with the Mosaic GPU backward (experimental, opt-in: issue 21)."""
+    from chunkattn.pallas import MosaicBackwardConfig, MosaicConfig
+
+    cfg = MosaicConfig(backward=MosaicBackwardConfig())
+    return chunkattn.dot_product_attention(
+        q, k, v, is_causal=causal, implementation="pallas_mosaic", config=cfg
+    )
+
+
 def _jax_nn(impl: str) -> Fn:
     return lambda q, k, v, causal: jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, implementation=impl
@@ -144,6 +154,7 @@ def available(backend: str | None = None) -> dict[str, Fn]:
         impls["chunkattn_pallas"] = _chunkattn("pallas")
         # The experimental Hopper forward (Triton backward); it declines what it does not serve.
         impls["chunkattn_pallas_mosaic"] = _chunkattn("pallas_mosaic")
+        impls["chunkattn_pallas_mosaic_bwd"] = _chunkattn_mosaic_backward  # and Mosaic backward
     impls["dense_xla"] = dense_xla
     impls["jax_nn_xla"] = _jax_nn("xla")
     if backend == "gpu":
@@ -212,6 +223,30 @@ def median_seconds(program, arg_sets, reps: int, warmup: int = 2) -> float:
         jax.block_until_ready(program(*args))
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def interleaved_medians(programs: dict, arg_sets, reps: int, warmup: int = 2) -> dict:
+    """Median wall time of each program, timed round-robin: run r of every program, then run
+    r + 1, so that a load on a shared machine falls on all of them alike.
+
+    `programs` maps a name to a program; a program whose warm-up raises maps to the exception.
+    """
+    results: dict = {}
+    for name, program in programs.items():
+        try:
+            for i in range(warmup):
+                jax.block_until_ready(program(*arg_sets[i % len(arg_sets)]))
+            results[name] = []
+        except Exception as e:  # noqa: BLE001 - OOM / unsupported are results
+            results[name] = e
+    for i in range(reps):
+        args = arg_sets[i % len(arg_sets)]
+        for name, program in programs.items():
+            if isinstance(results[name], list):
+                t = time.perf_counter()
+                jax.block_until_ready(program(*args))
+                results[name].append(time.perf_counter() - t)
+    return {n: statistics.median(v) if isinstance(v, list) else v for n, v in results.items()}
 
 
 def attention_flops(batch, heads, seq_len, head_dim, causal) -> float:
@@ -290,6 +325,7 @@ LABELS = {
     "chunkattn_chunked": "chunkattn (chunked)",
     "chunkattn_pallas": "chunkattn (Pallas)",
     "chunkattn_pallas_mosaic": "chunkattn (Mosaic GPU fwd)",
+    "chunkattn_pallas_mosaic_bwd": "chunkattn (Mosaic GPU fwd+bwd)",
     "dense_xla": "dense XLA",
     "jax_nn_xla": "jax.nn (XLA)",
     "jax_nn_cudnn": "cuDNN (jax.nn)",

@@ -3,7 +3,8 @@
 FLOPs follow DESIGN §5 (4·B·N·T·S·H, halved for causal; fwd+bwd = 3.5× forward). Each
 figure is the median of several timed runs after warm-up, rotating between input sets so that
 caches do not flatter anyone; ratios are to dense XLA and (on GPU) to cuDNN measured in the
-same run.
+same run. `--interleave` times the implementations of a case round-robin, run by run, so that a
+load on a shared machine falls on all of them alike (the CPU comparisons in bench/NOTES.md).
 
     .venv/bin/python bench/speed.py           # GPU: bf16, N=16, H=128, B·T=16384, T 1k, 4k, 16k
     .venv/bin/python bench/speed.py --quick   # CPU-sized
@@ -126,6 +127,11 @@ def main(argv=None) -> int:
     p.add_argument(
         "--tag", type=common.tag_arg, default="", help="inserted in the file names, e.g. 'variants'"
     )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="time the implementations of each case round-robin (for a shared machine)",
+    )
     p.add_argument("--replot", metavar="CSV", help="redraw the plot of a results CSV beside it")
     args = p.parse_args(argv)
     if args.replot:
@@ -158,6 +164,11 @@ def main(argv=None) -> int:
         for causal in masks:
             flops = common.attention_flops(batch, heads, seq_len, head_dim, causal)
             case = []
+            timed = {}
+            if args.interleave:
+                for name, k in (("fwd", 0), ("fwdbwd", 1)):
+                    progs = {impl: common.programs(fn, causal)[k] for impl, fn in impls.items()}
+                    timed[name] = common.interleaved_medians(progs, sets, reps)
             for impl, fn in impls.items():
                 row = dict(
                     common.environment(),
@@ -173,7 +184,12 @@ def main(argv=None) -> int:
                 fwd, fwdbwd = common.programs(fn, causal)
                 try:
                     for name, program, mult in (("fwd", fwd, 1.0), ("fwdbwd", fwdbwd, 3.5)):
-                        t = common.median_seconds(program, sets, reps)
+                        if timed:
+                            t = timed[name][impl]
+                        else:
+                            t = common.median_seconds(program, sets, reps)
+                        if isinstance(t, Exception):
+                            raise t
                         row[f"{name}_ms"] = t * 1e3
                         row[f"{name}_tflops"] = mult * flops / t / 1e12
                 except Exception as e:  # noqa: BLE001 - OOM / unsupported are results
