@@ -100,6 +100,14 @@ device_description_str: "NVIDIA H100 80GB HBM3"
 SMEM_LIMIT = int(re.search(r"shared_memory_per_block_optin: (\d+)", H100)[1])
 
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16, "f32": jnp.float32}
+# dot_product_attention's `precision`: None is HIGHEST for float32 inputs (exact: FMA loops in
+# the kernels), DEFAULT and HIGH TF32 tensor cores (config.f32_dot_precision).
+PRECISIONS = {
+    "none": None,
+    "default": jax.lax.Precision.DEFAULT,
+    "high": jax.lax.Precision.HIGH,
+    "highest": jax.lax.Precision.HIGHEST,
+}
 HEAD_DIMS = ((32, 32), (64, 64), (72, 72), (96, 96), (128, 128), (192, 128), (256, 256))
 KERNELS = {
     "chunkattn_fwd": "fwd",
@@ -150,6 +158,7 @@ class Case:
     head_dim_v: int
     backward: str  # PallasConfig.backward: "split" or "atomic"; "mosaic": the Mosaic forward
     config: tuple[tuple[str, int], ...] = ()
+    precision: str = "none"  # a key of PRECISIONS
     batch: int = 2
     seq_len: int = 1024
     heads: int = 8
@@ -160,6 +169,8 @@ class Case:
             f"_{self.head_dim_v}" if self.head_dim_v != self.head_dim else ""
         )
         extra = "".join(f" {k}={v}" for k, v in self.config)
+        if self.precision != "none":
+            extra += f" precision={self.precision}"
         return f"{self.feature} {self.dtype} {dims} {self.backward}{extra}"
 
     def pallas_config(self) -> PallasConfig | MosaicConfig:
@@ -190,12 +201,13 @@ def program(case: Case, device):
         dims = tuple(sizes[d] if d in sizes else int(d) for d in shape.split(","))
         args.append(arg(dims, INPUT_DTYPES[dtype]))
     cfg = case.pallas_config()
+    prec = PRECISIONS[case.precision]
     if case.backward == "mosaic":
 
         def forward(q, k, v, *inputs):
             kw = dict(zip(names, inputs, strict=True))
             return chunkattn.dot_product_attention(
-                q, k, v, **static, **kw, implementation="pallas_mosaic", config=cfg
+                q, k, v, **static, **kw, implementation="pallas_mosaic", config=cfg, precision=prec
             )
 
         return forward, args
@@ -205,14 +217,14 @@ def program(case: Case, device):
     def loss(q, k, v, *inputs):
         kw = dict(zip(names, inputs, strict=True))
         out = chunkattn.dot_product_attention(
-            q, k, v, **static, **kw, implementation=impl, config=cfg
+            q, k, v, **static, **kw, implementation=impl, config=cfg, precision=prec
         )
         return jnp.sum(out.astype(jnp.float32))
 
     return jax.value_and_grad(loss, argnums=(0, 1, 2)), args
 
 
-def cases(features, head_dims, dtypes, backwards, config) -> list[Case]:
+def cases(features, head_dims, dtypes, backwards, config, precisions=("none",)) -> list[Case]:
     """Every combination; the Mosaic forward's only where it serves them (bf16/f16, head dims
     64/128/256, `MOSAIC_FEATURES`)."""
 
@@ -223,9 +235,10 @@ def cases(features, head_dims, dtypes, backwards, config) -> list[Case]:
         dims_ok = h in served_dims and hv in served_dims
         return f in MOSAIC_FEATURES and dims_ok and dt in ("bf16", "f16")
 
+    combos = itertools.product(features, head_dims, dtypes, backwards, precisions)
     return [
-        Case(f, dt, h, hv, bwd, config)
-        for f, (h, hv), dt, bwd in itertools.product(features, head_dims, dtypes, backwards)
+        Case(f, dt, h, hv, bwd, config, prec)
+        for f, (h, hv), dt, bwd, prec in combos
         if served(f, h, hv, dt, bwd)
     ]
 
@@ -486,7 +499,28 @@ def kernel_rows(dump: pathlib.Path, names: set[str]) -> dict[str, dict]:
         for name, usage in parse_ptxas(report.read_text(errors="replace")).items():
             if name in rows:
                 rows[name].update(usage)
+    for ptx in dump.glob("ptxas-*.ptx"):
+        text = ptx.read_text(errors="replace")
+        for name in re.findall(r"\.entry\s+(\w+)\(", text):
+            if name in rows:
+                rows[name]["math"] = ptx_math(text)
     return rows
+
+
+def ptx_math(text: str) -> str:
+    """What the kernel's matrix products compiled to, from its PTX: Hopper's wgmma, Ampere's
+    mma.sync (with the operand type: tf32 for float32 on tensor cores) or, with neither, FMA
+    loops (float32 at HIGHEST); with the count of each instruction in the code."""
+    parts = []
+    for op, pattern in (("wgmma", r"wgmma\.mma_async\S*"), ("mma", r"\bmma\.sync\S*")):
+        found = re.findall(pattern, text)
+        types = sorted({t for f in found for t in ("tf32", "bf16", "f16") if f".{t}" in f})
+        if found:
+            parts.append(f"{op}.{'/'.join(types) or '?'} {len(found)}")
+    fma = len(re.findall(r"\bfma\.rn\.f32\b", text))
+    if not parts or fma:
+        parts.append(f"fma {fma}")
+    return ", ".join(parts)
 
 
 def parse_ptxas(text: str) -> dict[str, dict]:
@@ -571,7 +605,18 @@ def cuda_dir_keeping_ptx() -> pathlib.Path:
 
 
 # ------------------------------------------------------------------------------------ output
-COLUMNS = ("kernel", "blocks", "warps", "stages", "grid", "regs", "spill st/ld", "stack", "smem")
+COLUMNS = (
+    "kernel",
+    "blocks",
+    "warps",
+    "stages",
+    "grid",
+    "regs",
+    "spill st/ld",
+    "stack",
+    "smem",
+    "math",
+)
 
 
 def table_rows(results: list[dict]) -> list[list[str]]:
@@ -582,6 +627,7 @@ def table_rows(results: list[dict]) -> list[list[str]]:
             spill = f"{get('spill_stores')}/{get('spill_loads')}"
             cells = [KERNELS.get(k["kernel"], k["kernel"]), get("blocks"), get("warps")]
             cells += [get("stages"), get("grid"), get("regs"), spill, get("stack"), get("smem")]
+            cells.append(get("math"))
             rows.append([r["case"], *cells, " ".join(k["flags"])])
     return rows
 
@@ -590,7 +636,7 @@ def format_table(results: list[dict]) -> str:
     head = ["case", *COLUMNS, "flags"]
     rows = table_rows(results)
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=True)]
-    left = {0, 1, 2, len(head) - 1}  # names and flags left, numbers right
+    left = {0, 1, 2, len(head) - 2, len(head) - 1}  # names, math and flags left, numbers right
     lines = []
     for row in [head, *rows]:
         cells = [
@@ -745,6 +791,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--dtypes", default="bf16,f16,f32", help="of bf16, f16, f32")
     p.add_argument(
+        "--precision",
+        default="none",
+        help="dot_product_attention's precision, comma-separated, of "
+        f"{', '.join(PRECISIONS)} (default none: HIGHEST for float32)",
+    )
+    p.add_argument(
         "--backward",
         default="split,atomic",
         help="PallasConfig.backward modes (split, atomic), or mosaic: the Mosaic GPU forward "
@@ -774,10 +826,12 @@ def main(argv: list[str] | None = None) -> int:
     features = list(FEATURES) if args.features == "all" else args.features.split(",")
     head_dims = [head_dim_pair(h) for h in args.head_dims.split(",")]
     dtypes, backwards = args.dtypes.split(","), args.backward.split(",")
+    precisions = args.precision.split(",")
     for what, given, known in (
         ("--features", features, FEATURES),
         ("--dtypes", dtypes, DTYPES),
         ("--backward", backwards, BACKWARDS),
+        ("--precision", precisions, PRECISIONS),
     ):
         if unknown := [x for x in given if x not in known]:
             p.error(f"{what}: unknown {unknown}; known: {', '.join(known)}")
@@ -785,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_config(args.config)
     except argparse.ArgumentTypeError as e:
         p.error(str(e))
-    todo = cases(features, head_dims, dtypes, backwards, config)
+    todo = cases(features, head_dims, dtypes, backwards, config, precisions)
 
     if args.ptx or args.sass:
         if len(todo) != 1:
