@@ -174,11 +174,19 @@ def _run_pallas_mosaic(args: Arguments, opts: Options) -> tuple[Array, Array]:
     return pallas.attention(args, opts, kernel="mosaic")
 
 
+def _run_pallas_tpu(args: Arguments, opts: Options) -> tuple[Array, Array]:
+    """Our Pallas TPU flash kernels (chunkattn/tpu_flash.py): bias, mask, dropout and the rest."""
+    from chunkattn import tpu_flash  # imported lazily: Pallas' TPU modules
+
+    return tpu_flash.attention(args, opts)
+
+
 _RUNNERS: dict[str, Callable[[Arguments, Options], tuple[Array, Array]]] = {
     "chunked": _run_chunked,
     "pallas": _run_pallas,
     "pallas_triton": _run_pallas,  # the same kernels as "pallas", named for their backend
     "pallas_mosaic": _run_pallas_mosaic,
+    "pallas_tpu": _run_pallas_tpu,
     "xla": _run_xla,
 }
 
@@ -188,7 +196,7 @@ def _auto_order() -> Sequence[str]:
     if jax.default_backend() == "gpu":
         return ("pallas", "chunked")
     if jax.default_backend() == "tpu":
-        return ("splash", "chunked")
+        return ("splash", "pallas_tpu", "chunked")
     return ("chunked",)
 
 
@@ -274,6 +282,9 @@ def dot_product_attention(
         serves; never chosen by None). "pallas_triton" is "pallas" by its backend's name;
         "pallas_mosaic" is the experimental Hopper (Mosaic GPU) forward kernel with the Triton
         backward (config: `MosaicConfig`), never chosen by None until it has run on a GPU.
+        "pallas_tpu" is our own Pallas TPU FlashAttention (config: `TpuFlashConfig`): what
+        splash declines (a dense bias with its gradient, a dense mask, dropout, a per-batch or
+        traced q_offset); on a TPU None tries splash, then it, then "chunked".
       config: the implementation's config, e.g. `ChunkConfig(q_chunk_size=..., kv_chunk_size=...)`.
 
     Returns:

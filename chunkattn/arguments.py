@@ -33,6 +33,7 @@ IMPLEMENTATIONS = (
     "pallas",
     "pallas_triton",
     "pallas_mosaic",
+    "pallas_tpu",
     "splash",
     "xla",
     "cudnn",

@@ -89,6 +89,8 @@ class AttentionSuite:
     may_decline: ClassVar[bool] = False
     # The mask kinds the sinks run with (None: every kind); a slow path may narrow them.
     sink_kinds: ClassVar[tuple[str, ...] | None] = None
+    # The mask kinds test_mask_kinds runs (None: every kind); a slow path may narrow them.
+    mask_kinds: ClassVar[tuple[str, ...] | None] = None
     # The (T, S) pairs test_lengths runs (None: every pair); a slow path may narrow them.
     length_pairs: ClassVar[tuple[tuple[int, int], ...] | None] = None
 
@@ -129,6 +131,8 @@ class AttentionSuite:
     def test_mask_kinds(self, name, T, S):
         if (T, S) not in self.mask_shapes:
             pytest.skip(f"{type(self).__name__} runs the mask matrix on {self.mask_shapes}")
+        if self.mask_kinds is not None and name not in self.mask_kinds:
+            pytest.skip(f"{type(self).__name__} runs the mask kinds {self.mask_kinds}")
         kwargs = dict(mask_cases(T, S)[name])
         bias = kwargs.pop("bias", None)
         q, k, v = testing.random_qkv(
