@@ -29,6 +29,8 @@ from chunkattn.summary import (
     ChunkSummary,
     accum_dtype,
     grouped_heads,
+    keys_transposed,
+    kv_heads_major,
     merge,
     output_delta,
     row_start,
@@ -124,7 +126,7 @@ def _index_grids(batch: int, num_heads: int, blk: _Block, tq: int, tk: int, marr
 def _block_scores(
     st: Static,
     qg: Array,
-    k: Array,
+    k_t: Array,
     bias: Array | None,
     score_params: tuple[Array, ...],
     marr: masks.MaskArrays,
@@ -133,17 +135,18 @@ def _block_scores(
 ) -> tuple[Array, Array, Array]:
     """Scores of one block in the documented order: scale·q·kᵀ → cap → + bias → score_fn → mask.
 
-    `qg` is the query block in the grouped layout [B, K, G·tq, H] (summary.grouped_heads).
+    `qg` is the query block in the grouped layout [B, K, G·tq, H] (summary.grouped_heads),
+    `k_t` the key block as [B, K, H, tk] (summary.keys_transposed).
 
     Returns (raw, biased, masked), all float32 [B, N, tq, tk]: raw is scale·q·kᵀ, biased is the
     input of score_fn, masked the final scores with −inf where a key may not be attended.
     A `full` block (classified from the mask's index structure) skips the mask arithmetic.
     """
     batch, num_kv_heads, rows, _ = qg.shape
-    tq, tk = st.tq, k.shape[1]
+    tq, tk = st.tq, k_t.shape[3]
     num_heads = num_kv_heads * rows // tq
     adt = accum_dtype(qg.dtype)
-    raw = scores_grouped(qg, k, precision=st.precision).reshape(batch, num_heads, tq, tk)
+    raw = scores_grouped(qg, k_t, precision=st.precision).reshape(batch, num_heads, tq, tk)
     raw = raw * st.scale
     s = raw
     if st.soft_cap is not None:
@@ -257,7 +260,8 @@ def block_forward(
             blk = _Block(q_start, k_start, seq_k)
             kc = jax.lax.dynamic_slice_in_dim(k, k_start, tk, axis=1)  # (B, tk, K, H)
             vc = jax.lax.dynamic_slice_in_dim(v, k_start, tk, axis=1)  # (B, tk, K, Hv)
-            _, _, s = _block_scores(st, qg, kc, bias, score_params, marr, blk, is_full)
+            k_t = keys_transposed(kc)  # (B, K, H, tk)
+            _, _, s = _block_scores(st, qg, k_t, bias, score_params, marr, blk, is_full)
             keep = None
             if st.dropout_rate > 0:
                 keep = _dropout_keep(st, seed, marr, blk, batch, num_heads, tq, tk)
@@ -313,6 +317,8 @@ def block_backward(
         k_start = j * tk
         kc = jax.lax.dynamic_slice_in_dim(k, k_start, tk, axis=1)  # (B, tk, K, H)
         vc = jax.lax.dynamic_slice_in_dim(v, k_start, tk, axis=1)  # (B, tk, K, Hv)
+        # Laid out once per key block for every query block's products (summary.grouped_heads).
+        k_t, k_h, v_t = keys_transposed(kc), kv_heads_major(kc), keys_transposed(vc)
         lo, hi = masks.q_chunk_range(st.spec, marr, k_start, tq, tk, nq)
         full = None
         if masks.index_only(st.spec, marr):
@@ -329,7 +335,7 @@ def block_backward(
             lse_c = jax.lax.dynamic_slice_in_dim(lse_safe, q_start, tq, axis=2)  # (B, N, tq)
             delta_c = jax.lax.dynamic_slice_in_dim(delta, q_start, tq, axis=2)  # (B, N, tq)
             qg = grouped_heads(qc, num_kv_heads)  # (B, K, G·tq, H)
-            raw, biased, s = _block_scores(st, qg, kc, bias, score_params, marr, blk, is_full)
+            raw, biased, s = _block_scores(st, qg, k_t, bias, score_params, marr, blk, is_full)
             p = jnp.exp(s - lse_c[..., None])  # (B, N, tq, tk); 0 where masked
             p_drop = p
             if st.dropout_rate > 0:
@@ -341,7 +347,7 @@ def block_backward(
             # dVᵀ += dOᵀ·P: (B, K, G·tq, Hv) x (B, K, G·tq, tk) -> (B, K, Hv, tk)
             dvc = dvc + transposed_times(dog, pg, precision=st.precision)
             # dP = dO·Vᵀ: (B, K, G·tq, Hv) x (B, tk, K, Hv) -> (B, N, tq, tk)
-            dp = scores_grouped(dog, vc, precision=st.precision).reshape(p.shape)
+            dp = scores_grouped(dog, v_t, precision=st.precision).reshape(p.shape)
             if st.dropout_rate > 0:
                 dp = jnp.where(keep, dp * keep_scale, 0.0)
             ds = p * (dp - delta_c[..., None])  # d(loss)/d(final scores)
@@ -362,7 +368,7 @@ def block_backward(
                 ds = ds * (1.0 - jnp.square(jnp.tanh(raw / st.soft_cap)))
             dsg = (ds * st.scale).astype(q.dtype).reshape(batch, num_kv_heads, groups * tq, tk)
             # dQ += dS·K: (B, K, G·tq, tk) x (B, tk, K, H) -> (B, tq, N, H)
-            dqc = ungrouped_heads(weights_times_values(dsg, kc, precision=st.precision), tq)
+            dqc = ungrouped_heads(weights_times_values(dsg, k_h, precision=st.precision), tq)
             old = jax.lax.dynamic_slice_in_dim(dq, q_start, tq, axis=1)
             dq = jax.lax.dynamic_update_slice_in_dim(dq, old + dqc, q_start, axis=1)
             # dKᵀ += Qᵀ·dS: (B, K, G·tq, H) x (B, K, G·tq, tk) -> (B, K, H, tk)

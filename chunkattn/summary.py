@@ -128,16 +128,18 @@ def summarize_scores(
     if keep is not None:
         w = jnp.where(keep, w * keep_scale, 0.0)
     wg = w.astype(value.dtype).reshape(batch, num_kv_heads, -1, tk)  # (B, K, G·tq, tk)
-    exp_values = weights_times_values(wg, value, precision=precision)  # (B, K, G·tq, Hv)
+    exp_values = weights_times_values(wg, kv_heads_major(value), precision=precision)
     return ChunkSummary(exp_values.reshape(batch, num_heads, tq, -1), exp_weights, m)
 
 
 def grouped_heads(x: Array, num_kv_heads: int) -> Array:
     """[B, t, N, H] -> [B, K, G·t, H]: the query heads of each kv head stacked along rows.
 
-    The block products below take their [t, t] operands in this layout, so each is one batched
-    matmul over (B, K) whose big operand and result are never transposed; only the [t, H] ones
-    are (XLA:CPU otherwise moved whole score blocks between layouts, ~1 ms per 512² block).
+    The block products below take their [t, t] operands in this layout, and their key/value
+    operands as `keys_transposed` / `kv_heads_major`, so each is one batched row-major matmul
+    over (B, K): no [t, t] block is ever transposed, and a key block is laid out once for all
+    the query blocks that use it (XLA:CPU otherwise computed score blocks transposed and moved
+    them back, ~1 ms per 512² block, and re-laid out the key block for every pair).
     """
     batch, t, num_heads, head_dim = x.shape
     groups = num_heads // num_kv_heads
@@ -157,15 +159,26 @@ def _bdot(a: Array, b: Array, contract: tuple[int, int], batch: tuple, precision
     return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=dtype)
 
 
-def scores_grouped(qg: Array, key: Array, *, precision: Any = None) -> Array:
-    """q·kᵀ in float32: qg [B, K, G·tq, H] (`grouped_heads`), key [B, tk, K, H]
-    -> [B, K, G·tq, tk]."""
-    return _bdot(qg, key, (3, 3), ((0, 1), (0, 2)), precision, accum_dtype(qg.dtype))
+def kv_heads_major(x: Array) -> Array:
+    """[B, t, K, H] -> [B, K, t, H]: a key or value block as the right operand of w·v."""
+    return jnp.transpose(x, (0, 2, 1, 3))
 
 
-def weights_times_values(wg: Array, value: Array, *, precision: Any = None) -> Array:
-    """w·v: wg [B, K, G·tq, tk], value [B, tk, K, Hv] -> float32 [B, K, G·tq, Hv]."""
-    return _bdot(wg, value, (3, 1), ((0, 1), (0, 2)), precision, accum_dtype(wg.dtype))
+def keys_transposed(x: Array) -> Array:
+    """[B, t, K, H] -> [B, K, H, t]: a key (or value) block as the right operand of q·kᵀ."""
+    return jnp.transpose(x, (0, 2, 3, 1))
+
+
+def scores_grouped(qg: Array, key_t: Array, *, precision: Any = None) -> Array:
+    """q·kᵀ in float32: qg [B, K, G·tq, H] (`grouped_heads`), key_t [B, K, H, tk]
+    (`keys_transposed`) -> [B, K, G·tq, tk]."""
+    return _bdot(qg, key_t, (3, 2), ((0, 1), (0, 1)), precision, accum_dtype(qg.dtype))
+
+
+def weights_times_values(wg: Array, value_h: Array, *, precision: Any = None) -> Array:
+    """w·v: wg [B, K, G·tq, tk], value_h [B, K, tk, Hv] (`kv_heads_major`) -> float32
+    [B, K, G·tq, Hv]."""
+    return _bdot(wg, value_h, (3, 2), ((0, 1), (0, 1)), precision, accum_dtype(wg.dtype))
 
 
 def transposed_times(ag: Array, bg: Array, *, precision: Any = None) -> Array:
@@ -179,7 +192,7 @@ def chunk_scores(query: Array, key: Array, *, scale: float, precision: Any = Non
     """scale · q · kᵀ in float32: query [B, tq, N, H], key [B, tk, K, H] -> [B, N, tq, tk]."""
     batch, tq, num_heads, _ = query.shape
     qg = grouped_heads(query, key.shape[2])  # (B, K, G·tq, H)
-    s = scores_grouped(qg, key, precision=precision)  # (B, K, G·tq, tk)
+    s = scores_grouped(qg, keys_transposed(key), precision=precision)  # (B, K, G·tq, tk)
     return s.reshape(batch, num_heads, tq, key.shape[1]) * scale
 
 
