@@ -14,6 +14,7 @@ to the GPU.
 from __future__ import annotations
 
 import dataclasses
+import re
 from unittest import mock
 
 import jax
@@ -24,8 +25,9 @@ from attention_suite import AttentionSuite
 
 import chunkattn
 from chunkattn import chunked, masks, testing
+from chunkattn.arguments import resolve_precision
 from chunkattn.pallas import PallasConfig, block
-from chunkattn.pallas.config import heuristic
+from chunkattn.pallas.config import f32_dot_precision, heuristic
 from chunkattn.pallas.kernel_common import META, segment_ranges
 from chunkattn.parallel import ring_attention
 
@@ -320,6 +322,59 @@ def test_dense_tiles_halve_the_default_key_block():
     assert tiles["block_q"] == plain["block_q"] and tiles["block_k_bwd"] == plain["block_k_bwd"]
     mine = heuristic(128, jnp.bfloat16, 4096, 4096, PallasConfig(block_k=128), True)
     assert mine["block_k"] == 128
+
+
+_P = jax.lax.Precision
+# What each precision of a float32 call runs as (README): the API's None is HIGHEST (exact), as
+# in the chunked path; DEFAULT and HIGH TF32 tensor cores, as XLA's GPU dots; an algorithm
+# preset its own (TF32_TF32_F32_X3: three TF32 products).
+_F32_DOTS = {
+    None: "ieee",
+    _P.DEFAULT: "tf32",
+    _P.HIGH: "tf32",
+    _P.HIGHEST: "ieee",
+    jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3: "tf32x3",
+}
+
+
+@pytest.mark.parametrize("precision", list(_F32_DOTS), ids=str)
+def test_float32_precision_reaches_the_triton_dots(precision, monkeypatch):
+    """float32 at each `precision`: every tt.dot of the forward, dQ and dK/dV kernels, in the
+    Triton IR that Pallas lowers for CUDA, has the input precision `f32_dot_precision` claims
+    (ieee: no attribute), and the heuristic picks that precision's blocks."""
+    from jax._src.pallas.triton import lowering
+
+    monkeypatch.delenv("CHUNKATTN_PALLAS_INTERPRET", raising=False)
+    resolved = resolve_precision(precision, jnp.float32)
+    assert f32_dot_precision(resolved) == _F32_DOTS[precision]
+    modules = []
+    real = lowering.lower_jaxpr_to_triton_module
+
+    def recording(*args, **kwargs):
+        result = real(*args, **kwargs)
+        modules.append(str(result.module))
+        return result
+
+    q, k, v = testing.random_qkv(
+        jax.random.PRNGKey(0), seq_q=64, seq_k=64, head_dim=32, dtype=jnp.float32
+    )
+
+    def loss(q, k, v):
+        out = chunkattn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="pallas", precision=precision
+        )
+        return jnp.sum(out)
+
+    with mock.patch.object(lowering, "lower_jaxpr_to_triton_module", recording):
+        assert _triton_kernels_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v) == 3
+    assert len(modules) == 3
+    for text in modules:
+        dots = [line for line in text.splitlines() if "tt.dot " in line]
+        found = {m[1] if (m := re.search(r"inputPrecision = (\w+)", d)) else "ieee" for d in dots}
+        assert dots and found == {_F32_DOTS[precision]}, (precision, found)
+    tensor_cores = heuristic(128, jnp.float32, 4096, 4096, PallasConfig(), precision=_P.DEFAULT)
+    mine = heuristic(128, jnp.float32, 4096, 4096, PallasConfig(), precision=resolved)
+    assert (mine == tensor_cores) == (_F32_DOTS[precision] != "ieee")
 
 
 def _pallas_operand_shapes(jaxpr) -> list[tuple[int, ...]]:

@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from chunkattn import chunked
-from chunkattn.pallas.config import block_width
+from chunkattn.pallas.config import block_width, f32_dot_precision
 from chunkattn.pallas.kernel_common import (
     F32_MAX,
     LOG2E,
@@ -104,9 +104,15 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, meta_ref, *ref
     k, v = load(k_ref, hd), load(v_ref, hdv)  # (bk, H), (bk, Hv)
     cols = k_start + jnp.arange(bk, dtype=jnp.int32)
     segk = ops.segk[...] if st.has_segments else None  # this program's key block
+    # Exact float32 (FMA loops): K and V are read again in every step. Held across the loop,
+    # Triton keeps them as FMA operands, whole head dims per thread: 16×16 at H=128 held 255
+    # registers and spilled 828 B; read per step, 108 and none (bench/NOTES.md v12).
+    reload = k_ref.dtype == jnp.float32 and f32_dot_precision(st.precision) == "ieee"
+    kv_held = (k, v)
 
     def body(i, carry, masked):
         dk, dv = carry
+        k, v = (load(k_ref, hd), load(v_ref, hdv)) if reload else kv_held
         q_start = i * bq
         qs = pl.ds(q_start, bq)
         q, do = load(q_ref, hd, qs), load(do_ref, hdv, qs)

@@ -96,7 +96,7 @@ def block_static(
         atomic_dq=cfg.backward == "atomic",
         precision=request.precision,
         interpret=interpret,
-        **heuristic(width, q.dtype, q.shape[1], k.shape[1], cfg),
+        **heuristic(width, q.dtype, q.shape[1], k.shape[1], cfg, precision=request.precision),
     )
 
 

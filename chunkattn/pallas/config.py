@@ -11,6 +11,7 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
@@ -64,6 +65,39 @@ class PallasConfig:
                 raise ValueError(f"PallasConfig.{name} must be in 1..8, got {v!r}")
 
 
+def f32_dot_precision(precision: Any) -> str:
+    """How the kernels' float32 matrix products run at `precision` (as `dot_product_attention`
+    hands it on: None is HIGHEST for float32 inputs there): the input precision that Pallas's
+    Triton lowering gives `tt.dot` (jax/_src/pallas/triton/lowering.py, jax 0.10–0.11).
+
+    - "tf32": DEFAULT or HIGH (either operand), or `DotAlgorithmPreset.TF32_TF32_F32`: TF32
+      tensor cores (wgmma/mma .tf32; inputs rounded to 10 mantissa bits, float32 sums), as
+      XLA's own float32 dots on the GPU at DEFAULT and HIGH (`jax.lax.Precision`'s doc; cuBLAS
+      allows TF32 below HIGHEST).
+    - "ieee": HIGHEST, or `F32_F32_F32`: exact float32, FMA loops on the CUDA cores.
+    - "tf32x3": `TF32_TF32_F32_X3`: three TF32 products (≈ float32 accuracy) on tensor cores.
+    - "bf16": the bfloat16/float16 presets (the lowering casts the inputs): tensor cores.
+    A bare None (never passed by the API for float32) is DEFAULT to Pallas: "tf32".
+    """
+    presets = {
+        "TF32_TF32_F32": "tf32",
+        "TF32_TF32_F32_X3": "tf32x3",
+        "F32_F32_F32": "ieee",
+    }
+    preset = jax.lax.DotAlgorithmPreset
+    if isinstance(precision, str) and precision in preset.__members__:
+        precision = preset[precision]
+    if isinstance(precision, preset):
+        if precision == preset.DEFAULT:
+            return "tf32"
+        return presets.get(precision.name, "bf16")
+    if precision is None:
+        return "tf32"
+    pair = precision if isinstance(precision, tuple | list) else (precision, precision)
+    fast = (jax.lax.Precision.DEFAULT, jax.lax.Precision.HIGH)
+    return "tf32" if any(jax.lax.Precision(p) in fast for p in pair) else "ieee"
+
+
 def heuristic(
     head_dim: int,
     dtype: Any,
@@ -71,6 +105,7 @@ def heuristic(
     seq_k: int,
     cfg: PallasConfig,
     dense_tiles: bool = False,
+    precision: Any = jax.lax.Precision.HIGHEST,
 ) -> dict:
     """Block sizes per head dim (its block width) and dtype, clipped to the sequence.
 
@@ -87,8 +122,18 @@ def heuristic(
       spilled in nearly every feature (its dK and dV accumulators are 128 of them), and ptxas
       serialized its wgmma; 64×64 does not spill on 0.11.2 and its wgmma is not serialized
       (on 0.10.2 it spills 16–132 B at H=72/128 in 9 of the 14 features).
-    float32 and H > 128 keep v8's configs (float32 has no tensor-core path and spills
-    kilobytes from H=64 whatever the blocks; H=192/256 did not spill).
+    H > 128 keeps v8's configs (bf16 at H=192/256 did not spill; float32 there not searched).
+
+    float32 follows what its matrix products run on (`precision`, as the API hands it on:
+    `f32_dot_precision`), measured the same way (bench/NOTES.md v12, H ≤ 128):
+    - TF32 tensor cores (DEFAULT, HIGH): Triton's TF32 tiles hold more registers than bf16's
+      (float32 operands) and twice the shared memory. H ≤ 64: bf16's blocks with dK/dV 32×64
+      (64×64 spilled with dropout or a 2-D bias); H ≤ 128: forward 64×64, dQ 64×16 (64×64
+      spilled 516 B, 64×32 20 B), dK/dV 16×32 (split and atomic; 64×64 spilled 848 B).
+    - exact float32 (HIGHEST, the API's default for float32): FMA loops, whose operands Triton
+      holds per thread over the whole contraction, so the tiles are small: H ≤ 64 forward and dQ
+      32×64, dK/dV 64×32; H ≤ 128 forward 32×16 at 4 warps, dQ 32×16, dK/dV 32×32 (v8's 64×64
+      forward spilled 23 KB, dQ 37 KB); the dK/dV kernel there reads K and V in every step.
 
     `dense_tiles`: a dense bias or mask varies along both T and S, so the kernels also stream
     a (block_q, block_k) tile of it: the forward's key block is halved (shared memory,
@@ -97,14 +142,12 @@ def heuristic(
     backward halves that query block as well (its dK/dV kernel also holds dS·K: 64×64 spilled
     8–48 B in 12 of 14 features on 0.11.2, 32×64 in none).
     """
-    wide = jnp.dtype(dtype).itemsize >= 4  # float32 tiles take twice the shared memory
-    # (block_q, block_k, block_k of dQ, warps, stages, block_q_bwd, block_k_bwd, warps_bwd)
-    if head_dim <= 64:
-        table = (128, 64, 64, 8, 3, 64, 64, 8) if not wide else (64, 32, 32, 4, 3, 32, 32, 4)
-    elif head_dim <= 128:
-        table = (128, 128, 64, 8, 2, 64, 64, 8) if not wide else (64, 64, 64, 8, 2, 16, 64, 8)
-    else:
-        table = (64, 32, 32, 8, 2, 32, 32, 8) if not wide else (32, 16, 16, 8, 2, 16, 16, 8)
+    if jnp.dtype(dtype).itemsize < 4:
+        kind = "16-bit"
+    else:  # float32: TF32 tensor cores, or FMA loops when exact (`f32_dot_precision`)
+        kind = "fma" if f32_dot_precision(precision) == "ieee" else "tf32"
+    band = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    table = _TABLE[band][kind]
     bq, bk, bk_dq, warps, stages, bq_b, bk_b, warps_b = table
 
     if dense_tiles:
@@ -112,7 +155,7 @@ def heuristic(
         # 128×128 bias tile another 64 KiB: past the H100's 227 KiB with Triton's scratch. Half
         # the key block keeps the loop's tiles at ~100 KiB (a prediction, bench/NOTES.md v5).
         bk = max(bk // 2, 16)
-    if (dense_tiles or cfg.backward == "atomic") and 64 < head_dim <= 128 and not wide:
+    if (dense_tiles or cfg.backward == "atomic") and band == 128 and kind == "16-bit":
         # dK/dV's registers at H=128: a dense tile, or the atomic mode's dS·K (a float32
         # block_q_bwd × H tile), spilled at 64×64; 32×64 does not.
         bq_b //= 2
@@ -132,6 +175,30 @@ def heuristic(
         num_warps_bwd=cfg.num_warps_bwd or warps_b,
         num_stages_bwd=cfg.num_stages_bwd or 2,
     )
+
+
+# The default blocks per head-dim band (the block width: ≤ 64, ≤ 128, ≤ 256) and kind of
+# matrix product: bf16/f16 ("16-bit"), float32 on TF32 tensor cores ("tf32": DEFAULT, HIGH) or
+# exact float32 on FMA loops ("fma": HIGHEST, the API's default for float32), as
+# (block_q, block_k, block_k of dQ, warps, stages, block_q_bwd, block_k_bwd, warps_bwd).
+# `heuristic`'s docstring says why; bench/NOTES.md v10 (16-bit) and v12 (float32) the figures.
+_TABLE = {
+    64: {
+        "16-bit": (128, 64, 64, 8, 3, 64, 64, 8),
+        "tf32": (128, 64, 64, 8, 3, 32, 64, 8),
+        "fma": (32, 64, 64, 8, 2, 64, 32, 8),
+    },
+    128: {
+        "16-bit": (128, 128, 64, 8, 2, 64, 64, 8),
+        "tf32": (64, 64, 16, 8, 2, 16, 32, 8),
+        "fma": (32, 16, 16, 4, 2, 32, 32, 8),
+    },
+    256: {
+        "16-bit": (64, 32, 32, 8, 2, 32, 32, 8),
+        "tf32": (32, 16, 16, 8, 2, 16, 16, 8),
+        "fma": (32, 16, 16, 8, 2, 16, 16, 8),
+    },
+}
 
 
 def block_width(head_dim: int) -> int:

@@ -241,7 +241,7 @@ def attention(args: Any, opts: Any, kernel: str = "triton") -> tuple[Array, Arra
     seq_k, num_kv_heads, head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
     hp, hvp = block_width(head_dim), block_width(head_dim_v)
     dense_tiles = any(d is not None and d[2] and d[3] for d in map(_dims, (args.bias, args.mask)))
-    blocks = heuristic(max(hp, hvp), q.dtype, seq_q, seq_k, cfg, dense_tiles)
+    blocks = heuristic(max(hp, hvp), q.dtype, seq_q, seq_k, cfg, dense_tiles, opts.precision)
     _check_user_fns(opts, blocks["block_q"], blocks["block_k"])
     tq = max(blocks["block_q"], blocks["block_q_bwd"])
     tk = max(blocks["block_k"], blocks["block_k_bwd"])
