@@ -169,16 +169,20 @@ def _pallas_calls(fn, *args) -> int:
 
 
 def test_auto_prefers_splash_on_tpu_for_what_it_serves_exactly(monkeypatch):
-    """On a TPU backend implementation=None runs splash for bfloat16, and the chunked path for
-    float32 at HIGHEST precision (splash cannot promise it) and for what splash declines."""
+    """On a TPU backend implementation=None runs splash for bfloat16, and our own TPU kernel
+    (chunkattn/tpu_flash.py) for float32 at HIGHEST precision (splash cannot promise it) and
+    for what splash declines (dropout)."""
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     q, k, v = _qkv(T=19, S=41, dtype=jnp.bfloat16)
     auto = lambda q, k, v, **kw: chunkattn.dot_product_attention(q, k, v, is_causal=True, **kw)
-    assert _pallas_calls(auto, q, k, v) == 1
+    jaxpr = lambda fn, *args: str(jax.make_jaxpr(fn)(*args))
+    assert _pallas_calls(auto, q, k, v) == 1 and "splash" in jaxpr(auto, q, k, v)
     q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
-    assert _pallas_calls(auto, q32, k32, v32) == 0
+    text = jaxpr(auto, q32, k32, v32)
+    assert "splash" not in text and "chunkattn_tpu_flash_fwd" in text
     dropout = dict(dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0))
-    assert _pallas_calls(lambda q, k, v: auto(q, k, v, **dropout), q, k, v) == 0
+    text = jaxpr(lambda q, k, v: auto(q, k, v, **dropout), q, k, v)
+    assert "splash" not in text and "chunkattn_tpu_flash_fwd" in text
 
 
 FEATURES = {
