@@ -28,7 +28,7 @@ import pytest
 
 import chunkattn
 from chunkattn import api, masks, testing
-from chunkattn.pallas import PallasConfig, mosaic
+from chunkattn.pallas import PallasConfig, mosaic, mosaic_backward
 
 ON_GPU = jax.default_backend() == "gpu"
 B, T, S, N, K = 2, 200, 200, 4, 2
@@ -310,6 +310,223 @@ def test_emulated_gradients_through_the_triton_backward(emulated):
     testing.assert_matches_reference(_mosaic, q, k, v, **kwargs)
 
 
+# ---------------------------------------------- the Mosaic backward (mosaic_backward.py), on CPU
+
+BWD_CFG = mosaic.MosaicConfig(block_k=64, backward=mosaic_backward.MosaicBackwardConfig())
+
+
+def _mosaic_bwd(*args, **kwargs):
+    return chunkattn.dot_product_attention(
+        *args, implementation="pallas_mosaic", config=BWD_CFG, **kwargs
+    )
+
+
+def _check_q_schedule(mask, sched, bq, bkv, full_allowed=True):
+    """Every allowed pair lies in a scheduled query block of its key tile; the blocks a
+    warpgroup runs unmasked are allowed for each of its keys and each row."""
+    batch, seq_q, seq_k = mask.shape
+    for b, t in itertools.product(range(batch), range(seq_k // (2 * bkv))):
+        lo, hi = sched[b, t, :2]
+        tile = mask[b, :, t * 2 * bkv : (t + 1) * 2 * bkv]
+        seen = np.nonzero(tile.any(axis=1))[0] // bq
+        assert lo <= hi, (b, t)
+        assert seen.size == 0 or (lo <= seen.min() and seen.max() < hi), (b, t, lo, hi)
+        assert seen.size > 0 or lo == hi, (b, t, lo, hi)  # no row sees the tile: no block
+        for w in range(2):
+            flo, fhi = sched[b, t, 2 + 2 * w : 4 + 2 * w]
+            assert lo <= flo <= fhi <= hi
+            if not full_allowed:
+                assert flo == fhi
+            keys = tile[:, w * bkv : (w + 1) * bkv]
+            for i in range(flo, fhi):
+                assert keys[i * bq : (i + 1) * bq].all(), (b, t, w, i)
+
+
+@pytest.mark.parametrize("case", RANGE_CASES)
+def test_q_block_schedule_of_the_dkdv_kernel_matches_the_mask(case):
+    seq_q, seq_k, bq, bkv = 256, 256, 64, 64
+    kstart, kend = mosaic.key_ranges(_meta(*case), seq_q, seq_k)
+    sched = mosaic_backward.q_block_schedule(kstart, kend, seq_k, bq, bkv)
+    mask = _dense_mask(case, seq_q, seq_k)
+    _check_q_schedule(mask, np.asarray(sched), bq, bkv)
+    if case[0] and case[1] is None and case[2] == [0, 5]:  # causal: blocks above are skipped
+        blocks = np.asarray(sched[..., 1] - sched[..., 0])
+        assert blocks[0].tolist() == [4, 2], blocks  # tile 1 (keys 128..255) from block 2
+        assert np.asarray(sched[0, :, 2:6]).tolist() == [[1, 4, 2, 4], [3, 4, 4, 4]]
+
+
+def test_q_block_schedule_with_segment_ids():
+    from chunkattn.pallas.kernel_common import segment_ranges
+
+    rng = np.random.default_rng(1)
+    seq, bq, bkv = 512, 64, 64
+    case = (True, None, [0, 0], [seq, 300], [seq, 450])
+    for sort in (True, False):
+        segq = _segments(rng, 2, seq, sort)
+        segk = segq if sort else _segments(rng, 2, seq, sort)
+        meta = _meta(*case)
+        kstart, kend = mosaic.key_ranges(meta, seq, seq)
+        seg = segment_ranges(segq, segk, meta[:, 1], meta[:, 2], bq, 2 * bkv, "k")
+        sched = mosaic_backward.q_block_schedule(kstart, kend, seq, bq, bkv, seg)
+        mask = _dense_mask(case, seq, seq)
+        mask &= np.asarray(segq)[:, :, None] == np.asarray(segk)[:, None, :]
+        _check_q_schedule(mask, np.asarray(sched), bq, bkv, full_allowed=False)
+
+
+def _block_reference(q, k, v, do, dlse, scale, cap, allowed):
+    """(P, dS) of one block by autodiff of the float32 attention: dS = d loss/d(scale·q·kᵀ)
+    for loss = Σ dO∘O + Σ dlse·lse."""
+
+    def loss(x):
+        s = x if cap is None else cap * jnp.tanh(x / cap)
+        s = jnp.where(allowed, s, -jnp.inf)
+        lse = jax.nn.logsumexp(s, axis=1)
+        p = jnp.where(allowed, jnp.exp(s - lse[:, None]), 0.0)
+        p = jnp.where(jnp.isfinite(lse)[:, None], p, 0.0)
+        return jnp.sum(do * (p @ v)) + jnp.sum(jnp.where(jnp.isfinite(lse), dlse * lse, 0.0)), (
+            p,
+            lse,
+        )
+
+    x = scale * (q @ k.T)
+    (_, (p, lse)), ds = jax.value_and_grad(loss, has_aux=True)(x)
+    return p, ds, lse
+
+
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_block_grads_match_autodiff(cap):
+    """P = 2^(s₂ − lse₂) and dS = P∘(dP − D)(1 − t²) of `block_grads` (the dQ kernel's) and of
+    `block_grads_t` (the dK/dV kernel's transposed block, with the soft cap's slope also
+    recomputed from P as that kernel does) against autodiff of float32 attention on one block
+    with a mask; a row that sees no key (lse −inf, lse₂ +inf) gets P = dS = 0."""
+    rng = np.random.default_rng(3)
+    bq, bk, h, scale = 64, 64, 32, 0.3
+    q, k, v, do = (jnp.asarray(rng.normal(size=(n, h)), jnp.float32) for n in (bq, bk, bk, bq))
+    dlse = jnp.asarray(rng.normal(size=bq), jnp.float32)
+    ks = jnp.asarray(rng.integers(0, 40, bq), jnp.int32).at[5].set(bk)  # row 5: no key
+    ke = jnp.minimum(ks + jnp.asarray(rng.integers(1, 50, bq), jnp.int32), bk)
+    cols = jnp.arange(bk)[None, :]
+    allowed = (cols >= ks[:, None]) & (cols < ke[:, None])
+    reference = jax.jit(_block_reference, static_argnums=(5, 6))  # one compile, not op by op
+    p_ref, ds_ref, lse = reference(q, k, v, do, dlse, scale, cap, allowed)
+    out = p_ref @ v
+    lse2 = jnp.where(jnp.isfinite(lse), lse * np.log2(np.e), jnp.inf)
+    delta = jnp.sum(do * out, axis=1) - dlse
+    plan = mosaic.Plan(scale, cap, False, False, 1, (h, h), 64, bk, 2, False)
+    raw, dp = q @ k.T, do @ v.T
+    mask = lambda s: mosaic.mask_block(s, jnp.broadcast_to(cols, s.shape), ks, ke)  # noqa: E731
+    p, ds = jax.jit(mosaic_backward.block_grads, static_argnums=(4, 5))(
+        raw, dp, lse2, delta, plan, mask
+    )
+    mask_t = lambda s: mosaic_backward.mask_block_t(s, jnp.arange(bk), ks, ke)  # noqa: E731
+
+    @jax.jit
+    def transposed(raw_t, dp_t, lse2, delta):
+        pt, dst = mosaic_backward.block_grads_t(raw_t, dp_t, lse2, delta, plan, mask_t)
+        slope = None if cap is None else mosaic_backward.cap_slope(pt, lse2, cap)
+        return pt, dst, mosaic_backward.dscores_t(pt, dp_t, delta, slope)
+
+    pt, dst, dst_kernel = transposed(raw.T, dp.T, lse2, delta)
+    checks = [(p, p_ref), (ds, ds_ref), (pt.T, p_ref), (dst.T, ds_ref), (dst_kernel.T, ds_ref)]
+    for got, want in checks:
+        assert bool(jnp.all(jnp.isfinite(got)))
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-4)
+    assert float(jnp.abs(p[5]).max()) == 0.0 and float(jnp.abs(ds[5]).max()) == 0.0
+
+
+def test_backward_config_is_validated_and_opt_in():
+    for kwargs, field in [
+        ({"block_q": 32}, "block_q"),
+        ({"block_kv": 128}, "block_kv"),
+        ({"block_k_dq": 256}, "block_k_dq"),
+        ({"num_stages": 5}, "num_stages"),
+    ]:
+        with pytest.raises(ValueError, match=f"MosaicBackwardConfig.{field}"):
+            mosaic_backward.MosaicBackwardConfig(**kwargs)
+    assert isinstance(mosaic.MosaicConfig().backward, PallasConfig)  # Triton's by default
+    cfg = mosaic.MosaicConfig(backward=mosaic_backward.MosaicBackwardConfig())
+    assert isinstance(cfg.backward, mosaic_backward.MosaicBackwardConfig)
+
+
+def test_backward_shared_memory_fits():
+    bp = mosaic_backward.plan_for(mosaic_backward.MosaicBackwardConfig())
+    for dims in itertools.product(mosaic_backward.HEAD_DIMS, repeat=2):
+        for kernel in ("dq", "dkdv"):
+            need = mosaic_backward.smem_bytes(kernel, dims, 2, bp, interpret=True)
+            assert need + 4096 <= mosaic.SMEM_LIMIT, (kernel, dims)
+
+
+def test_backward_declines_head_dim_256(monkeypatch):
+    monkeypatch.setenv("CHUNKATTN_PALLAS_INTERPRET", "1")
+    q, k, v = _qkv(head_dim=256, seq_q=16, seq_k=16)
+    with pytest.raises(NotImplementedError, match="head dims 256/256 in the Mosaic backward"):
+        _mosaic_bwd(q, k, v)
+
+
+@pytest.fixture
+def emulated_bwd(monkeypatch):
+    """pallas_mosaic with both kernels replaced by their jnp emulations (any jax)."""
+    monkeypatch.setenv("CHUNKATTN_PALLAS_INTERPRET", "1")
+    monkeypatch.setattr(mosaic, "launch", mosaic.emulate)
+    calls = []
+
+    def launch(*args):
+        calls.append(args[0])
+        return mosaic_backward.emulate(*args)
+
+    monkeypatch.setattr(mosaic_backward, "launch", launch)
+    return calls
+
+
+def test_emulated_mosaic_backward_matches_reference(emulated_bwd):
+    """The two backward kernels' loops (GQA summed over the group, causal skipping, sinks,
+    padded tails: T=S=130 pads to 256) through the public API's custom_vjp."""
+    q, k, v = _qkv(seq_q=130, seq_k=130, heads=2, kv_heads=1, batch=1)
+    kwargs = cases(batch=1, seq_q=130, seq_k=130, heads=2)["causal_gqa_sinks"]
+    testing.assert_matches_reference(_mosaic_bwd, q, k, v, **kwargs)
+    assert emulated_bwd and emulated_bwd[0].backward is not None  # the Mosaic backward ran
+
+
+def test_mosaic_backward_lowers_for_cuda(monkeypatch):
+    """The three Mosaic GPU kernels of forward + backward lower for CUDA on any host (Pallas →
+    Mosaic GPU MLIR runs here; ptxas is bench/compile_report.py's); the default config keeps
+    the Triton backward (one Mosaic kernel)."""
+    monkeypatch.delenv("CHUNKATTN_PALLAS_INTERPRET", raising=False)
+    q, k, v = _qkv(seq_q=300, seq_k=300)
+    names = ("chunkattn_mosaic_fwd", "chunkattn_mosaic_bwd_dq", "chunkattn_mosaic_bwd_dkdv")
+    for cfg, want in [(BWD_CFG, 3), (mosaic.MosaicConfig(), 1)]:
+
+        def loss(q, k, v, cfg=cfg):
+            out = chunkattn.dot_product_attention(
+                q, k, v, is_causal=True, implementation="pallas_mosaic", config=cfg
+            )
+            return jnp.sum(out.astype(jnp.float32))
+
+        text = _lowered_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+        assert text.count("custom_call @mosaic_gpu_v2(") == want, cfg
+        assert [n for n in names if n in text] == list(names[:want]), cfg
+
+
+def _lowered_for_cuda(fn, *args) -> str:
+    mesh = jax.sharding.AbstractMesh(
+        (1,),
+        ("gpu",),
+        abstract_device=jax.sharding.AbstractDevice(
+            device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"
+        ),
+    )
+    checks = [
+        jax.export.DisabledSafetyCheck.custom_call(name)
+        for name in ("mosaic_gpu_v2", "__gpu$xla.gpu.triton")
+    ]
+    with (
+        mock.patch.object(jax, "default_backend", lambda: "gpu"),
+        jax.sharding.use_abstract_mesh(mesh),
+    ):
+        exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args)
+    return exported.mlir_module()
+
+
 # ------------------------------------------------------------------ the Mosaic GPU interpreter
 
 
@@ -360,6 +577,51 @@ def test_kernel_in_the_interpreter_matches_emulation_and_reference(
     testing.assert_matches_reference(_mosaic, q, k, v, grads=name == "causal_gqa_sinks", **kwargs)
 
 
+@pytest.mark.skipif(ON_GPU, reason="the interpreter checks are for CPU")
+@pytest.mark.skipif(
+    not _has_interpreter(),
+    reason=f"jax {jax.__version__}'s Mosaic GPU interpreter cannot run a transposed wgmma "
+    "operand; run with jax >= 0.11 (the cuda-aot venv of 0.11.2)",
+)
+@pytest.mark.parametrize(
+    "name, dims",
+    [
+        ("causal_gqa_sinks", (64, 64)),
+        ("window_offset_softcap_lengths", (128, 64)),
+        ("segments_unsorted_lengths", (64, 64)),
+        ("empty_rows_sinks", (64, 128)),
+    ],
+)
+def test_backward_kernels_in_the_interpreter_match_emulation_and_reference(
+    monkeypatch, no_compilation_cache, name, dims
+):
+    """The dQ and dK/dV kernels themselves (TMA rings, barriers, warpgroups; the forward is
+    emulated, its kernel has the test above): gradients within 1/4 of the bf16 gradient
+    tolerance of the emulated kernels, and the reference's."""
+    monkeypatch.setenv("CHUNKATTN_PALLAS_INTERPRET", "1")
+    monkeypatch.setattr(mosaic, "launch", mosaic.emulate)
+    seq_q, seq_k = (130, 300) if name.startswith("window") else (T, S)
+    q, k, v = _qkv(jnp.bfloat16, *dims, seq_q=seq_q, seq_k=seq_k, batch=1)
+    kwargs = cases(batch=1, seq_q=seq_q, seq_k=seq_k)[name]
+    proj = jax.random.normal(jax.random.PRNGKey(5), (1, seq_q, N, dims[1]), jnp.float32)
+
+    def grads():
+        def loss(q, k, v):
+            return jnp.sum(_mosaic_bwd(q, k, v, **kwargs).astype(jnp.float32) * proj)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    got = grads()
+    with monkeypatch.context() as m:
+        m.setattr(mosaic_backward, "launch", mosaic_backward.emulate)
+        want = grads()
+    tol = 0.25 * testing.tolerance(jnp.bfloat16, grad=True)
+    for g, w, what in zip(got, want, "qkv", strict=True):
+        assert testing.relative_error(g, w) <= tol, (name, what)
+        assert float(jnp.abs(w.astype(jnp.float32)).max()) > 0, (name, what)  # not vacuous
+    testing.assert_matches_reference(_mosaic_bwd, q, k, v, **kwargs)
+
+
 # --------------------------------------------------------------------------------- on a GPU
 
 GPU_FEATURES = ["full", "causal", *cases()]
@@ -391,5 +653,40 @@ def test_gpu_matches_reference(name, dims, dtype):
 
     def run(*args, **kwargs):
         return chunkattn.dot_product_attention(*args, implementation="pallas_mosaic", **kwargs)
+
+    testing.assert_matches_reference(run, q, k, v, **kw)
+
+
+# Every feature at bf16 H=128; the richest feature sets at every head dim pair it serves and
+# causal at f16: the Mosaic backward's first GPU run (bench/gpu_session.sh mosaic_bwd).
+BWD_GPU_HEAD_DIMS = [(64, 64), (128, 128), (128, 64), (64, 128)]
+BWD_GPU_CASES = sorted(
+    {(name, (128, 128), "bf16") for name in GPU_FEATURES}
+    | {
+        (n, d, "bf16")
+        for n in ("causal_gqa_sinks", "window_offset_softcap_lengths")
+        for d in BWD_GPU_HEAD_DIMS
+    }
+    | {("causal", d, "f16") for d in BWD_GPU_HEAD_DIMS}
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (sm_90: H100/H200)")
+@pytest.mark.parametrize(
+    "name, dims, dtype", BWD_GPU_CASES, ids=[f"{n}-h{d[0]}_{d[1]}-{t}" for n, d, t in BWD_GPU_CASES]
+)
+def test_gpu_mosaic_backward_matches_reference(name, dims, dtype):
+    dtype = {"bf16": jnp.bfloat16, "f16": jnp.float16}[dtype]
+    seq_q, seq_k = 1000, 1100
+    kw = {"full": {}, "causal": dict(is_causal=True), **cases(seq_q=seq_q, seq_k=seq_k)}[name]
+    seed = sum(map(ord, name))
+    q, k, v = _qkv(dtype, dims[0], dims[1], seq_q=seq_q, seq_k=seq_k, seed=seed)
+    cfg = mosaic.MosaicConfig(backward=mosaic_backward.MosaicBackwardConfig())
+
+    def run(*args, **kwargs):
+        return chunkattn.dot_product_attention(
+            *args, implementation="pallas_mosaic", config=cfg, **kwargs
+        )
 
     testing.assert_matches_reference(run, q, k, v, **kw)

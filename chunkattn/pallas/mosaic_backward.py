@@ -133,7 +133,7 @@ def smem_bytes(
             total += COMPUTE_WGS * 64 * bp.block_k_dq * itemsize  # dS
         return total
     total = COMPUTE_WGS * bp.block_kv * (h + hv) * itemsize  # K and V per warpgroup
-    total += stages * bp.block_q * (h + hv) * itemsize  # the Q/dO ring
+    total += stages * bp.block_q * ((h + hv) * itemsize + 2 * 4 + 3 * 4)  # Q, dO, rows' values
     if interpret:
         total += COMPUTE_WGS * bp.block_kv * bp.block_q * itemsize  # Pᵀ, then dSᵀ
     return total
@@ -190,9 +190,8 @@ def q_block_schedule(
     return jnp.concatenate([*cols, zero, zero], axis=-1).astype(jnp.int32)
 
 
-def block_grads(raw, dp, lse2, delta, plan: mosaic.Plan, mask=None, row_axis: int = 0):
-    """(P, dS) of one block from raw = q·kᵀ and dp = dO·vᵀ (float32; transposed, keys × rows,
-    when row_axis = 1).
+def block_grads(raw, dp, lse2, delta, plan: mosaic.Plan, mask=None):
+    """(P, dS) of one block [bq, bk] from raw = q·kᵀ and dp = dO·vᵀ (float32).
 
     P = 2^(s₂ − lse₂) with s₂ the log2-domain score (`mosaic.score_block`) and lse₂ per row
     (+inf: the row saw no key, P = 0); dS = P∘(dP − D) with D per row, times 1 − t² with a
@@ -207,22 +206,58 @@ def block_grads(raw, dp, lse2, delta, plan: mosaic.Plan, mask=None, row_axis: in
         slope = 1.0 - t * t
     if mask is not None:
         s = mask(s)
-    rows = lambda x: lax.broadcast_in_dim(x, s.shape, [row_axis])  # noqa: E731
+    rows = lambda x: lax.broadcast_in_dim(x, s.shape, [0])  # noqa: E731
     p = jnp.exp2(s - rows(lse2))
     ds = p * (dp - rows(delta))
-    if slope is not None:
-        ds = ds * slope
-    return p, ds
+    return p, (ds if slope is None else ds * slope)
 
 
 def mask_block_t(s, keys, kstart, kend, segk=None, segq=None):
-    """s [bkv, bq] (keys × rows) with −inf where row c may not see key keys[k, c]: outside
-    [kstart_c, kend_c), or (segment ids) segq_c ≠ segk_k. kstart/kend/segq [bq], segk [bkv]."""
+    """s [bkv, bq] (keys × rows, the dK/dV kernel's transposed block) with −inf where row c
+    may not see key keys[k]: outside [kstart_c, kend_c), or (segment ids) segq_c ≠ segk_k.
+    keys and segk are [bkv] (one value per row of the block: 2 registers a thread, where a
+    [bkv, bq] index array would take 32), kstart/kend/segq [bq]."""
     col = lambda x: lax.broadcast_in_dim(x, s.shape, [1])  # noqa: E731
+    keys = lax.broadcast_in_dim(keys, s.shape, [0])
     ok = (keys >= col(kstart)) & (keys < col(kend))
     if segq is not None:
         ok = ok & (lax.broadcast_in_dim(segk, s.shape, [0]) == col(segq))
     return jnp.where(ok, s, -jnp.inf)
+
+
+def block_grads_t(raw_t, dp_t, lse2, delta, plan: mosaic.Plan, mask_t=None):
+    """`block_grads` of the transposed block (keys × rows, the dK/dV kernel's): (Pᵀ, dSᵀ) from
+    raw_t = k·qᵀ and dp_t = v·dOᵀ, with lse₂ and D per column."""
+    p, slope = probs_t(raw_t, lse2, plan, mask_t)
+    return p, dscores_t(p, dp_t, delta, slope)
+
+
+def probs_t(raw_t, lse2, plan: mosaic.Plan, mask_t=None):
+    """(Pᵀ, slope) of `block_grads_t`: 2^(sᵀ₂ − lse₂), and 1 − t² with a soft cap (else None)."""
+    s = mosaic.score_block(raw_t, plan.scale, plan.soft_cap)
+    slope = None
+    if plan.soft_cap is not None:
+        t = s * (1.0 / (plan.soft_cap * LOG2E))
+        slope = 1.0 - t * t
+    if mask_t is not None:
+        s = mask_t(s)
+    return jnp.exp2(s - lax.broadcast_in_dim(lse2, s.shape, [1])), slope
+
+
+def cap_slope(p_t, lse2, cap: float):
+    """The soft cap's 1 − t² recomputed from Pᵀ (0 where P = 0): s₂ = log₂P + lse₂ = cap·log₂e·t.
+
+    The dK/dV kernel takes it so after the dV wgmma instead of holding it (32 registers a
+    thread) across; a masked or underflowed weight gives dS = 0 whatever its slope."""
+    s2 = jnp.log2(p_t) + lax.broadcast_in_dim(lse2, p_t.shape, [1])
+    t = s2 * (1.0 / (cap * LOG2E))
+    return jnp.where(p_t > 0, 1.0 - t * t, 0.0)
+
+
+def dscores_t(p_t, dp_t, delta, slope=None):
+    """dSᵀ = Pᵀ∘(dPᵀ − D)(·slope) of `block_grads_t`, D per column."""
+    ds = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+    return ds if slope is None else ds * slope
 
 
 class BwdInputs(NamedTuple):
@@ -321,7 +356,7 @@ def emulate_dkdv(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
         sk = lax.dynamic_slice_in_dim(inp.segk[b], k_base, bkv) if plan.has_segments else None
         lo, hi = inp.sched_kv[b, t, 0], inp.sched_kv[b, t, 1]
         flo, fhi = inp.sched_kv[b, t, 2 + 2 * w], inp.sched_kv[b, t, 3 + 2 * w]
-        keys = k_base + lax.broadcasted_iota(jnp.int32, (bkv, bq), 0)
+        keys = k_base + jnp.arange(bkv, dtype=jnp.int32)
 
         def head(gi, carry):
             n = kh * g + gi
@@ -344,7 +379,7 @@ def emulate_dkdv(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
                         segq=sq,
                     )
                 lse2, delta = rows(inp.lse2[b, n]), rows(inp.delta[b, n])
-                p, ds = block_grads(raw, dp, lse2, delta, plan, mask, row_axis=1)
+                p, ds = block_grads_t(raw, dp, lse2, delta, plan, mask)
                 dv = dv + jnp.dot(p.astype(q.dtype), dob, preferred_element_type=jnp.float32)
                 dk = dk + jnp.dot(ds.astype(q.dtype), qb, preferred_element_type=jnp.float32)
                 return dk, dv
@@ -466,14 +501,14 @@ def _dq_kernel(*refs, plan: mosaic.Plan):
         kv_head = lax.div(h, jnp.asarray(plan.groups, h.dtype))
 
         def copy(src, dst, ready):
-            def issue(n, slot):
-                keys = pl.ds((lo + n) * bk, bk)
+            def issue(gi, j, slot):
+                keys = pl.ds(j * bk, bk)
                 plgpu.copy_gmem_to_smem(src.at[b, keys, kv_head], dst.at[slot], ready.at[slot])
 
             return issue
 
         streams = [(copy(k_ref, k_smem, k_ready), k_free), (copy(v_ref, v_smem, v_ready), v_free)]
-        _stream(hi - lo, streams, stages)
+        _stream(1, lo, hi, streams, stages)
 
 
 def _dkdv_kernel(*refs, plan: mosaic.Plan):
@@ -482,15 +517,11 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
 
     from chunkattn.pallas import mosaic_compat as compat
 
-    refs = list(refs)
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, kstart_ref, kend_ref, sched_ref = refs[:9]
-    rest = refs[9:]
-    segq_ref = segk_ref = None
-    if plan.has_segments:
-        segq_ref, segk_ref = rest.pop(0), rest.pop(0)
-    dk_ref, dv_ref, smem, barriers = rest
-    k_smem2, v_smem2, q_smem, do_smem, p_smem2 = smem
-    q_ready, do_ready, k_ready, v_ready, q_free, do_free = barriers
+    q_ref, k_ref, v_ref, do_ref, stats_ref, ranges_ref, sched_ref = refs[:7]
+    segk_ref = refs[7] if plan.has_segments else None
+    dk_ref, dv_ref, smem, barriers = refs[-4:]
+    k_smem2, v_smem2, q_smem, do_smem, stats_smem, ranges_smem, p_smem2 = smem
+    q_ready, do_ready, stats_ready, ranges_ready, k_ready, v_ready, q_free, do_free = barriers
 
     bp = plan.backward
     bq, bkv, stages, g = bp.block_q, bp.block_kv, bp.num_stages, plan.groups
@@ -499,13 +530,14 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
     kh = lax.axis_index("heads")  # the kv head
     t = lax.axis_index("kv_seq")
     wg = lax.axis_index("wg")
-    lo, hi = sched_ref[b, t, 0], sched_ref[b, t, 1]
-    nb = hi - lo  # query blocks per query head
 
     @pl.when(wg < COMPUTE_WGS)
     def _compute():
         if not plan.interpret:
-            plgpu.set_max_registers(232, action="increase")
+            plgpu.set_max_registers(240, action="increase")
+        # Read after setmaxnreg: a value live across it is spilled (ptxas, 8 B).
+        lo, hi = sched_ref[b, t, 0], sched_ref[b, t, 1]
+        nb = hi - lo  # query blocks per query head
         k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
         p_smem = None if p_smem2 is None else p_smem2.at[wg]
         flo, fhi = sched_ref[b, t, 2 + 2 * wg], sched_ref[b, t, 3 + 2 * wg]
@@ -514,44 +546,51 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
         plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kh], k_smem, k_ready.at[wg])
         plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kh], v_smem, v_ready.at[wg])
         segk = compat.load(segk_ref.at[b, keys], compat.ROW) if plan.has_segments else None
-        key_idx = k_base + plgpu.broadcasted_iota(jnp.int32, (bkv, bq), 0, layout=compat.WGMMA)
         zeros = lambda d: plgpu.layout_cast(jnp.zeros((bkv, d), jnp.float32), compat.WGMMA)  # noqa: E731
         carry = (zeros(plan.head_dims[0]), zeros(plan.head_dims[1]))
         plgpu.barrier_wait(k_ready.at[wg])
         plgpu.barrier_wait(v_ready.at[wg])
 
-        def head(gi, carry):
-            n = kh * g + gi  # the query head
-
+        def head(gi, carry):  # query head kh·g + gi (the ring carries its blocks)
             def step(i, carry, masked):
                 dk, dv = carry
                 slot = lax.rem(gi * nb + i - lo, stages)
-                rows = pl.ds(i * bq, bq)
-                lse2 = compat.load(lse_ref.at[b, n, rows], compat.COL)
-                delta = compat.load(delta_ref.at[b, n, rows], compat.COL)
+                # As jax's attention_mgpu.py: the transposed block (keys × rows), so that P
+                # and dS are wgmma A operands from registers; the per-row values (lse₂, D, key
+                # ranges) come through the TMA ring with Q, one value per column.
+                col = lambda ref: compat.load(ref, compat.COL)  # noqa: E731
                 plgpu.barrier_wait(q_ready.at[slot])
-                plgpu.barrier_wait(do_ready.at[slot])
-                raw, dp = compat.mma_pair(
-                    (k_smem, compat.transpose(q_smem.at[slot])),
-                    (v_smem, compat.transpose(do_smem.at[slot])),
-                    (bkv, bq),
-                )
+                plgpu.barrier_wait(stats_ready.at[slot])
+                plgpu.barrier_wait(ranges_ready.at[slot])
+                raw = compat.mma(k_smem, compat.transpose(q_smem.at[slot]), (bkv, bq))  # Sᵀ
                 mask = None
                 if masked:
-                    segq = None
-                    if plan.has_segments:
-                        segq = compat.load(segq_ref.at[b, rows], compat.COL)
+                    keys_t = k_base + plgpu.broadcasted_iota(
+                        jnp.int32, (bkv,), 0, layout=compat.ROW
+                    )
                     mask = functools.partial(
                         mask_block_t,
-                        keys=key_idx,
-                        kstart=compat.load(kstart_ref.at[b, rows], compat.COL),
-                        kend=compat.load(kend_ref.at[b, rows], compat.COL),
+                        keys=keys_t,
+                        kstart=col(ranges_smem.at[slot, 0]),
+                        kend=col(ranges_smem.at[slot, 1]),
                         segk=segk,
-                        segq=segq,
+                        segq=col(ranges_smem.at[slot, 2]) if plan.has_segments else None,
                     )
-                p, ds = block_grads(raw, dp, lse2, delta, plan, mask, row_axis=1)
-                dv = compat.mma_accumulate(dv, p.astype(dtype), do_smem.at[slot], p_smem)
+                p, _ = probs_t(raw, col(stats_smem.at[slot, 0]), plan, mask)
+                plgpu.barrier_wait(do_ready.at[slot])
+                dv, dp = compat.mma_accumulate_and(  # dV += Pᵀ·dO with dPᵀ = V·dOᵀ
+                    dv,
+                    p.astype(dtype),
+                    do_smem.at[slot],
+                    (v_smem, compat.transpose(do_smem.at[slot])),
+                    (bkv, bq),
+                    p_smem,
+                )
                 plgpu.barrier_arrive(do_free.at[slot])
+                slope = None
+                if plan.soft_cap is not None:  # from P: no [bkv, bq] slope held across the wgmma
+                    slope = cap_slope(p, col(stats_smem.at[slot, 0]), plan.soft_cap)
+                ds = dscores_t(p, dp, col(stats_smem.at[slot, 1]), slope)
                 dk = compat.mma_accumulate(dk, ds.astype(dtype), q_smem.at[slot], p_smem)
                 plgpu.barrier_arrive(q_free.at[slot])
                 return dk, dv
@@ -569,51 +608,63 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
         if not plan.interpret:
-            plgpu.set_max_registers(40, action="decrease")
-        nb_safe = jnp.maximum(nb, 1)
+            plgpu.set_max_registers(24, action="decrease")
+        lo, hi = sched_ref[b, t, 0], sched_ref[b, t, 1]
 
         def copy(src, dst, ready):
-            def issue(n, slot):  # step n: query head kh·g + n // nb, block lo + n % nb
-                head = kh * g + lax.div(n, nb_safe)
-                rows = pl.ds((lo + lax.rem(n, nb_safe)) * bq, bq)
-                plgpu.copy_gmem_to_smem(src.at[b, rows, head], dst.at[slot], ready.at[slot])
+            def issue(gi, i, slot):  # query head kh·g + gi, query block i
+                rows = pl.ds(i * bq, bq)
+                plgpu.copy_gmem_to_smem(src.at[b, rows, kh * g + gi], dst.at[slot], ready.at[slot])
 
             return issue
 
-        streams = [
-            (copy(q_ref, q_smem, q_ready), q_free),
-            (copy(do_ref, do_smem, do_ready), do_free),
-        ]
-        _stream(g * nb, streams, stages)
+        def issue_q(gi, i, slot):  # Q with its rows' lse₂, D and key ranges
+            copy(q_ref, q_smem, q_ready)(gi, i, slot)
+            rows = pl.ds(i * bq, bq)
+            stats = stats_ref.at[b, kh * g + gi, :, rows]
+            plgpu.copy_gmem_to_smem(stats, stats_smem.at[slot], stats_ready.at[slot])
+            ranges = ranges_ref.at[b, :, rows]
+            plgpu.copy_gmem_to_smem(ranges, ranges_smem.at[slot], ranges_ready.at[slot])
+
+        streams = [(issue_q, q_free), (copy(do_ref, do_smem, do_ready), do_free)]
+        _stream(g, lo, hi, streams, stages)
 
 
-def _stream(count, streams, stages: int) -> None:
-    """The memory warpgroup's loop: steps 0..count−1 through a ring of `stages` buffers.
+def _stream(groups: int, lo, hi, streams, stages: int) -> None:
+    """The memory warpgroup's loop: for each of `groups` heads the blocks [lo, hi), step n
+    (n = gi·(hi − lo) + j − lo) through a ring of `stages` buffers.
 
-    `streams` is [(issue(n, slot), free barrier)]: `issue` starts step n's TMA copy into
-    `slot` (arriving on that slot's "ready" barrier); step n reuses the slot of step
+    `streams` is [(issue(gi, j, slot), free barrier)]: `issue` starts the TMA copies of step
+    n into `slot` (arriving on that slot's "ready" barriers); step n reuses the slot of step
     n − stages once both compute warpgroups have arrived at its "free" barrier. At the end
     every "free" phase is waited for, so none is left unobserved when the barriers go (the
-    interpreter checks it).
+    interpreter checks it). Nested loops, not a division of n: a 24-register warpgroup.
     """
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
-    def fill(n):
-        for issue, _ in streams:
-            issue(n, n)
+    nb = hi - lo
 
-    for i in range(stages):
-        pl.when(i < count)(functools.partial(fill, i))
-
-    def refill(n, carry):
+    def block(j, gi):
+        n = gi * nb + j - lo
         slot = lax.rem(n, stages)
         for issue, free in streams:
-            plgpu.barrier_wait(free.at[slot])
-            issue(n, slot)
+
+            @pl.when(n >= stages)
+            def _(free=free):
+                plgpu.barrier_wait(free.at[slot])
+
+            issue(gi, j, slot)
+        return gi
+
+    def head(gi, carry):
+        lax.fori_loop(lo, hi, block, gi)
         return carry
 
-    lax.fori_loop(stages, count, refill, 0)
+    if groups == 1:
+        lax.fori_loop(lo, hi, block, 0)
+    else:
+        lax.fori_loop(0, groups, head, 0)
 
     def drain(n):
         slot = lax.rem(n, stages)
@@ -621,7 +672,7 @@ def _stream(count, streams, stages: int) -> None:
             plgpu.barrier_wait(free.at[slot])
 
     for i in range(stages):
-        n = count - stages + i
+        n = groups * nb - stages + i
         pl.when(n >= 0)(functools.partial(drain, n))
 
 
@@ -677,16 +728,26 @@ def launch(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
     )(*operands, inp.sched_dq, *segs)
 
     bq, bkv = bp.block_q, bp.block_kv
+    stats = jnp.stack([inp.lse2, inp.delta], axis=2)  # (B, N, 2, Tp)
+    rows = [inp.kstart, inp.kend] + ([inp.segq] if plan.has_segments else [])
+    ranges = jnp.stack(rows, axis=1)  # (B, 2 or 3, Tp) int32
+    dkdv_operands = [q, k, v, do, stats, ranges, inp.sched_kv]
+    if plan.has_segments:
+        dkdv_operands.append(inp.segk)
     kv_smem = (
         tiled((COMPUTE_WGS, bkv, h)),
         tiled((COMPUTE_WGS, bkv, hv)),
         tiled((stages, bq, h)),
         tiled((stages, bq, hv)),
-        tiled((COMPUTE_WGS, bkv, bq)) if plan.interpret else None,
+        plgpu.SMEM((stages, 2, bq), jnp.float32),  # lse₂, D
+        plgpu.SMEM((stages, len(rows), bq), jnp.int32),  # kstart, kend (, segment ids)
+        tiled((COMPUTE_WGS, bkv, bq)) if plan.interpret else None,  # Pᵀ, then dSᵀ
     )
     kv_barriers = (
         plgpu.Barrier(num_barriers=stages),  # Q block ready
         plgpu.Barrier(num_barriers=stages),  # dO block ready
+        plgpu.Barrier(num_barriers=stages),  # lse₂, D ready
+        plgpu.Barrier(num_barriers=stages),  # key ranges ready
         plgpu.Barrier(num_barriers=COMPUTE_WGS),  # K ready
         plgpu.Barrier(num_barriers=COMPUTE_WGS),  # V ready
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # Q buffer free
@@ -706,5 +767,5 @@ def launch(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
         compiler_params=params,
         kernel_name="chunkattn_mosaic_bwd_dkdv",
         **extra,
-    )(*operands, inp.sched_kv, *segs)
+    )(*dkdv_operands)
     return dq, dk, dv

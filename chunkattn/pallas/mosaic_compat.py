@@ -132,3 +132,48 @@ def mma_pair(first, second, shape: tuple[int, int]):
 
     acc = plgpu.ACC(shape, jnp.float32)
     return pl.run_scoped(body, acc, acc)
+
+
+def mma_accumulate_and(acc, p, b_ref, second, shape: tuple[int, int], p_smem=None):
+    """(acc + p·b_ref, a₂·b₂): `mma_accumulate` and a second product `second` = (a₂, b₂) in
+    shared memory (float32 [shape]) issued in one wgmma group, one wait for both (the dK/dV
+    kernel's dV += Pᵀ·dO and dPᵀ = V·dOᵀ, as jax's attention_mgpu.py). `p_smem`: as in
+    `mma_accumulate` (the interpreter's path)."""
+    if p_smem is None:
+
+        def body(refs):
+            acc_ref, acc2_ref = refs
+            plgpu.wgmma(acc_ref, p, b_ref)
+            plgpu.wgmma(acc2_ref, *second)
+
+        zeros = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+        return pl.run_state(body)((plgpu.ACC.init(acc), plgpu.ACC.init(zeros)))
+    p_smem[...] = p
+    plgpu.commit_smem()
+
+    def body_interpret(acc1, acc2):
+        plgpu.wgmma(acc1, p_smem, b_ref)
+        plgpu.wgmma(acc2, *second)
+        return acc1[...], acc2[...]
+
+    prod, other = pl.run_scoped(
+        body_interpret, plgpu.ACC(acc.shape, jnp.float32), plgpu.ACC(shape, jnp.float32)
+    )
+    return acc + prod, other
+
+
+def mma_accumulate_pairs(accs, pairs, p_smem=None):
+    """(acc₁ + a₁·b₁, acc₂ + a₂·b₂): each a a bf16/f16 register array, each b_ref in shared
+    memory, issued in one wgmma group and waited for once (the dK/dV kernel's dV += Pᵀ·dO and
+    dK += dSᵀ·Q). `p_smem`: the interpreter's path, one product after the other through
+    `mma_accumulate`."""
+    if p_smem is not None:
+        return tuple(
+            mma_accumulate(acc, a, b, p_smem) for acc, (a, b) in zip(accs, pairs, strict=True)
+        )
+
+    def body(refs):
+        for ref, (a, b) in zip(refs, pairs, strict=True):
+            plgpu.wgmma(ref, a, b)
+
+    return pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc in accs))
