@@ -132,8 +132,9 @@ def heuristic(
       spilled 516 B, 64×32 20 B), dK/dV 16×32 (split and atomic; 64×64 spilled 848 B).
     - exact float32 (HIGHEST, the API's default for float32): FMA loops, whose operands Triton
       holds per thread over the whole contraction, so the tiles are small: H ≤ 64 forward and dQ
-      32×64, dK/dV 64×32; H ≤ 128 forward 32×16 at 4 warps, dQ 32×16, dK/dV 32×32 (v8's 64×64
-      forward spilled 23 KB, dQ 37 KB); the dK/dV kernel there reads K and V in every step.
+      32×64, dK/dV 64×32; H ≤ 128 forward 32×16 at 4 warps, dQ 32×16, dK/dV 16×32 (v8's 64×64
+      forward spilled 23 KB, dQ 37 KB; dK/dV 32×32 spilled ~500 B without a causal mask); the
+      dK/dV kernel there reads K and V in every step.
 
     `dense_tiles`: a dense bias or mask varies along both T and S, so the kernels also stream
     a (block_q, block_k) tile of it: the forward's key block is halved (shared memory,
@@ -191,7 +192,7 @@ _TABLE = {
     128: {
         "16-bit": (128, 128, 64, 8, 2, 64, 64, 8),
         "tf32": (64, 64, 16, 8, 2, 16, 32, 8),
-        "fma": (32, 16, 16, 4, 2, 32, 32, 8),
+        "fma": (32, 16, 16, 4, 2, 16, 32, 8),
     },
     256: {
         "16-bit": (64, 32, 32, 8, 2, 32, 32, 8),
