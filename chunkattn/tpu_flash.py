@@ -28,7 +28,8 @@ dim 1 or full; full t/s padded) and is read block by block, a size-1 dim staying
 Masking (index rules of masks.py): key c, row r (block-local indices are global here) are
 allowed iff c < min(kv_len[b], S), r < min(q_len[b], T), lo[b] ≤ c − r ≤ hi[b]
 (`masks.relative_bounds`), equal segment ids, and the dense mask. Blocks that the band or the
-lengths leave empty are skipped (`pl.when` on the scalars in SMEM); their DMA still happens.
+lengths leave empty are skipped (`pl.when` on the scalars in SMEM), and the index maps move
+such a step onto a block that can be visible (`_clamp_kv`, `_clamp_q`), so its copy is skipped.
 Dropout's keep-mask is `masks.dropout_keep` evaluated in the kernel from the seed (SMEM) and the
 global (batch, head, row, key): the same mask as every other path for the same dropout_rng.
 Sinks are merged outside the kernels (lse' = log(e^lse + e^sink), out' = out·e^(lse − lse')),
@@ -122,6 +123,31 @@ class _Refs(NamedTuple):
     mask: Any
     q_seg: Any
     kv_seg: Any
+
+
+def _clamp_kv(st: _Static, ints, b, i, j, bq: int, bk: int, num_k: int):
+    """Key block j of query block i, moved into the blocks [first, last] that can be visible
+    (`_visible` ⊆ them): a skipped step then repeats a neighbour's index and copies nothing."""
+    lo, hi, q_len, kv_len = _scalars(ints, b)
+    first = jnp.int32(0)
+    last = jax.lax.div(jnp.maximum(kv_len - 1, 0), jnp.int32(bk))
+    if st.has_bounds:  # keys c ∈ [i·bq + lo, i·bq + bq − 1 + hi] (|lo|, |hi| ≤ 2^30: no wrap)
+        first = jax.lax.div(jnp.maximum(i * bq + lo, 0), jnp.int32(bk))
+        last = jnp.minimum(last, jax.lax.div(jnp.maximum(i * bq + bq - 1 + hi, 0), jnp.int32(bk)))
+    last = jnp.where(i * bq < q_len, jnp.maximum(last, first), first)
+    return jnp.clip(jnp.clip(j, first, last), 0, num_k - 1)
+
+
+def _clamp_q(st: _Static, ints, b, i, j, bq: int, bk: int, num_q: int):
+    """Query block i of key block j, moved into the query blocks that can see it (as above)."""
+    lo, hi, q_len, kv_len = _scalars(ints, b)
+    first = jnp.int32(0)
+    last = jax.lax.div(jnp.maximum(q_len - 1, 0), jnp.int32(bq))
+    if st.has_bounds:  # rows r ∈ [j·bk − hi, j·bk + bk − 1 − lo]
+        first = jax.lax.div(jnp.maximum(j * bk - hi, 0), jnp.int32(bq))
+        last = jnp.minimum(last, jax.lax.div(jnp.maximum(j * bk + bk - 1 - lo, 0), jnp.int32(bq)))
+    last = jnp.where(j * bk < kv_len, jnp.maximum(last, first), first)
+    return jnp.clip(jnp.clip(i, first, last), 0, num_q - 1)
 
 
 def _take_optional(st: _Static, refs: list) -> _Refs:
@@ -407,8 +433,10 @@ def _forward(st: _Static, q, k, v, arrays, ints, seed):
     pk, head_dim_v = k.shape[2], v.shape[-1]
     bq, bk = st.fwd_blocks
     grid = (batch, num_heads, pq // bq, pk // bk)
-    canon = lambda b, h, i, j, *_: (b, h, i, j)
-    kv_head = lambda b, h, i, j, *_: (b, _kv_head(h, st.groups), j, 0)
+    # Key-side blocks the band or the lengths leave empty repeat a visible block's index:
+    # Pallas skips the copy of a block whose index does not change.
+    canon = lambda b, h, i, j, ints, *_: (b, h, i, _clamp_kv(st, ints, b, i, j, bq, bk, grid[3]))
+    kv_head = lambda *idx: (canon(*idx)[0], _kv_head(idx[1], st.groups), canon(*idx)[3], 0)
     specs = [
         pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j, *_: (b, h, i, 0)),
         pl.BlockSpec((None, None, bk, head_dim), kv_head),
@@ -483,7 +511,7 @@ def _backward(st: _Static, q, k, v, arrays, ints, seed, out, lse, dout, dlse):
         return specs, [q, k, v, dout, lse_l, delta_l, *xs]
 
     # dK/dV: grid (b, kv head, j, g, i); "h" in canon is the kv head, the query head kh·G + g.
-    canon = lambda b, kh, j, g, i, *_: (b, kh, i, j)
+    canon = lambda b, kh, j, g, i, ints, *_: (b, kh, _clamp_q(st, ints, b, i, j, bq, bk, nq), j)
     q_head = lambda kh, idx: kh * groups + idx[3]
     specs, xs = inputs(canon, q_head, lambda kh, idx: kh)
     kv_out = lambda b, kh, j, g, i, *_: (b, kh, j, 0)
@@ -512,7 +540,7 @@ def _backward(st: _Static, q, k, v, arrays, ints, seed, out, lse, dout, dlse):
     )(ints, seed, *xs)
 
     # dQ: grid (b, h, i, j).
-    canon = lambda b, h, i, j, *_: (b, h, i, j)
+    canon = lambda b, h, i, j, ints, *_: (b, h, i, _clamp_kv(st, ints, b, i, j, bq, bk, nk))
     specs, xs = inputs(canon, lambda h, idx: h, lambda h, idx: _kv_head(h, groups))
     (dq,) = pl.pallas_call(
         functools.partial(_dq_kernel, st=st, num_k=nk),

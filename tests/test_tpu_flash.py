@@ -57,7 +57,8 @@ class TestTpuFlashInterpret(AttentionSuite):
     reason="the whole suite in the TPU interpreter takes ~10 minutes: CHUNKATTN_TPU_FLASH=full",
 )
 class TestTpuFlashInterpretFull(AttentionSuite):
-    """The whole shared suite in the interpreter, with the default (clipped) blocks.
+    """The whole shared suite in the interpreter, with 128-wide blocks (several blocks at the
+    suite's longer lengths: 257, 100).
 
     Left out of CI's run for its time (~10 minutes on 2 cores); run it with
     CHUNKATTN_TPU_FLASH=full. On 2026-12-02 (jax 0.10.2): 113 passed, the rest skipped as
@@ -65,7 +66,7 @@ class TestTpuFlashInterpretFull(AttentionSuite):
     """
 
     implementation = "pallas_tpu"
-    config = None
+    config = SMALL
     may_decline = True
     test_long_unequal = test_large_logits_f16 = None
 
@@ -280,3 +281,37 @@ def test_forward_and_backward_export_for_tpu(name, monkeypatch):
     assert text.count("tpu_custom_call") == len(kernels), "one custom call per kernel"
     for kernel in kernels:
         assert f"chunkattn_tpu_flash_{kernel}" in text
+
+
+@pytest.mark.parametrize(
+    "window,is_causal,offset,q_len,kv_len",
+    [
+        (None, True, 0, 1000, 1000),
+        (None, True, 300, 700, 1000),
+        ((200, 50), False, -150, 1000, 600),
+        ((0, 0), True, 2**31 - 1000, 1000, 1000),
+        (None, False, 0, 260, 1000),
+        ((3, 2**31 - 1), False, -(2**31), 1000, 1000),  # no row sees a key
+    ],
+)
+def test_skipped_copies_never_move_a_visible_block(window, is_causal, offset, q_len, kv_len):
+    """The index maps move a step the band or the lengths leave empty onto a block that can be
+    visible (so Pallas skips its copy); a visible block's index is never moved, and every
+    index stays in range."""
+    from chunkattn import masks
+
+    bq, bk, nq, nk = 128, 256, 8, 4
+    lo, hi = masks.relative_bounds(masks.MaskSpec(is_causal, window), jnp.array([offset]))
+    ints = jnp.concatenate([lo, hi, jnp.array([q_len, kv_len], jnp.int32)])
+    st = tpu_flash._Static(1.0, None, is_causal or window is not None, 0.0, True, None, 1,
+                           (bq, bk), (bq, bk), None, None, False, True)  # fmt: skip
+    i, j = jnp.arange(nq)[:, None], jnp.arange(nk)[None, :]
+    visible = np.broadcast_to(np.asarray(tpu_flash._visible(st, ints, 0, i, j, bq, bk)), (nq, nk))
+    kv = np.broadcast_to(np.asarray(tpu_flash._clamp_kv(st, ints, 0, i, j, bq, bk, nk)), (nq, nk))
+    qi = np.broadcast_to(np.asarray(tpu_flash._clamp_q(st, ints, 0, i, j, bq, bk, nq)), (nq, nk))
+    rows, cols = np.broadcast_to(np.asarray(i), (nq, nk)), np.broadcast_to(np.asarray(j), (nq, nk))
+    np.testing.assert_array_equal(kv[visible], cols[visible])
+    np.testing.assert_array_equal(qi[visible], rows[visible])
+    assert kv.min() >= 0 and kv.max() < nk and qi.min() >= 0 and qi.max() < nq
+    if not visible.all():  # some copy is saved: an empty step repeats a neighbour's index
+        assert (kv != cols).any() or (qi != rows).any()
