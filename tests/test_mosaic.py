@@ -359,8 +359,8 @@ def test_q_block_schedule_with_segment_ids():
     from chunkattn.pallas.kernel_common import segment_ranges
 
     rng = np.random.default_rng(1)
-    seq, bq, bkv = 512, 64, 64
-    case = (True, None, [0, 0], [seq, 300], [seq, 450])
+    seq, bq, bkv = 256, 64, 64
+    case = (True, None, [0, 0], [seq, 200], [seq, 170])
     for sort in (True, False):
         segq = _segments(rng, 2, seq, sort)
         segk = segq if sort else _segments(rng, 2, seq, sort)
