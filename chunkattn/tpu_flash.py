@@ -4,7 +4,8 @@
 kernels; `implementation=None` on a TPU tries splash first, then these, then the chunked path.
 They serve everything splash does and what it declines: a dense additive bias in any shape
 broadcastable to [B, N, T, S] (with its gradient), a dense boolean mask, dropout, a traced or
-per-batch q_offset; with causal / window / lengths / segment ids, GQA, soft cap and sinks.
+per-batch q_offset, a user's mask_fn / score_fn (traced into the kernel bodies); with causal /
+window / lengths / segment ids, GQA, soft cap and sinks.
 
 Layout: the kernels take q [B, N, Tp, H], k/v [B, K, Sp, H] (Tp, Sp padded to whole blocks,
 multiples of the 128 lanes); a bias or mask keeps its own broadcast shape [b, n, t, s] (each
@@ -12,11 +13,12 @@ dim 1 or full; full t/s padded) and is read block by block, a size-1 dim staying
 
 - forward, grid (B, N, Tp/bq, Sp/bk), keys innermost: the online softmax (FlashAttention-2,
   arXiv 2307.08691 Alg. 1) with m, l and the output accumulator in VMEM scratch;
-  s = scale·q·kᵀ (float32) → soft cap → + bias → mask (−inf), as `chunked._block_scores`.
-  A row that sees no key ends with l = 0: output 0, lse −inf.
+  s = scale·q·kᵀ (float32) → soft cap → + bias → score_fn → mask (−inf), as
+  `chunked._block_scores`. A row that sees no key ends with l = 0: output 0, lse −inf.
 - dK/dV, grid (B, K, Sp/bk, G, Tp/bq): the G query heads of a kv head and the query blocks
   innermost, dK and dV accumulated in VMEM; P = exp(s − lse), dV += Pᵀ·dO, dP = dO·Vᵀ,
-  dS = P ∘ (dP − D), dK += scale·dSᵀ·Q (§3.1), D = rowsum(dO∘O) − dlse from
+  dS = P ∘ (dP − D) (times score_fn′, its jvp along ones: exact for an elementwise
+  function), dK += scale·dSᵀ·Q (§3.1), D = rowsum(dO∘O) − dlse from
   `summary.output_delta` (so the returned lse has its gradient).
 - dQ, grid (B, N, Tp/bq, Sp/bk): dQ += scale·dS·K.
 - d bias (only with a bias): the grid's axes ordered so that the bias's full dims are outer and
@@ -27,16 +29,23 @@ dim 1 or full; full t/s padded) and is read block by block, a size-1 dim staying
 
 Masking (index rules of masks.py): key c, row r (block-local indices are global here) are
 allowed iff c < min(kv_len[b], S), r < min(q_len[b], T), lo[b] ≤ c − r ≤ hi[b]
-(`masks.relative_bounds`), equal segment ids, and the dense mask. Blocks that the band or the
-lengths leave empty are skipped (`pl.when` on the scalars in SMEM), and the index maps move
-such a step onto a block that can be visible (`_clamp_kv`, `_clamp_q`), so its copy is skipped.
+(`masks.relative_bounds`), equal segment ids, the dense mask and mask_fn. Blocks that the
+band or the lengths leave empty are skipped (`pl.when` on the scalars in SMEM; a block that
+mask_fn empties is computed), and the index maps move such a step onto a block that can be
+visible (`_clamp_kv`, `_clamp_q`), so its copy is skipped.
 Dropout's keep-mask is `masks.dropout_keep` evaluated in the kernel from the seed (SMEM) and the
 global (batch, head, row, key): the same mask as every other path for the same dropout_rng.
 Sinks are merged outside the kernels (lse' = log(e^lse + e^sink), out' = out·e^(lse − lse')),
 elementwise, so their gradient and the lse's follow by autodiff.
 
+mask_fn(batch, head, q_pos, k_pos) and score_fn(s, batch, head, q_pos, k_pos) get [bq, bk]
+int32 arrays at global positions (q_pos = r + q_offset[b], k_pos = c; `chunked._index_grids`),
+in every kernel that computes scores (forward, dK/dV, dQ, d bias).
+
 Declined with NotImplementedError naming the feature (`implementation=None` falls through):
-score_fn / mask_fn, float16 (no float16 matrix unit), float64, 64-bit segment ids, dot
+a mask_fn / score_fn that closes over arrays (a score_fn's traced `score_params`) or uses an
+operation the Mosaic TPU lowering lacks (`pallas.user_fns.check_user_fns`, as the GPU
+kernels check theirs), float16 (no float16 matrix unit), float64, 64-bit segment ids, dot
 precisions other than DEFAULT / HIGHEST, a config that is not a TpuFlashConfig. On a host
 without a TPU the kernels run in the Pallas interpreter with CHUNKATTN_PALLAS_INTERPRET=1;
 forced without it they still trace, so `jax.export(..., platforms=["tpu"])` lowers them.
@@ -55,6 +64,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from chunkattn import masks
 from chunkattn.arguments import Arguments, Options
+from chunkattn.pallas.user_fns import check_user_fns
 from chunkattn.summary import output_delta
 
 Array = jax.Array
@@ -111,6 +121,8 @@ class _Static(NamedTuple):
     mask_full: tuple[bool, bool, bool, bool] | None
     has_segments: bool
     interpret: bool
+    mask_fn: Any = None  # (batch, head, q_pos, k_pos) -> bool on [bq, bk] int32 positions
+    score_fn: Any = None  # (score, batch, head, q_pos, k_pos) -> score, elementwise
 
 
 # ----------------------------------------------------------------------------- in-kernel parts
@@ -160,10 +172,26 @@ def _take_optional(st: _Static, refs: list) -> _Refs:
     return _Refs(bias, mask, q_seg, kv_seg)
 
 
+_SCALAR_ROWS = 5  # the SMEM table's rows: lo, hi, q_len, kv_len, q_offset
+
+
 def _scalars(ints, b):
-    """(lo, hi, q_len, kv_len) of batch entry b from the SMEM table [4, B] (flattened)."""
-    batch = ints.shape[0] // 4
+    """(lo, hi, q_len, kv_len) of batch entry b from the SMEM table [5, B] (flattened)."""
+    batch = ints.shape[0] // _SCALAR_ROWS
     return tuple(ints[k * batch + b] for k in range(4))
+
+
+def _q_offset(ints, b):
+    """q_offset of batch entry b: query row r sits at position r + q_offset (masks.py)."""
+    batch = ints.shape[0] // _SCALAR_ROWS
+    return ints[4 * batch + b]
+
+
+def _positions(ints, b, h, rows, cols):
+    """(batch, head, q_pos, k_pos) as a user's mask_fn / score_fn gets them: [bq, bk] int32,
+    global positions (q_pos = row + q_offset), as `chunked._index_grids` gives them."""
+    full = lambda x: jnp.full(rows.shape, x, jnp.int32)
+    return full(b), full(h), rows + _q_offset(ints, b), cols
 
 
 def _visible(st: _Static, ints, b, i, j, bq: int, bk: int):
@@ -176,8 +204,9 @@ def _visible(st: _Static, ints, b, i, j, bq: int, bk: int):
 
 
 def _block_scores(st: _Static, ints, seed, b, h, i, j, q, k, opt: _Refs, bq: int, bk: int):
-    """(raw, s, keep) of block (i, j): raw = scale·q·kᵀ, s the final scores with −inf where a
-    key may not be attended, keep the dropout keep-mask (None without dropout); [bq, bk]."""
+    """(raw, biased, s, keep) of block (i, j): raw = scale·q·kᵀ, biased = score_fn's input
+    (after the soft cap and bias), s the final scores with −inf where a key may not be
+    attended, keep the dropout keep-mask (None without dropout); [bq, bk]."""
     raw = jax.lax.dot_general(
         q, k, _NT, preferred_element_type=jnp.float32, precision=st.precision
     )  # (bq, bk)
@@ -189,6 +218,9 @@ def _block_scores(st: _Static, ints, seed, b, h, i, j, q, k, opt: _Refs, bq: int
         s = s + opt.bias[...].astype(jnp.float32)  # (bq|1, bk|1) broadcasts
     rows = i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     cols = j * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    biased = s
+    if st.score_fn is not None:
+        s = _apply_score_fn(st, s, _positions(ints, b, h, rows, cols))
     lo, hi, q_len, kv_len = _scalars(ints, b)
     allowed = (cols < kv_len) & (rows < q_len)
     if st.has_bounds:
@@ -200,13 +232,20 @@ def _block_scores(st: _Static, ints, seed, b, h, i, j, q, k, opt: _Refs, bq: int
         allowed = allowed & (q_ids == kv_ids)
     if opt.mask is not None:
         allowed = allowed & (opt.mask[...] != 0)
+    if st.mask_fn is not None:
+        allowed = allowed & st.mask_fn(*_positions(ints, b, h, rows, cols))
     s = jnp.where(allowed, s, -jnp.inf)
     keep = None
     if st.dropout_rate > 0:  # the same hash as every path: global (batch, head, row, key)
         keep = masks.dropout_keep(
             (seed[0], seed[1]), b, h, rows, cols, st.dropout_rate, st.broadcast_dropout
         )
-    return raw, s, keep
+    return raw, biased, s, keep
+
+
+def _apply_score_fn(st: _Static, s, pos):
+    out = st.score_fn(s, *pos)
+    return jnp.broadcast_to(out, s.shape).astype(jnp.float32)
 
 
 def _keep_scale(st: _Static) -> float:
@@ -230,7 +269,9 @@ def _fwd_kernel(ints, seed, *refs, st: _Static, num_k: int):
 
     @pl.when(_visible(st, ints, b, i, j, bq, bk))
     def _step():
-        _, s, keep = _block_scores(st, ints, seed, b, h, i, j, q_ref[...], k_ref[...], opt, bq, bk)
+        _, _, s, keep = _block_scores(
+            st, ints, seed, b, h, i, j, q_ref[...], k_ref[...], opt, bq, bk
+        )
         m_prev = m_scr[...][:, :1]  # (bq, 1)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with no key yet: exp(−inf) = 0
@@ -258,9 +299,10 @@ def _fwd_kernel(ints, seed, *refs, st: _Static, num_k: int):
 
 
 def _ds_block(st: _Static, ints, seed, b, h, i, j, q, k, v, do, lse, di, opt, bq, bk):
-    """(p_drop, ds, ds_scores) of a block: P with dropout applied (for dV), dS w.r.t. the
-    scores after the soft cap (for the bias) and dS w.r.t. raw (for dQ, dK)."""
-    raw, s, keep = _block_scores(st, ints, seed, b, h, i, j, q, k, opt, bq, bk)
+    """(p_drop, ds, ds_raw) of a block: P with dropout applied (for dV), dS w.r.t. the
+    scores after the soft cap and bias (score_fn's input: for the bias) and dS w.r.t. raw
+    (for dQ, dK)."""
+    raw, biased, s, keep = _block_scores(st, ints, seed, b, h, i, j, q, k, opt, bq, bk)
     p = jnp.exp(s - lse)  # lse finite (a row with no key: 0), masked s = −inf gives 0
     dp = jax.lax.dot_general(
         do, v, _NT, preferred_element_type=jnp.float32, precision=st.precision
@@ -269,7 +311,15 @@ def _ds_block(st: _Static, ints, seed, b, h, i, j, q, k, v, do, lse, di, opt, bq
     if keep is not None:
         p_drop = jnp.where(keep, p * _keep_scale(st), 0.0)
         dp = jnp.where(keep, dp * _keep_scale(st), 0.0)
-    ds = p * (dp - di)  # d loss / d (capped + biased scores)
+    ds = p * (dp - di)  # d loss / d (final scores)
+    if st.score_fn is not None:  # elementwise: its derivative is the jvp along ones
+        rows = i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+        cols = j * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+        pos = _positions(ints, b, h, rows, cols)
+        _, slope = jax.jvp(
+            lambda x: _apply_score_fn(st, x, pos), (biased,), (jnp.ones_like(biased),)
+        )
+        ds = ds * slope  # d loss / d (capped + biased scores)
     ds_raw = ds
     if st.soft_cap is not None:  # d/dx cap·tanh(x/cap) = 1 − tanh²
         ds_raw = ds * (1.0 - jnp.square(jnp.tanh(raw / st.soft_cap)))
@@ -697,8 +747,6 @@ def _precision(precision: Any) -> Any:
 def _check(args: Arguments, opts: Options) -> None:
     dtype = args.query.dtype
     unsupported = [
-        ("score_fn", opts.score_fn is not None),
-        ("mask_fn", opts.mask_fn is not None),
         ("float16 (Mosaic TPU has no float16 matrix unit; use bfloat16)", dtype == jnp.float16),
         ("float64", dtype == jnp.float64),
         (
@@ -716,6 +764,19 @@ def _check(args: Arguments, opts: Options) -> None:
             "the pallas_tpu implementation takes a TpuFlashConfig, got "
             f"{type(opts.config).__name__}"
         )
+
+
+def _lowerable_primitives() -> set[str] | None:
+    """Names of the primitives the Mosaic TPU lowering implements (None: unknown, assume all)."""
+    try:
+        from jax._src.pallas.mosaic import core, lowering
+    except ImportError:  # pragma: no cover - private module moved
+        return None
+    rules = getattr(lowering, "lowering_rules", None)
+    if not isinstance(rules, dict):  # pragma: no cover - the table changed shape
+        return None
+    tensor_core = rules.get(getattr(core.CoreType, "TC", None))
+    return None if tensor_core is None else {str(p) for p in tensor_core}
 
 
 def _pad_dense(x: Array, pq: int, pk: int, value: Any) -> Array:
@@ -758,6 +819,15 @@ def attention(args: Arguments, opts: Options) -> tuple[Array, Array]:
         _blocks(seq_k, cfg.block_k, cfg.block_k_bwd),
     )
     fwd, bwd = (fq, fk), (bq, bk)
+    i32 = jax.ShapeDtypeStruct(fwd, jnp.int32)  # the kernels pass [bq, bk] positions
+    check_user_fns(
+        opts.mask_fn,
+        opts.score_fn,
+        (i32, i32, i32, i32),
+        jax.ShapeDtypeStruct(fwd, jnp.float32),
+        lowerable=_lowerable_primitives(),
+        kernels="pallas_tpu",
+    )
     # Padded lengths: whole blocks of both the forward and the backward (one divides the other).
     step_q, step_k = max(fq, bq), max(fk, bk)
     pq, pk = -(-seq_q // step_q) * step_q, -(-seq_k // step_k) * step_k
@@ -785,8 +855,11 @@ def attention(args: Arguments, opts: Options) -> tuple[Array, Array]:
         else jnp.minimum(args.key_value_seq_lengths, seq_k)
     )  # fmt: skip
     ints = jnp.concatenate(
-        [jnp.broadcast_to(jnp.asarray(x, jnp.int32), (batch,)) for x in (lo, hi, q_len, kv_len)]
-    )  # [4·B]: lo, hi, q_len, kv_len per batch entry
+        [
+            jnp.broadcast_to(jnp.asarray(x, jnp.int32), (batch,))
+            for x in (lo, hi, q_len, kv_len, args.q_offset)
+        ]
+    )  # [5·B]: lo, hi, q_len, kv_len, q_offset per batch entry (_SCALAR_ROWS)
     seed = args.dropout_seed if args.dropout_seed is not None else jnp.zeros((2,), jnp.uint32)
     st = _Static(
         scale=args.scale,
@@ -802,6 +875,8 @@ def attention(args: Arguments, opts: Options) -> tuple[Array, Array]:
         mask_full=mask_full,
         has_segments=args.segment_ids is not None,
         interpret=interpret_mode(),
+        mask_fn=opts.mask_fn,
+        score_fn=opts.score_fn,
     )
     # [B, T, N, H] -> [B, N, Tp, H]; k, v -> [B, K, Sp, H].
     qt = jnp.pad(q, ((0, 0), (0, pq - seq_q), (0, 0), (0, 0))).transpose(0, 2, 1, 3)

@@ -5,7 +5,8 @@ reference, forward, lse and gradients (bias included). The interpreter compiles 
 as a loop over its grid, so the default run keeps a few cases that cover what splash lacks:
 dense biases of several broadcast shapes with their gradients over several blocks, a dense
 mask with fully masked rows at odd lengths, dropout equal to the chunked path's for the same
-rng; the whole shared suite runs under `slow`. Forward and backward are also exported for a
+rng, a mask_fn and score_fn traced into the kernels (with causal, a bias and q_offset); the
+whole shared suite runs under `slow`. Forward and backward are also exported for a
 TPU (`jax.export(platforms=["tpu"])`) on this host; the deviceless compile for v5e/v6e with
 libtpu is in tests/test_tpu_aot.py (marker tpu_aot).
 """
@@ -62,7 +63,8 @@ class TestTpuFlashInterpretFull(AttentionSuite):
 
     Left out of CI's run for its time (~10 minutes on 2 cores); run it with
     CHUNKATTN_TPU_FLASH=full. On 2026-12-02 (jax 0.10.2): 113 passed, the rest skipped as
-    declined (score_fn, mask_fn, float16, float64) or not run in the interpreter.
+    declined (score_fn, mask_fn, float16, float64) or not run in the interpreter. Since issue
+    15 the mask_fn / score_fn kinds run here too (a closure over arrays is still declined).
     """
 
     implementation = "pallas_tpu"
@@ -187,11 +189,57 @@ def test_dropout_is_the_chunked_paths():
     assert testing.relative_error(shared, own) > 0.1, "per-head masks differ from the shared one"
 
 
+def _stripes(b, h, i, j):
+    """A position-only mask: keys at multiples of 3 hidden, and query position 40 sees nothing
+    (in batch 1: rows 0 and 35 of batch 1 are positions 5 and 40 at q_offset [3, 5])."""
+    return (j % 3 != 0) & (i != 40)
+
+
+def _alibi(s, b, h, i, j):
+    """ALiBi-like: a slope per head, s − slope_h·|q − k| (GQA heads have their own slope)."""
+    slope = 0.5 / (h + 1).astype(jnp.float32)
+    return s - slope * jnp.abs(i - j).astype(jnp.float32)
+
+
+def test_mask_fn_and_score_fn_with_causal_and_bias():
+    """mask_fn and score_fn traced into all four kernels at global positions (per-batch
+    q_offset), with causal, a per-head bias (its gradient too) and GQA over 2 x 2 blocks:
+    forward, lse and gradients match the reference; the row the mask_fn empties gives 0, −inf
+    and no NaN."""
+    q, k, v = _qkv(130, 140)
+    bias = jax.random.normal(jax.random.PRNGKey(9), (1, N, 1, 140))
+    kw = dict(mask_fn=_stripes, score_fn=_alibi, is_causal=True, q_offset=jnp.array([3, 5]))
+    out, lse, grads = _check(q, k, v, bias, **kw)
+    assert np.all(np.asarray(out)[1, 35] == 0) and np.all(np.isneginf(np.asarray(lse)[1, :, 35]))
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(mask_fn=lambda b, h, i, j: (i // 100 == j // 100) & (j % 3 != 0) & (i != 7)),
+        dict(score_fn=_alibi, local_window_size=(100, 30)),
+        dict(score_fn=lambda s, b, h, i, j: jnp.tanh(s) * (b + 1).astype(jnp.float32)),
+    ],
+    ids=["block_diagonal_mask_fn", "alibi_window", "nonlinear_score_fn"],
+)
+def test_mask_fn_or_score_fn_alone(kwargs):
+    """Each user function alone over 2 x 2 blocks (a block-diagonal mask_fn with an empty row;
+    ALiBi with a window; a nonlinear score_fn whose derivative varies): matches the reference."""
+    q, k, v = _qkv(200, 230)
+    _check(q, k, v, **kwargs)
+
+
+_TABLE = jnp.arange(41.0)  # a per-key table: a kernel cannot capture it (the chunked path can)
+
+
 @pytest.mark.parametrize(
     "kwargs,feature",
     [
-        ({"score_fn": lambda s, b, h, i, j: s}, "score_fn"),
-        ({"mask_fn": lambda b, h, i, j: j <= i}, "mask_fn"),
+        ({"score_fn": lambda s, b, h, i, j: s * _TABLE[j]}, "closes over arrays"),
+        ({"mask_fn": lambda b, h, i, j: _TABLE[j] > 3}, "closes over arrays"),
+        ({"mask_fn": lambda b, h, i, j: jax.lax.cumsum(j, 1) > 3}, "cannot lower the mask_fn"),
         ({"dtype": jnp.float16}, "float16"),
         ({"precision": jax.lax.Precision.HIGH}, "precision"),
         ({"config": chunkattn.ChunkConfig()}, "TpuFlashConfig"),
@@ -222,7 +270,8 @@ def _pallas_calls(fn, *args) -> int:
 
 def test_auto_order_on_tpu_is_splash_then_ours_then_chunked(monkeypatch):
     """On a TPU backend implementation=None runs splash where it serves, our kernel for a
-    bias, mask or dropout, and the chunked path for what both decline (score_fn)."""
+    bias, mask, dropout, mask_fn or score_fn, and the chunked path for what both decline (a
+    score_fn closing over an array: its traced parameters)."""
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     q, k, v = _qkv(19, 41, dtype=jnp.bfloat16)
     auto = lambda q, k, v, **kw: chunkattn.dot_product_attention(q, k, v, is_causal=True, **kw)
@@ -233,7 +282,10 @@ def test_auto_order_on_tpu_is_splash_then_ours_then_chunked(monkeypatch):
     dropout = dict(dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0))
     assert "chunkattn_tpu_flash_fwd" in text(**dropout)
     assert "chunkattn_tpu_flash_fwd" in text(mask=jnp.ones((19, 41), bool))
-    assert text(score_fn=lambda s, b, h, i, j: s).count("pallas_call") == 0
+    assert "chunkattn_tpu_flash_fwd" in text(score_fn=_alibi, mask_fn=_stripes)
+    slopes = jnp.linspace(0.1, 0.4, N)
+    closure = lambda s, b, h, i, j: s - slopes[h] * jnp.abs(i - j)
+    assert text(score_fn=closure).count("pallas_call") == 0
 
 
 EXPORTED = {
@@ -248,6 +300,9 @@ EXPORTED = {
         local_window_size=(64, 0),
         sinks=jnp.zeros((N,)),
         logits_soft_cap=30.0,
+    ),
+    "mask_fn_score_fn_causal": dict(
+        mask_fn=_stripes, score_fn=_alibi, is_causal=True, q_offset=jnp.array([0, 7])
     ),
 }
 
@@ -302,7 +357,7 @@ def test_skipped_copies_never_move_a_visible_block(window, is_causal, offset, q_
 
     bq, bk, nq, nk = 128, 256, 8, 4
     lo, hi = masks.relative_bounds(masks.MaskSpec(is_causal, window), jnp.array([offset]))
-    ints = jnp.concatenate([lo, hi, jnp.array([q_len, kv_len], jnp.int32)])
+    ints = jnp.concatenate([lo, hi, jnp.array([q_len, kv_len, offset], jnp.int32)])
     st = tpu_flash._Static(1.0, None, is_causal or window is not None, 0.0, True, None, 1,
                            (bq, bk), (bq, bk), None, None, False, True)  # fmt: skip
     i, j = jnp.arange(nq)[:, None], jnp.arange(nk)[None, :]

@@ -6,7 +6,8 @@ forward kernel with the backward kernels (the sinks' gradient from `chunked.sink
 What the kernels cannot do raises NotImplementedError naming the feature, and
 `dot_product_attention(implementation=None)` falls back to the chunked path: float64, head
 dims above 256, 64-bit segment ids, a second derivative, and a `mask_fn`/`score_fn` that closes
-over arrays or uses an operation the Triton lowering lacks (checked on its jaxpr here).
+over arrays or uses an operation the Triton lowering lacks (checked on its jaxpr by
+`user_fns.check_user_fns`).
 
 `attention(args, opts, kernel="mosaic")` (`implementation="pallas_mosaic"`, experimental) runs
 the Mosaic GPU forward of `mosaic.py` instead of the Triton one, for the requests it serves
@@ -21,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -33,6 +33,7 @@ from chunkattn.pallas.backward import backward, bias_gradient
 from chunkattn.pallas.config import PallasConfig, block_width, heuristic, interpret_mode
 from chunkattn.pallas.forward import forward
 from chunkattn.pallas.kernel_common import F32_MAX, Array, Dims, Static, pad_to
+from chunkattn.pallas.user_fns import check_user_fns
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -125,55 +126,15 @@ def _lowerable_primitives() -> set[str] | None:
     return {str(p) for p in lowering.triton_lowering_rules}
 
 
-def _primitives(jaxpr) -> set[str]:
-    """Every primitive in a jaxpr, including those of its sub-jaxprs (jit, custom_jvp, cond)."""
-    names = set()
-    for eqn in jaxpr.eqns:
-        names.add(str(eqn.primitive))
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, tuple | list) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    names |= _primitives(inner)
-    return names
-
-
-def _check_user_fn(name: str, fn: Callable[..., Array], *example: Any) -> None:
-    """Raise NotImplementedError unless `fn` can be traced into a kernel body.
-
-    A kernel cannot capture arrays (a function closing over a table, or over a traced value,
-    must run in the chunked path), and the Triton lowering implements a fixed set of
-    primitives; both are checked on the function's jaxpr at the kernel's block shapes.
-    """
-    closed = jax.make_jaxpr(fn)(*example)
-    if closed.consts:
-        shapes = ", ".join(str(getattr(c, "shape", ())) for c in closed.consts)
-        raise NotImplementedError(
-            f"the pallas kernels do not implement a {name} that closes over arrays (shapes "
-            f"{shapes}); pass implementation='chunked' or compute them from the indices"
-        )
-    known = _lowerable_primitives()
-    if known is not None:
-        missing = sorted(_primitives(closed.jaxpr) - known)
-        if missing:
-            raise NotImplementedError(
-                f"the pallas kernels cannot lower the {name} operations {', '.join(missing)}"
-            )
-
-
 def _check_user_fns(opts: Any, bq: int, bk: int) -> None:
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-    where = (i32(1, 1), i32(1, 1), i32(bq, 1), i32(1, bk))
-    if opts.mask_fn is not None:
-        _check_user_fn("mask_fn", opts.mask_fn, *where)
-    if opts.score_fn is not None:
-        score = jax.ShapeDtypeStruct((bq, bk), jnp.float32)
-
-        def with_derivative(s, *idx):  # the backward kernels trace its derivative too
-            f = lambda x: jnp.broadcast_to(opts.score_fn(x, *idx), x.shape).astype(jnp.float32)
-            return jax.jvp(f, (s,), (jnp.ones_like(s),))
-
-        _check_user_fn("score_fn", with_derivative, score, *where)
+    check_user_fns(
+        opts.mask_fn,
+        opts.score_fn,
+        (i32(1, 1), i32(1, 1), i32(bq, 1), i32(1, bk)),
+        jax.ShapeDtypeStruct((bq, bk), jnp.float32),
+        lowerable=_lowerable_primitives(),
+    )
 
 
 def _dims(x: Array | None) -> Dims | None:

@@ -1,0 +1,84 @@
+"""Whether a user's `mask_fn` / `score_fn` can be traced into a Pallas kernel body.
+
+Shared by the GPU kernels (`dispatch.py`, Triton lowering) and the TPU kernels
+(`chunkattn/tpu_flash.py`, Mosaic TPU lowering). A kernel cannot capture arrays (a function
+closing over a table or a traced value, whose arrays api.py would make explicit
+`score_params`, runs in the chunked path), and each lowering implements a fixed set of
+primitives; both are checked on the function's jaxpr at the kernel's block shapes, before
+any kernel is traced, so that `implementation=None` can fall back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def primitives(jaxpr) -> set[str]:
+    """Every primitive in a jaxpr, including those of its sub-jaxprs (jit, custom_jvp, cond)."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(str(eqn.primitive))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, tuple | list) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    names |= primitives(inner)
+    return names
+
+
+def check_user_fn(
+    name: str,
+    fn: Callable[..., Array],
+    *example: Any,
+    lowerable: set[str] | None,
+    kernels: str = "pallas",
+) -> None:
+    """Raise NotImplementedError unless `fn` can be traced into a kernel body.
+
+    `lowerable`: the primitive names the kernels' lowering implements (None: unknown, assume
+    all); `kernels` names the kernels in the message.
+    """
+    closed = jax.make_jaxpr(fn)(*example)
+    if closed.consts:
+        shapes = ", ".join(str(getattr(c, "shape", ())) for c in closed.consts)
+        raise NotImplementedError(
+            f"the {kernels} kernels do not implement a {name} that closes over arrays (shapes "
+            f"{shapes}); pass implementation='chunked' or compute them from the indices"
+        )
+    if lowerable is not None:
+        missing = sorted(primitives(closed.jaxpr) - lowerable)
+        if missing:
+            raise NotImplementedError(
+                f"the {kernels} kernels cannot lower the {name} operations {', '.join(missing)}"
+            )
+
+
+def check_user_fns(
+    mask_fn: Callable[..., Array] | None,
+    score_fn: Callable[..., Array] | None,
+    where: tuple[Any, Any, Any, Any],
+    score: Any,
+    *,
+    lowerable: set[str] | None,
+    kernels: str = "pallas",
+) -> None:
+    """Check `mask_fn(*where)` and `score_fn(score, *where)` with its forward-mode derivative
+    (which the backward kernels trace too); `where` and `score` are the shapes
+    (jax.ShapeDtypeStruct) the kernels pass: (batch, head, q_pos, k_pos) and the score block."""
+    if mask_fn is not None:
+        check_user_fn("mask_fn", mask_fn, *where, lowerable=lowerable, kernels=kernels)
+    if score_fn is not None:
+
+        def with_derivative(s, *idx):
+            f = lambda x: jnp.broadcast_to(score_fn(x, *idx), x.shape).astype(jnp.float32)
+            return jax.jvp(f, (s,), (jnp.ones_like(s),))
+
+        check_user_fn(
+            "score_fn", with_derivative, score, *where, lowerable=lowerable, kernels=kernels
+        )
