@@ -8,9 +8,9 @@ kernel in `mosaic.py` reads the same on each.
   0.11 takes one optionally, 0.12 takes none.
 - `interpret_params()`: the Mosaic GPU interpreter (`plgpu.InterpretGPUParams`, public from
   0.11). Its wgmma of 0.10 cannot read a transposed operand (q·kᵀ), so 0.10 has none here.
-- `mma(...)`, `mma_pair(...)` and `mma_accumulate(...)`: the matrix products of the forward and
-  the backward (`mosaic_backward.py`). Compiled, the
-  second takes P from registers and accumulates in place (`pl.run_state`, as jax's
+- `mma(...)`, `mma_pair(...)`, `mma_accumulate(...)` and `mma_accumulate_and(...)`: the matrix
+  products of the forward and the backward (`mosaic_backward.py`). Compiled, the
+  accumulating ones take P (or dS) from registers and accumulate in place (`pl.run_state`, as jax's
   attention_mgpu.py). The interpreter implements neither (its wgmma reads A from shared memory
   only, and it cannot lower run_state's effects), so under it P goes through shared memory and
   the product is added to the accumulator afterwards: the same sum, another instruction path.
@@ -160,20 +160,3 @@ def mma_accumulate_and(acc, p, b_ref, second, shape: tuple[int, int], p_smem=Non
         body_interpret, plgpu.ACC(acc.shape, jnp.float32), plgpu.ACC(shape, jnp.float32)
     )
     return acc + prod, other
-
-
-def mma_accumulate_pairs(accs, pairs, p_smem=None):
-    """(acc₁ + a₁·b₁, acc₂ + a₂·b₂): each a a bf16/f16 register array, each b_ref in shared
-    memory, issued in one wgmma group and waited for once (the dK/dV kernel's dV += Pᵀ·dO and
-    dK += dSᵀ·Q). `p_smem`: the interpreter's path, one product after the other through
-    `mma_accumulate`."""
-    if p_smem is not None:
-        return tuple(
-            mma_accumulate(acc, a, b, p_smem) for acc, (a, b) in zip(accs, pairs, strict=True)
-        )
-
-    def body(refs):
-        for ref, (a, b) in zip(refs, pairs, strict=True):
-            plgpu.wgmma(ref, a, b)
-
-    return pl.run_state(body)(tuple(plgpu.ACC.init(acc) for acc in accs))
