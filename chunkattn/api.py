@@ -284,7 +284,8 @@ def dot_product_attention(
         backward (config: `MosaicConfig`), never chosen by None until it has run on a GPU.
         "pallas_tpu" is our own Pallas TPU FlashAttention (config: `TpuFlashConfig`): what
         splash declines (a dense bias with its gradient, a dense mask, dropout, a per-batch or
-        traced q_offset); on a TPU None tries splash, then it, then "chunked".
+        traced q_offset, mask_fn / score_fn not closing over arrays); on a TPU None tries
+        splash, then it, then "chunked".
       config: the implementation's config, e.g. `ChunkConfig(q_chunk_size=..., kv_chunk_size=...)`.
 
     Returns:
