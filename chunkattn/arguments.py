@@ -122,6 +122,22 @@ def is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def first_order_only(fn: Callable[..., Any], kernels: str) -> Callable[..., Any]:
+    """fn, whose derivative raises a clear error: a pallas_call has no JVP, so a second
+    derivative (grad of grad, a Hessian) cannot differentiate the `kernels` named."""
+    wrapped = jax.custom_jvp(fn)
+
+    @wrapped.defjvp
+    def _no_jvp(primals, tangents):
+        del primals, tangents
+        raise NotImplementedError(
+            f"second-order derivatives (grad of grad, Hessians) are not implemented by the "
+            f"{kernels} kernels; use implementation='xla' for them"
+        )
+
+    return wrapped
+
+
 def _broadcast_4d(name: str, x: Any, target: tuple[int, int, int, int], batched: bool) -> Array:
     """Left-pad x to 4-D and check each dim is 1 or the target's ([B, N, T, S])."""
     x = jnp.asarray(x)

@@ -44,7 +44,7 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-from chunkattn.arguments import INT32_MIN, Arguments, Options, is_concrete
+from chunkattn.arguments import INT32_MIN, Arguments, Options, first_order_only, is_concrete
 
 Array = jax.Array
 
@@ -243,26 +243,10 @@ def _batched(fn, kernel, per_row: int):
     return jax.vmap(heads, in_axes=(0, 0, 0, 0, 0, None) + (0,) * per_row)
 
 
-def _first_order(fn):
-    """fn, whose derivative raises a clear error: pallas_call has no JVP, so a second derivative
-    (grad of grad, a Hessian) cannot differentiate the kernels."""
-    wrapped = jax.custom_jvp(fn)
-
-    @wrapped.defjvp
-    def _no_jvp(primals, tangents):
-        del primals, tangents
-        raise NotImplementedError(
-            "second-order derivatives (grad of grad, Hessians) are not implemented by the splash "
-            "kernels; use implementation='xla' for them"
-        )
-
-    return wrapped
-
-
 def _splash(kernel, q, k, v, q_seg, kv_seg, sinks):
     """(out [B, K, G, Tp, Hv], lse f32 [B, K, G, Tp]) with the lse's gradient."""
-    forward = _first_order(_batched(_forward_one, kernel, 0))
-    backward = _first_order(_batched(_backward_one, kernel, 3))
+    forward = first_order_only(_batched(_forward_one, kernel, 0), "splash")
+    backward = first_order_only(_batched(_backward_one, kernel, 3), "splash")
 
     @jax.custom_vjp
     def run(q, k, v, q_seg, kv_seg, sinks):

@@ -63,7 +63,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from chunkattn import masks
-from chunkattn.arguments import Arguments, Options
+from chunkattn.arguments import Arguments, Options, first_order_only
 from chunkattn.pallas.user_fns import check_user_fns
 from chunkattn.summary import output_delta
 
@@ -672,25 +672,10 @@ def _bias_gradient(st: _Static, ints, seed, xs, bias_shape, bias_dtype, sizes):
 # ------------------------------------------------------------------------- gradient and entry
 
 
-def _first_order(fn):
-    """fn whose derivative raises a clear error: pallas_call has no JVP (grad of grad)."""
-    wrapped = jax.custom_jvp(fn)
-
-    @wrapped.defjvp
-    def _no_jvp(primals, tangents):
-        del primals, tangents
-        raise NotImplementedError(
-            "second-order derivatives (grad of grad, Hessians) are not implemented by the "
-            "pallas_tpu kernels; use implementation='xla' for them"
-        )
-
-    return wrapped
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(st: _Static, q, k, v, bias, arrays, ints, seed):
     """(out [B, N, Tp, Hv], lse f32 [B, N, Tp]) with gradients for q, k, v, bias and the lse."""
-    return _first_order(functools.partial(_forward, st))(
+    return first_order_only(functools.partial(_forward, st), "pallas_tpu")(
         q, k, v, {**arrays, "bias": bias}, ints, seed
     )
 
@@ -703,7 +688,7 @@ def _flash_fwd(st, q, k, v, bias, arrays, ints, seed):
 def _flash_bwd(st, res, cotangents):
     q, k, v, bias, arrays, ints, seed, out, lse = res
     dout, dlse = cotangents
-    backward = _first_order(functools.partial(_backward, st))
+    backward = first_order_only(functools.partial(_backward, st), "pallas_tpu")
     dq, dk, dv, dbias = backward(
         q, k, v, {**arrays, "bias": bias}, ints, seed, out, lse, dout, dlse
     )
