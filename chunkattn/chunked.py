@@ -346,7 +346,7 @@ def block_backward(
             dog = grouped_heads(doc, num_kv_heads)  # (B, K, G·tq, Hv)
             # dVᵀ += dOᵀ·P: (B, K, G·tq, Hv) x (B, K, G·tq, tk) -> (B, K, Hv, tk)
             dvc = dvc + transposed_times(dog, pg, precision=st.precision)
-            # dP = dO·Vᵀ: (B, K, G·tq, Hv) x (B, tk, K, Hv) -> (B, N, tq, tk)
+            # dP = dO·Vᵀ: (B, K, G·tq, Hv) x (B, K, Hv, tk) -> (B, N, tq, tk)
             dp = scores_grouped(dog, v_t, precision=st.precision).reshape(p.shape)
             if st.dropout_rate > 0:
                 dp = jnp.where(keep, dp * keep_scale, 0.0)
@@ -367,7 +367,7 @@ def block_backward(
             if st.soft_cap is not None:  # d/dx cap·tanh(x/cap) = 1 − tanh²
                 ds = ds * (1.0 - jnp.square(jnp.tanh(raw / st.soft_cap)))
             dsg = (ds * st.scale).astype(q.dtype).reshape(batch, num_kv_heads, groups * tq, tk)
-            # dQ += dS·K: (B, K, G·tq, tk) x (B, tk, K, H) -> (B, tq, N, H)
+            # dQ += dS·K: (B, K, G·tq, tk) x (B, K, tk, H) -> (B, tq, N, H)
             dqc = ungrouped_heads(weights_times_values(dsg, k_h, precision=st.precision), tq)
             old = jax.lax.dynamic_slice_in_dim(dq, q_start, tq, axis=1)
             dq = jax.lax.dynamic_update_slice_in_dim(dq, old + dqc, q_start, axis=1)
