@@ -84,6 +84,17 @@ def test_gpt_xla_and_chunked_agree_and_cache_decoding_matches():
         np.testing.assert_array_equal(np.asarray(out[:, t]), np.asarray(want))
 
 
+def test_gpt_pallas_tpu_with_sinks_matches_chunked(monkeypatch):
+    """attention="pallas_tpu" reaches our TPU kernels (here in the Pallas interpreter), sinks
+    included, and gives the chunked model's logits."""
+    monkeypatch.setenv("CHUNKATTN_PALLAS_INTERPRET", "1")
+    base = dict(max_seq_len=16, num_layers=1, num_heads=2, dim=32, sinks=True)
+    tokens = jax.random.randint(jax.random.PRNGKey(3), (1, 16), 0, 256)
+    want = GPT(GPTConfig(**base, attention="chunked"), rngs=nnx.Rngs(0))(tokens)
+    got = GPT(GPTConfig(**base, attention="pallas_tpu"), rngs=nnx.Rngs(0))(tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4)
+
+
 def test_config_is_validated():
     with pytest.raises(ValueError, match="attention"):
         GPTConfig(attention="flash")

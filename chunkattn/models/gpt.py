@@ -2,7 +2,8 @@
 positions, optional tied embeddings, chunkattn attention, and `generate()` with a KV cache.
 
 Byte-level by default (vocab 256). The attention implementation is a config field:
-"chunked", "pallas", "xla" (chunkattn's dispatcher), "cudnn" (`jax.nn.dot_product_attention`), or
+"chunked", "pallas", "pallas_mosaic", "splash", "pallas_tpu", "xla" (chunkattn's dispatcher,
+`implementation=`), "cudnn" (`jax.nn.dot_product_attention`), or
 a linear-time variant "linear", "delta", "caterpillar" (`chunkattn.variants.layers`, no KV cache),
 "gated_delta" (Gated DeltaNet, which decodes from its recurrent state), or "hybrid": layer i is
 `hybrid_pattern[i % len(hybrid_pattern)]`, g for Gated DeltaNet and s for softmax (chunked), as
@@ -32,11 +33,11 @@ from chunkattn.nn.layers import KVCache, MultiHeadAttention, partitioned
 Array = jax.Array
 
 ATTENTION = (
-    "chunked", "pallas", "splash", "xla", "cudnn", "linear", "delta", "caterpillar", "gated_delta",
-    "hybrid",
+    "chunked", "pallas", "pallas_mosaic", "splash", "pallas_tpu", "xla", "cudnn", "linear", "delta",
+    "caterpillar", "gated_delta", "hybrid",
 )  # fmt: skip
 HYBRID_LAYERS = {"g": "gated_delta", "s": "chunked"}  # the letters of GPTConfig.hybrid_pattern
-SINKS = ("chunked", "pallas", "splash", "xla")  # the softmax attentions that take sinks
+SINKS = ("chunked", "pallas", "pallas_mosaic", "splash", "pallas_tpu", "xla")  # take sinks
 
 
 @dataclasses.dataclass(frozen=True)
