@@ -740,6 +740,9 @@ def run_all(todo: list[Case], jobs: int, dump_root: pathlib.Path) -> list[dict]:
 def show_code(case: Case, kernel: str, sass: bool) -> None:
     """Print one kernel's PTX, or its SASS (nvdisasm of its cubin)."""
     name = next((n for n, short in KERNELS.items() if kernel in (n, short)), kernel)
+    if case.backward in ("mosaic", "mosaic_bwd"):
+        show_mosaic_code(case, name, sass)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         dump = pathlib.Path(tmp)
         fn, args = program(case, h100())
@@ -753,6 +756,24 @@ def show_code(case: Case, kernel: str, sass: bool) -> None:
             [cuda_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True
         )
         print(out.stdout or out.stderr)
+
+
+def show_mosaic_code(case: Case, name: str, sass: bool) -> None:
+    """Print a Mosaic GPU kernel's PTX, or its SASS (Mosaic's own dump: MOSAIC_GPU_DUMP_SASS)."""
+    device = h100()
+    what = "MOSAIC_GPU_DUMP_SASS" if sass else "MOSAIC_GPU_DUMP_PTX"
+    with tempfile.TemporaryDirectory() as tmp:
+        dump = pathlib.Path(tmp)
+        env = {"MOSAIC_GPU_DUMP_TO": str(dump), what: "1"}
+        fn, args = program(case, device)
+        with mock.patch.dict(os.environ, env), stderr_to(dump / "mosaic.log"):
+            with as_on_the_gpu(device):
+                lowered = jax.jit(fn).lower(*args)
+            lowered.compile()
+        found = sorted(dump.glob(f"{name}*.sass" if sass else f"{name}*.ptx"))
+        if not found:
+            raise FileNotFoundError(f"no {what} output for {name} in {sorted(dump.iterdir())}")
+        print(found[0].read_text(errors="replace"))
 
 
 def head_dim_pair(text: str) -> tuple[int, int]:

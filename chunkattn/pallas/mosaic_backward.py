@@ -529,18 +529,20 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
     b = lax.axis_index("batch")
     kh = lax.axis_index("heads")  # the kv head
     t = lax.axis_index("kv_seq")
-    wg = lax.axis_index("wg")
+    wg_index = lax.axis_index("wg")
 
-    @pl.when(wg < COMPUTE_WGS)
-    def _compute():
+    def _compute(wg: int):  # compute warpgroup wg (static: its buffers' addresses are constants)
         if not plan.interpret:
             plgpu.set_max_registers(240, action="increase")
-        # Read after setmaxnreg: a value live across it is spilled (ptxas, 8 B).
+        # Read after setmaxnreg: a value live across it is spilled (ptxas, 8 B). The loops
+        # count ring steps, not query blocks (only the memory warpgroup needs those): the
+        # phases' bounds are relative to lo, and lo is not live in them.
         lo, hi = sched_ref[b, t, 0], sched_ref[b, t, 1]
         nb = hi - lo  # query blocks per query head
         k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
         p_smem = None if p_smem2 is None else p_smem2.at[wg]
-        flo, fhi = sched_ref[b, t, 2 + 2 * wg], sched_ref[b, t, 3 + 2 * wg]
+        n_flo = sched_ref[b, t, 2 + 2 * wg] - lo
+        n_fhi = sched_ref[b, t, 3 + 2 * wg] - lo
         k_base = (t * COMPUTE_WGS + wg) * bkv
         keys = pl.ds(k_base, bkv)
         plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kh], k_smem, k_ready.at[wg])
@@ -552,9 +554,9 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
         plgpu.barrier_wait(v_ready.at[wg])
 
         def head(gi, carry):  # query head kh·g + gi (the ring carries its blocks)
-            def step(i, carry, masked):
+            def step(n, carry, masked):  # ring step n: query block lo + n − gi·nb
                 dk, dv = carry
-                slot = lax.rem(gi * nb + i - lo, stages)
+                slot = lax.rem(n, stages)
                 # As jax's attention_mgpu.py: the transposed block (keys × rows), so that P
                 # and dS are wgmma A operands from registers; the per-row values (lse₂, D, key
                 # ranges) come through the TMA ring with Q, one value per column.
@@ -595,7 +597,8 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
                 plgpu.barrier_arrive(q_free.at[slot])
                 return dk, dv
 
-            return three_phase(lo, flo, fhi, hi, step, carry)
+            n0 = gi * nb
+            return three_phase(n0, n0 + n_flo, n0 + n_fhi, n0 + nb, step, carry)
 
         dk, dv = head(0, carry) if g == 1 else lax.fori_loop(0, g, head, carry)
         k_smem[...] = (dk * plan.scale).astype(dtype)  # K's and V's buffers are free by now
@@ -605,7 +608,14 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
         plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, keys, kh])
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == COMPUTE_WGS)
+    # One branch per compute warpgroup, wg a Python int: with wg traced, the addresses of its
+    # K, V (and Pᵀ) buffers and its schedule entries were registers live through the loops,
+    # and at H=128 ptxas spilled 8 B (GQA: 20 B, bench/NOTES.md v13). Twice the code, no
+    # instruction more in a loop.
+    for w in range(COMPUTE_WGS):
+        pl.when(wg_index == w)(functools.partial(_compute, w))
+
+    @pl.when(wg_index == COMPUTE_WGS)
     def _memory():
         if not plan.interpret:
             plgpu.set_max_registers(24, action="decrease")
