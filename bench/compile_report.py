@@ -120,7 +120,10 @@ KERNELS = {
 # "mosaic": the Mosaic GPU forward alone; "mosaic_bwd": it and the Mosaic GPU backward.
 BACKWARDS = ("split", "atomic", "mosaic", "mosaic_bwd")
 # What the Mosaic GPU forward serves (mosaic.unsupported_features); other cases are not made.
-MOSAIC_FEATURES = ("full", "causal", "window", "lengths", "segments", "soft_cap", "sinks", "gqa")
+MOSAIC_FEATURES = ("full", "causal", "window", "lengths", "segments", "soft_cap")
+MOSAIC_FEATURES += ("mask_fn", "score_fn", "sinks", "gqa")
+# The Mosaic GPU backward declines a mask_fn / score_fn (dispatch.py); Triton's serves them.
+MOSAIC_BWD_FEATURES = tuple(f for f in MOSAIC_FEATURES if f not in ("mask_fn", "score_fn"))
 MOSAIC_HEAD_DIMS = (64, 128, 256)
 MOSAIC_BWD_HEAD_DIMS = (64, 128)  # mosaic_backward.HEAD_DIMS
 MOSAIC_KERNELS = ("chunkattn_mosaic_fwd", "chunkattn_mosaic_bwd_dq", "chunkattn_mosaic_bwd_dkdv")
@@ -232,8 +235,9 @@ def cases(features, head_dims, dtypes, backwards, config, precisions=("none",)) 
         if bwd not in ("mosaic", "mosaic_bwd"):
             return True
         served_dims = MOSAIC_BWD_HEAD_DIMS if bwd == "mosaic_bwd" else MOSAIC_HEAD_DIMS
+        served_features = MOSAIC_FEATURES if bwd == "mosaic" else MOSAIC_BWD_FEATURES
         dims_ok = h in served_dims and hv in served_dims
-        return f in MOSAIC_FEATURES and dims_ok and dt in ("bf16", "f16")
+        return f in served_features and dims_ok and dt in ("bf16", "f16")
 
     combos = itertools.product(features, head_dims, dtypes, backwards, precisions)
     return [

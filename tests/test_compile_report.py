@@ -253,7 +253,7 @@ def test_float32_exact_up_to_head_dim_128_spill_nothing(results, kernel):
 
 MOSAIC_HEAD_DIMS = "--head-dims=64,128,256,128/64"
 MOSAIC_RUN = ["--features=all", MOSAIC_HEAD_DIMS, "--dtypes=bf16,f16", "--backward=mosaic"]
-MOSAIC_CASES = 8 * 4 * 2  # compile_report.MOSAIC_FEATURES x head dims x dtypes
+MOSAIC_CASES = 10 * 4 * 2  # compile_report.MOSAIC_FEATURES (mask_fn, score_fn too) x dims x dtypes
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ Three levels, each against the float32 reference:
 from __future__ import annotations
 
 import itertools
+import re
 from unittest import mock
 
 import jax
@@ -45,6 +46,25 @@ def _has_interpreter() -> bool:
         return True
     except (ImportError, NotImplementedError):
         return False
+
+
+def _stripes(b, h, i, j):
+    """A mask_fn of every index: drops every third key for odd heads (another third in batch
+    1), keeps the diagonal (global positions: q_offset shifts it)."""
+    return (j % 3 != 1 + b) | (h % 2 == 0) | (i == j)
+
+
+def _alibi(s, b, h, i, j):
+    """ALiBi with a slope per (batch, head), written with exp2 (Mosaic GPU lowers no pow)."""
+    slope = jnp.exp2(-(h + 2 * b + 1).astype(jnp.float32))
+    return s - slope * jnp.abs(i - j).astype(jnp.float32)
+
+
+def _alibi_huge_rows(s, b, h, i, j):
+    """`_alibi`, and every 5th query position scores −3e38 on every key: finite, so the softmax
+    averages its keys uniformly, as on every path (the kernel keeps a score_fn's scores in the
+    natural domain: scaled by log₂e they would overflow to −inf and read as masked, output 0)."""
+    return jnp.where(i % 5 == 0, -3e38, _alibi(s, b, h, i, j))
 
 
 def _segments(rng, batch, length, sort):
@@ -76,7 +96,23 @@ def cases(batch=B, seq_q=T, seq_k=S, heads=N):
             is_causal=True, segment_ids=_segments(rng, batch, seq_q, sort=True)
         ),
         "empty_rows_sinks": dict(is_causal=True, q_offset=-100, sinks=sinks),
+        # A user's functions traced into the kernel at global positions (q_offset moves them).
+        "mask_fn": dict(mask_fn=_stripes, q_offset=jnp.array([0, 9][:batch])),
+        "score_fn": dict(
+            score_fn=_alibi_huge_rows, key_value_seq_lengths=jnp.array([seq_k, 150][:batch])
+        ),
+        "mask_fn_score_fn_causal_softcap_sinks": dict(
+            mask_fn=_stripes,
+            score_fn=_alibi,
+            is_causal=True,
+            q_offset=jnp.array([3, 40][:batch]),
+            logits_soft_cap=5.0,
+            sinks=sinks,
+        ),
     }
+
+
+USER_FN_CASES = ("mask_fn", "score_fn", "mask_fn_score_fn_causal_softcap_sinks")
 
 
 def _qkv(
@@ -258,8 +294,6 @@ def test_declines_what_it_does_not_implement(monkeypatch):
         ("a dense bias", dict(bias=jnp.zeros((16, 16)))),
         ("a dense mask", dict(mask=jnp.ones((16, 16), bool))),
         ("dropout", dict(dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0))),
-        ("mask_fn", dict(mask_fn=lambda b, h, i, j: i >= j)),
-        ("score_fn", dict(score_fn=lambda s, b, h, i, j: s)),
         ("MosaicConfig", dict(config=PallasConfig())),
     ]
     for feature, kwargs in declined:
@@ -273,6 +307,52 @@ def test_declines_what_it_does_not_implement(monkeypatch):
         q, k, v = _qkv(dtype=dtype, head_dim=h, seq_q=16, seq_k=16)
         with pytest.raises(NotImplementedError, match=feature):
             chunkattn.dot_product_attention(q, k, v, implementation="pallas_mosaic")
+
+
+def test_declines_user_functions_it_cannot_lower(monkeypatch):
+    """Before any kernel is traced: operations Mosaic GPU cannot lower on the kernel's
+    [64, block_k] arrays (pow, iota, bool not, a custom_jvp), closures over arrays, and any
+    mask_fn / score_fn with the Mosaic backward; what it can lower is served."""
+    monkeypatch.setenv("CHUNKATTN_PALLAS_INTERPRET", "1")
+    monkeypatch.setattr(mosaic, "launch", mosaic.emulate)
+    q, k, v = _qkv(seq_q=16, seq_k=16)
+    table = jnp.arange(16.0)
+    declined = [
+        ("operations pow", dict(score_fn=lambda s, b, h, i, j: s * 2.0 ** h.astype(s.dtype))),
+        ("operations not \\(bool\\)", dict(mask_fn=lambda b, h, i, j: ~(i < j))),
+        ("iota", dict(mask_fn=lambda b, h, i, j: j <= jnp.arange(i.shape[-1]))),
+        ("custom_jvp_call", dict(score_fn=lambda s, b, h, i, j: jax.nn.relu(s))),
+        ("closes over arrays", dict(score_fn=lambda s, b, h, i, j: s + table[0])),
+    ]
+    for feature, kwargs in declined:
+        with pytest.raises(NotImplementedError, match=f"pallas_mosaic kernels .*{feature}"):
+            _mosaic(q, k, v, **kwargs)
+    for name in ("mask_fn", "score_fn"):
+        fn = _stripes if name == "mask_fn" else _alibi
+        with pytest.raises(NotImplementedError, match=f"{name} in the Mosaic backward"):
+            _mosaic_bwd(q, k, v, **{name: fn})
+    out = _mosaic(q, k, v, mask_fn=lambda b, h, i, j: (i + j) % 3 != 0, score_fn=_alibi)
+    assert out.shape == q.shape
+
+
+def test_user_function_check_tells_dtypes_apart():
+    """rem lowers on int32 positions but not on float32 scores, bool converts to float32 but
+    nothing converts to bool, erf and floor not at all: the check names the operations with
+    their dtypes; the tests' own functions and an int32 floor division pass."""
+    mosaic.check_user_fns(_stripes, _alibi, 64, 128)
+    mosaic.check_user_fns(lambda b, h, i, j: i // 64 >= j // 64, None, 64, 128)
+    for fn, words in [
+        (lambda s, b, h, i, j: jax.lax.rem(s, 2.0), "rem (float32, float32)"),
+        (lambda s, b, h, i, j: s + (s > 0).astype(jnp.float32), None),
+        (lambda s, b, h, i, j: s * s.astype(bool), "convert_element_type (float32)"),
+        (lambda s, b, h, i, j: jax.lax.erf(s), "erf (float32)"),
+        (lambda s, b, h, i, j: jnp.floor(s), "floor (float32)"),
+    ]:
+        if words is None:
+            mosaic.check_user_fns(None, fn, 64, 128)
+            continue
+        with pytest.raises(NotImplementedError, match=re.escape(words)):
+            mosaic.check_user_fns(None, fn, 64, 128)
 
 
 def test_implementation_none_never_picks_it():
@@ -292,6 +372,9 @@ EMULATED = {
     "window_offset_softcap_lengths": (jnp.float16, 128, 64, 130, 300),
     "segments_unsorted_lengths": (jnp.bfloat16, 64, 64, T, S),
     "empty_rows_sinks": (jnp.bfloat16, 64, 64, T, S),
+    "mask_fn": (jnp.bfloat16, 64, 64, T, S),
+    "score_fn": (jnp.float16, 128, 128, 130, 300),
+    "mask_fn_score_fn_causal_softcap_sinks": (jnp.bfloat16, 64, 64, T, S),
 }
 
 
@@ -304,10 +387,29 @@ def test_emulated_kernel_matches_reference(emulated, name):
 
 
 def test_emulated_gradients_through_the_triton_backward(emulated):
-    """The Triton backward kernels on the Mosaic forward's residuals (out, lse)."""
+    """The Triton backward kernels on the Mosaic forward's residuals (out, lse, natural log
+    from the natural-domain scores of a score_fn), causal, GQA, sinks, soft cap; they trace
+    the mask_fn and score_fn themselves (the default pairing: the Mosaic backward declines
+    them). The log2-domain forward's residuals meet a backward in
+    test_emulated_mosaic_backward_matches_reference."""
     q, k, v = _qkv(seq_q=128, seq_k=128, heads=2, kv_heads=1, batch=1)
-    kwargs = cases(batch=1, seq_q=128, seq_k=128, heads=2)["causal_gqa_sinks"]
+    kwargs = cases(batch=1, seq_q=128, seq_k=128, heads=2)["mask_fn_score_fn_causal_softcap_sinks"]
     testing.assert_matches_reference(_mosaic, q, k, v, **kwargs)
+
+
+def test_mask_fn_leaves_no_block_whole():
+    """With a mask_fn the schedule's unmasked phase is empty ([flo, fhi) = [lo, lo)) while the
+    causal/window block skipping of [lo, hi) is kept."""
+    meta = _meta(True, None, [0, 40], [256, 256], [256, 256])
+    kstart, kend = mosaic.key_ranges(meta, 256, 256)
+    plain = np.asarray(mosaic.block_schedule(kstart, kend, 64, 64))
+    sched = np.asarray(mosaic.block_schedule(kstart, kend, 64, 64, none_whole=True))
+    np.testing.assert_array_equal(sched[..., :2], plain[..., :2])
+    assert (plain[..., 3] > plain[..., 2]).any()  # without one some blocks are whole
+    for w in range(2):
+        assert (sched[..., 2 + 2 * w] == sched[..., 0]).all()
+        assert (sched[..., 3 + 2 * w] == sched[..., 0]).all()
+    assert sched[0, 0, 1] == 2  # causal: rows 0..127 of batch 0 read key blocks 0 and 1 only
 
 
 # ---------------------------------------------- the Mosaic backward (mosaic_backward.py), on CPU
@@ -560,6 +662,7 @@ def no_compilation_cache():
         "window_offset_softcap_lengths",
         "segments_unsorted_lengths",
         "empty_rows_sinks",
+        *USER_FN_CASES,
     ],
 )
 def test_kernel_in_the_interpreter_matches_emulation_and_reference(
@@ -627,7 +730,7 @@ def test_backward_kernels_in_the_interpreter_match_emulation_and_reference(
 GPU_FEATURES = ["full", "causal", *cases()]
 GPU_HEAD_DIMS = [(64, 64), (128, 128), (256, 256), (128, 64)]
 # Every feature at bf16 H=128; every head dim with the two richest feature sets at bf16 and with
-# causal at f16: 17 compiles of forward and backward, within gpu_session.sh's step.
+# causal at f16: 20 compiles of forward and backward, within gpu_session.sh's step.
 GPU_CASES = sorted(
     {(name, (128, 128), "bf16") for name in GPU_FEATURES}
     | {
@@ -661,7 +764,7 @@ def test_gpu_matches_reference(name, dims, dtype):
 # causal at f16: the Mosaic backward's first GPU run (bench/gpu_session.sh mosaic_bwd).
 BWD_GPU_HEAD_DIMS = [(64, 64), (128, 128), (128, 64), (64, 128)]
 BWD_GPU_CASES = sorted(
-    {(name, (128, 128), "bf16") for name in GPU_FEATURES}
+    {(name, (128, 128), "bf16") for name in GPU_FEATURES if name not in USER_FN_CASES}
     | {
         (n, d, "bf16")
         for n in ("causal_gqa_sinks", "window_offset_softcap_lengths")

@@ -11,10 +11,11 @@ over arrays or uses an operation the Triton lowering lacks (checked on its jaxpr
 
 `attention(args, opts, kernel="mosaic")` (`implementation="pallas_mosaic"`, experimental) runs
 the Mosaic GPU forward of `mosaic.py` instead of the Triton one, for the requests it serves
-(`mosaic.unsupported_features`), and keeps the Triton backward kernels: the custom_vjp below is
-the same, only `_first_order_forward` picks the kernel (`Static.mosaic`). With
-`MosaicConfig(backward=MosaicBackwardConfig())` the Mosaic GPU backward of
-`mosaic_backward.py` replaces the Triton one (`Plan.backward`; experimental).
+(`mosaic.unsupported_features`; a mask_fn / score_fn also `mosaic.check_user_fns`), and keeps
+the Triton backward kernels: the custom_vjp below is the same, only `_first_order_forward`
+picks the kernel (`Static.mosaic`). With `MosaicConfig(backward=MosaicBackwardConfig())` the
+Mosaic GPU backward of `mosaic_backward.py` replaces the Triton one (`Plan.backward`;
+experimental; it declines a mask_fn / score_fn).
 """
 
 from __future__ import annotations
@@ -170,11 +171,14 @@ def attention(args: Any, opts: Any, kernel: str = "triton") -> tuple[Array, Arra
                 f"the pallas_mosaic implementation takes a MosaicConfig, got "
                 f"{type(mosaic_cfg).__name__}"
             )
+        dims = (args.query.shape[-1], args.value.shape[-1])
+        block_k = mosaic_cfg.resolve_block_k(dims)
+        mosaic.check_user_fns(opts.mask_fn, opts.score_fn, mosaic_cfg.block_q, block_k)
         bwd_plan, triton_cfg = None, mosaic_cfg.backward
         if isinstance(mosaic_cfg.backward, mosaic_backward.MosaicBackwardConfig):
-            missing = mosaic_backward.unsupported_features(
-                (args.query.shape[-1], args.value.shape[-1])
-            )
+            missing = mosaic_backward.unsupported_features(dims)
+            user = (("mask_fn", opts.mask_fn), ("score_fn", opts.score_fn))
+            missing += [f"{name} in the Mosaic backward" for name, fn in user if fn is not None]
             if missing:
                 raise NotImplementedError(
                     f"the pallas_mosaic kernel does not implement {', '.join(missing)}"
@@ -220,6 +224,8 @@ def attention(args: Any, opts: Any, kernel: str = "triton") -> tuple[Array, Arra
             num_stages=mosaic_cfg.num_stages,
             interpret=interpret,
             backward=bwd_plan,
+            mask_fn=opts.mask_fn,
+            score_fn=opts.score_fn,
         )
         tq, tk = max(tq, mosaic.COMPUTE_WGS * plan.block_q), max(tk, plan.block_k)
         if bwd_plan is not None:

@@ -20,28 +20,45 @@ window, q_offset, both lengths, padding), and with segment ids also only equal i
 in the kernel). `block_schedule` turns the ranges into the tile's key blocks [lo, hi)
 (intersected with `kernel_common.segment_ranges` for packed sequences) and, per compute
 warpgroup, the blocks [flo, fhi) that every one of its rows sees whole, which skip the mask
-arithmetic (`kernel_common.three_phase`). Sinks start each row's running max and sum.
+arithmetic (`kernel_common.three_phase`); with a mask_fn no block is known whole, while the
+ranges still skip blocks. Sinks start each row's running max and sum.
+
+A user's mask_fn(batch, head, q_pos, k_pos) and score_fn(s, batch, head, q_pos, k_pos) are
+traced into the loop's body (`block_positions`, `block_scores`, `user_mask`): each gets int32
+[64, block_k] arrays (positions in the WGMMA layout, batch and head splats) at global positions
+(q_pos = row + q_offset, the batch's q_offset in the schedule's column 6), as the Triton and
+TPU kernels give them; the
+score order is every path's, scale·q·kᵀ → soft cap → score_fn → masks. With a score_fn the
+scores stay in the natural domain (`Plan.log2_domain`: a finite score near float32's limit
+must not overflow when scaled by log₂e), so exp replaces exp2. What a user function may use is
+`USER_FN_OPERATIONS`, the elementwise primitives Mosaic GPU lowers on those arrays, by operand
+dtype; `check_user_fns` declines the rest, and closures over arrays, before any tracing.
 
 The parts are functions checkable on the CPU against the float32 reference: `key_ranges`,
-`block_schedule`, `score_block`, `mask_block`, `softmax_step`, `online_block` (one block of
-the loop, given its matrix product), `finish`, and `emulate`, the kernel's loops in plain jnp.
-The kernel itself runs in the Mosaic GPU interpreter from jax 0.11 (`mosaic_compat`).
+`block_schedule`, `score_block`, `block_scores`, `mask_block`, `softmax_step`, `online_block`
+(one block of the loop, given its matrix product), `finish`, and `emulate`, the kernel's loops
+in plain jnp. The kernel itself runs in the Mosaic GPU interpreter from jax 0.11
+(`mosaic_compat`).
 
 Serves bf16/f16 with head dims 64, 128 and 256 (q/k and v each), GQA, causal, window, q_offset,
-lengths, segment ids, soft cap, sinks, and the lse. A dense bias or mask, dropout, mask_fn,
-score_fn, float32/float64 and other head dims raise NotImplementedError naming the feature.
+lengths, segment ids, soft cap, sinks, mask_fn and score_fn, and the lse. A dense bias or mask,
+dropout, float32/float64, other head dims, and a mask_fn / score_fn that closes over arrays or
+uses an operation outside `USER_FN_OPERATIONS` raise NotImplementedError naming the feature
+(the Mosaic backward, opt-in, declines any mask_fn / score_fn: dispatch.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from chunkattn.pallas import user_fns
 from chunkattn.pallas.config import PallasConfig
 from chunkattn.pallas.kernel_common import LN2, LOG2E, segment_ranges, three_phase
 
@@ -106,6 +123,19 @@ class Plan(NamedTuple):
     num_stages: int
     interpret: bool
     backward: Any = None  # a `mosaic_backward.BwdPlan`: the Mosaic backward, else Triton's
+    mask_fn: Callable[..., Array] | None = None  # (batch, head, q_pos, k_pos) -> bool
+    score_fn: Callable[..., Array] | None = None  # (score, batch, head, q_pos, k_pos) -> score
+
+    @property
+    def log2_domain(self) -> bool:
+        """Scores in the log2 domain (one exp2 per weight) unless a score_fn may return scores
+        that overflow once scaled by log₂e; with one they stay natural (`kernel_common.Static`)."""
+        return self.score_fn is None
+
+    @property
+    def has_positions(self) -> bool:
+        """A user function needs the block's (batch, head, q_pos, k_pos) (`block_positions`)."""
+        return self.mask_fn is not None or self.score_fn is not None
 
 
 def smem_bytes(
@@ -135,8 +165,6 @@ def unsupported_features(args: Any, opts: Any) -> list[str]:
         ("a dense bias", args.bias is not None),
         ("a dense mask", args.mask is not None),
         ("dropout", opts.dropout_rate > 0),
-        ("mask_fn", opts.mask_fn is not None),
-        ("score_fn", opts.score_fn is not None),
         (
             f"{jnp.dtype(args.query.dtype).name} inputs (it takes bfloat16 or float16)",
             args.query.dtype not in (jnp.bfloat16, jnp.float16),
@@ -147,6 +175,78 @@ def unsupported_features(args: Any, opts: Any) -> list[str]:
         ),
     ]
     return [name for name, present in found if present]
+
+
+# What a mask_fn / score_fn may use inside the kernel: the elementwise primitives whose Mosaic
+# GPU lowering takes [64, block_k] arrays in the WGMMA layout (and splats), by the kinds of
+# operand each takes: "f" float32, "i" int32, "b" bool. Found by lowering one kernel per
+# (primitive, kind) with jax 0.10.2 (Lane semantics) and 0.11.2 (Warpgroup semantics, its
+# default) and compiling them all for sm_90a on both (bench/NOTES.md v13). Left out as they fail
+# on one or both: pow, floor, ceil, expm1, log1p (no rule), erf and atan2 (0.11: no layout
+# rule), rem of floats, not of bools (0.11), conversion to bool. `lowerable` also requires
+# the installed jax's rule (0.10 has no sqrt), a conversion to float32 or int32, and a
+# broadcast of a scalar only. Reductions, slices, reshapes, iotas and loops are not
+# elementwise, which the user functions must be.
+_FLOAT_OPS = "exp exp2 log log2 sqrt rsqrt tanh logistic sin cos round"
+_INT_OPS = "rem not shift_left shift_right_arithmetic shift_right_logical"
+_ARITH_OPS = "add sub mul div max min neg abs sign square integer_pow clamp lt le gt ge"
+_ANY_OPS = "eq ne select_n convert_element_type broadcast_in_dim"
+USER_FN_OPERATIONS: dict[str, str] = {
+    **dict.fromkeys(_FLOAT_OPS.split(), "f"),
+    **dict.fromkeys(_INT_OPS.split(), "i"),
+    **dict.fromkeys(_ARITH_OPS.split(), "fi"),
+    **dict.fromkeys("and or xor".split(), "ib"),
+    **dict.fromkeys(_ANY_OPS.split(), "fib"),
+    "jit": "fib",  # a nested jax.jit: its body's equations are checked too
+}
+_KINDS = {jnp.dtype(jnp.float32): "f", jnp.dtype(jnp.int32): "i", jnp.dtype(jnp.bool_): "b"}
+
+
+@functools.cache
+def registered_primitives() -> frozenset[str] | None:
+    """The primitives the installed jax's Mosaic GPU lowering has a rule for, in the lowering
+    semantics plgpu kernels get by default (Lane on 0.10, Warpgroup from 0.11); None: unknown."""
+    try:
+        from jax._src.pallas.mosaic_gpu import core, lowering
+
+        semantics = core.CompilerParams().lowering_semantics
+        rules = lowering.mosaic_lowering_rules[(semantics, core.PrimitiveSemantics.Warpgroup)]
+    except (ImportError, AttributeError, KeyError):  # pragma: no cover - private module moved
+        return None
+    return frozenset(str(p) for p in rules)
+
+
+def lowerable(eqn) -> bool:
+    """Whether the kernel can lower one equation of a user function (`USER_FN_OPERATIONS`)."""
+    name = str(eqn.primitive)
+    kinds = USER_FN_OPERATIONS.get(name)
+    registered = registered_primitives()
+    if kinds is None or (registered is not None and name not in registered):
+        return False
+    if name == "jit":
+        return True
+    if name == "broadcast_in_dim" and eqn.invars[0].aval.ndim != 0:
+        return False
+    if name == "convert_element_type" and _KINDS.get(eqn.params["new_dtype"]) not in ("f", "i"):
+        return False
+    return all(_KINDS.get(getattr(v.aval, "dtype", None), "?") in kinds for v in eqn.invars)
+
+
+def check_user_fns(mask_fn, score_fn, block_q: int, block_k: int) -> None:
+    """NotImplementedError unless mask_fn / score_fn can be traced into the kernel: no closure
+    over arrays, only `lowerable` equations (`user_fns.check_user_fns`), at the shapes the
+    kernel passes, int32 [bq, bk] positions (`block_positions`) and a float32 [bq, bk] block.
+    Only the forward traces them: the Triton backward checks its own (dispatch.py)."""
+    where = jax.ShapeDtypeStruct((block_q, block_k), jnp.int32)
+    user_fns.check_user_fns(
+        mask_fn,
+        score_fn,
+        (where,) * 4,
+        jax.ShapeDtypeStruct((block_q, block_k), jnp.float32),
+        lowerable=lowerable,
+        kernels="pallas_mosaic",
+        derivative=False,
+    )
 
 
 # ------------------------------------------------------------ the parts (checkable on the CPU)
@@ -171,15 +271,21 @@ def key_ranges(meta: Array, seq_q: int, seq_k: int) -> tuple[Array, Array]:
 
 
 def block_schedule(
-    kstart: Array, kend: Array, block_q: int, block_k: int, seg_range: Array | None = None
+    kstart: Array,
+    kend: Array,
+    block_q: int,
+    block_k: int,
+    seg_range: Array | None = None,
+    none_whole: bool = False,
 ) -> Array:
     """int32 [B, tiles, 8]: per tile of 2·block_q rows, (lo, hi, flo₀, fhi₀, flo₁, fhi₁, 0, 0).
 
     [lo, hi): the key blocks holding any key a row of the tile may see (also within
     `seg_range`, the blocks whose segment ids can meet the tile's). [flo_w, fhi_w) ⊆ [lo, hi):
     the blocks every row of compute warpgroup w sees whole, kstart ≤ j·bk and (j+1)·bk ≤ kend
-    for each of its rows, so they need no mask (none with segment ids, which ranges cannot
-    describe). A tile whose rows see no key gets [0, 0).
+    for each of its rows, so they need no mask: none with segment ids, which ranges cannot
+    describe, nor with `none_whole` (a mask_fn, which may drop any key). A tile whose rows see
+    no key gets [0, 0).
     """
     batch, seq_q = kstart.shape
     tiles = seq_q // (COMPUTE_WGS * block_q)
@@ -197,7 +303,7 @@ def block_schedule(
     lo3, hi3 = lo[..., None], hi[..., None]
     flo = -(-jnp.max(ks, axis=3) // block_k)  # (B, tiles, 2)
     fhi = jnp.min(ke, axis=3) // block_k
-    if seg_range is not None:
+    if seg_range is not None or none_whole:
         flo = fhi = jnp.broadcast_to(lo3, flo.shape)
     flo = jnp.clip(flo, lo3, hi3)
     fhi = jnp.clip(fhi, flo, hi3)
@@ -206,38 +312,71 @@ def block_schedule(
     return jnp.concatenate(cols, axis=-1).astype(jnp.int32)
 
 
-def score_block(raw: Array, scale: float, soft_cap: float | None) -> Array:
+def score_block(raw: Array, scale: float, soft_cap: float | None, unit: float = LOG2E) -> Array:
     """Scores in the log2 domain from raw = q·kᵀ (float32): s₂ = log₂e·s, where s = scale·raw,
-    or with a soft cap s = cap·tanh(scale·raw/cap).
+    or with a soft cap s = cap·tanh(scale·raw/cap); `unit` = 1 gives s itself (natural domain).
 
     tanh is written with exp2 (tanh x = 1 − 2/(1 + e^{2x})): the kernel compiles with
     approx_math, whose tanh.approx has ~5e-4 absolute error (×cap in the score), while ex2.approx
     is within 2 ulp; the form is exact at ±inf and loses only ~1e-7·cap near 0.
     """
     if soft_cap is None:
-        return raw * (scale * LOG2E)
+        return raw * (scale * unit)
     e2x = jnp.exp2(raw * (2.0 * LOG2E * scale / soft_cap))
-    return (soft_cap * LOG2E) * (1.0 - 2.0 / (1.0 + e2x))
+    return (soft_cap * unit) * (1.0 - 2.0 / (1.0 + e2x))
 
 
-def mask_block(s: Array, cols: Array, kstart: Array, kend: Array, segq=None, segk=None) -> Array:
+def block_positions(b, n, q_first, k_first, shape: tuple[int, int], iota=lax.broadcasted_iota):
+    """(batch, head, q_pos, k_pos) of a block as a user's mask_fn / score_fn gets them: int32
+    [bq, bk] each, at global positions (q_pos = row + q_offset, k_pos = key index), as the
+    Triton and TPU kernels give them. `q_first` / `k_first` are the block's first positions;
+    `iota` makes the row and column indices (the kernel's in the WGMMA layout)."""
+    full = lambda x: jnp.full(shape, x, jnp.int32)  # noqa: E731
+    rows, cols = iota(jnp.int32, shape, 0), iota(jnp.int32, shape, 1)
+    return full(b), full(n), q_first + rows, k_first + cols
+
+
+def block_scores(raw: Array, plan: Plan, where=None) -> Array:
+    """The scores of a block from raw = q·kᵀ: `score_block`'s log2-domain s₂ without a
+    score_fn; with one, score_fn(s, *where) in the natural domain (`Plan.log2_domain`), in
+    the order of every path: scale·q·kᵀ → soft cap → score_fn (no bias here)."""
+    if plan.score_fn is None:
+        return score_block(raw, plan.scale, plan.soft_cap)
+    s = score_block(raw, plan.scale, plan.soft_cap, unit=1.0)
+    return jnp.broadcast_to(plan.score_fn(s, *where), s.shape).astype(jnp.float32)
+
+
+def user_mask(plan: Plan, where, shape: tuple[int, int]) -> Array | None:
+    """mask_fn(*where) as a bool [bq, bk] (None without a mask_fn)."""
+    if plan.mask_fn is None:
+        return None
+    return jnp.broadcast_to(plan.mask_fn(*where), shape)
+
+
+def mask_block(
+    s: Array, cols: Array, kstart: Array, kend: Array, segq=None, segk=None, allowed=None
+) -> Array:
     """s [bq, bk] with −inf where row r may not see key cols[r, c]: outside [kstart_r, kend_r),
-    or (segment ids) where segq_r ≠ segk_c. kstart/kend/segq are [bq], segk [bk]."""
+    or (segment ids) where segq_r ≠ segk_c, or where `allowed` (a mask_fn's bool [bq, bk],
+    `user_mask`) is False. kstart/kend/segq are [bq], segk [bk]."""
     row = lambda x: lax.broadcast_in_dim(x, s.shape, [0])
     ok = (cols >= row(kstart)) & (cols < row(kend))
     if segq is not None:
         ok = ok & (row(segq) == lax.broadcast_in_dim(segk, s.shape, [1]))
+    if allowed is not None:
+        ok = ok & allowed
     return jnp.where(ok, s, -jnp.inf)
 
 
 def initial_stats(sink2: Array) -> tuple[Array, Array]:
-    """(m, l) before the first block: a sink (log2 domain; −inf for none) is one more score with
-    no value, so max = sink and sum = 1 (FlashAttention's −inf and 0 without one)."""
+    """(m, l) before the first block: a sink (in the scores' domain; −inf for none) is one more
+    score with no value, so max = sink and sum = 1 (FlashAttention's −inf and 0 without one)."""
     return sink2, jnp.where(sink2 > -jnp.inf, 1.0, 0.0).astype(jnp.float32)
 
 
-def softmax_step(s: Array, m: Array, l: Array):
-    """One block of the online softmax in the log2 domain: (p, alpha, m', l').
+def softmax_step(s: Array, m: Array, l: Array, exp=jnp.exp2):
+    """One block of the online softmax in the log2 domain (`exp` = jnp.exp: the natural
+    domain): (p, alpha, m', l').
 
     m' = max(m, maxₖ s); p = 2^(s − m'); alpha = 2^(m − m') rescales what came before;
     l' = alpha·l + Σₖ p. While a row has seen no key (m' = −inf) the shift is 0, so p = alpha = 0
@@ -245,23 +384,24 @@ def softmax_step(s: Array, m: Array, l: Array):
     """
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp2(m - shift)
-    p = jnp.exp2(s - lax.broadcast_in_dim(shift, s.shape, [0]))
+    alpha = exp(m - shift)
+    p = exp(s - lax.broadcast_in_dim(shift, s.shape, [0]))
     return p, alpha, m_new, l * alpha + jnp.sum(p, axis=1)
 
 
-def online_block(raw, carry, plan: Plan, dtype, mask_args, pv, before_pv=None):
+def online_block(raw, carry, plan: Plan, dtype, mask_args, pv, before_pv=None, where=None):
     """One key block of the loop: (acc, m, l) -> (acc', m', l') given raw = q·kᵀ.
 
     `mask_args` is None for a block every row sees whole, else (cols, kstart, kend, segq,
     segk) for `mask_block`; `pv(acc, p)` returns acc + p·V; `before_pv` runs between the
-    softmax and that product (the kernel's barriers).
+    softmax and that product (the kernel's barriers); `where` is the block's
+    `block_positions` when a mask_fn or score_fn needs them.
     """
     acc, m, l = carry
-    s = score_block(raw, plan.scale, plan.soft_cap)
+    s = block_scores(raw, plan, where)
     if mask_args is not None:
-        s = mask_block(s, *mask_args)
-    p, alpha, m, l = softmax_step(s, m, l)
+        s = mask_block(s, *mask_args, allowed=user_mask(plan, where, s.shape))
+    p, alpha, m, l = softmax_step(s, m, l, jnp.exp2 if plan.log2_domain else jnp.exp)
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
     p = p.astype(dtype)
     if max(plan.head_dims) <= 128:  # the order attention_mgpu.py found fastest at H ≤ 128
@@ -271,19 +411,21 @@ def online_block(raw, carry, plan: Plan, dtype, mask_args, pv, before_pv=None):
     return pv(acc, p), m, l
 
 
-def finish(acc: Array, m: Array, l: Array) -> tuple[Array, Array]:
-    """(out float32 [bq, Hv], natural-log lse [bq]): acc/l, and m·ln2 + ln l; rows that saw
-    no key and no sink (l = 0) give 0 and −inf."""
+def finish(acc: Array, m: Array, l: Array, log2_domain: bool = True) -> tuple[Array, Array]:
+    """(out float32 [bq, Hv], natural-log lse [bq]): acc/l, and m·ln2 + ln l (m + ln l for
+    natural-domain scores); rows that saw no key and no sink (l = 0) give 0 and −inf."""
     valid = l > 0
     safe = jnp.where(valid, l, 1.0)
     inv = jnp.where(valid, 1.0 / safe, 0.0)
     out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
-    return out, jnp.where(valid, m * LN2 + jnp.log(safe), -jnp.inf)
+    lse = (m * LN2 if log2_domain else m) + jnp.log(safe)
+    return out, jnp.where(valid, lse, -jnp.inf)
 
 
-def sink_rows(sinks: Array, block_q: int) -> Array:
-    """float32 [N, block_q]: each head's sink in the log2 domain, one copy per row."""
-    return jnp.broadcast_to((sinks.astype(jnp.float32) * LOG2E)[:, None], (sinks.shape[0], block_q))
+def sink_rows(sinks: Array, block_q: int, log2_domain: bool = True) -> Array:
+    """float32 [N, block_q]: each head's sink in the scores' domain, one copy per row."""
+    unit = LOG2E if log2_domain else 1.0
+    return jnp.broadcast_to((sinks.astype(jnp.float32) * unit)[:, None], (sinks.shape[0], block_q))
 
 
 class Inputs(NamedTuple):
@@ -291,7 +433,7 @@ class Inputs(NamedTuple):
 
     kstart: Array  # int32 [B, Tp]: `key_ranges`
     kend: Array  # int32 [B, Tp]
-    sched: Array  # int32 [B, tiles, 8]: `block_schedule`
+    sched: Array  # int32 [B, tiles, 8]: `block_schedule`, column 6 the batch's q_offset
     segq: Array | None  # int32 [B, Tp]
     segk: Array | None  # int32 [B, Sp]
     sink2: Array | None  # float32 [N, block_q]: `sink_rows`
@@ -299,7 +441,9 @@ class Inputs(NamedTuple):
 
 def prepare(plan: Plan, meta: Array, seq_q: int, seq_k: int, q_seg, kv_seg, sinks) -> Inputs:
     """The per-row key ranges, the block schedule, and the segment ids and sinks as the kernel
-    reads them, from dispatch's `META` columns (inputs padded to whole tiles and blocks)."""
+    reads them, from dispatch's `META` columns (inputs padded to whole tiles and blocks). The
+    schedule's column 6 holds the batch's q_offset (column 0 of `META`): a mask_fn / score_fn
+    gets global query positions."""
     tile = COMPUTE_WGS * plan.block_q
     assert seq_q % tile == 0 and seq_k % plan.block_k == 0, (seq_q, seq_k, tile, plan.block_k)
     kstart, kend = key_ranges(meta, seq_q, seq_k)
@@ -307,8 +451,10 @@ def prepare(plan: Plan, meta: Array, seq_q: int, seq_k: int, q_seg, kv_seg, sink
     if plan.has_segments:
         segq, segk = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
         seg_range = segment_ranges(segq, segk, meta[:, 1], meta[:, 2], tile, plan.block_k, "q")
-    sched = block_schedule(kstart, kend, plan.block_q, plan.block_k, seg_range)
-    sink2 = sink_rows(sinks, plan.block_q) if plan.has_sinks else None
+    none_whole = plan.mask_fn is not None
+    sched = block_schedule(kstart, kend, plan.block_q, plan.block_k, seg_range, none_whole)
+    sched = sched.at[:, :, 6].set(meta[:, :1])
+    sink2 = sink_rows(sinks, plan.block_q, plan.log2_domain) if plan.has_sinks else None
     return Inputs(kstart, kend, sched, segq, segk, sink2)
 
 
@@ -333,11 +479,15 @@ def emulate(plan: Plan, q, k, v, inputs: Inputs):
         sq = rows(segq) if plan.has_segments else None
         lo, hi = sched[b, t, 0], sched[b, t, 1]
         flo, fhi = sched[b, t, 2 + 2 * w], sched[b, t, 3 + 2 * w]
+        q_first = q_base + sched[b, t, 6]  # the global position of the block's first row
 
         def step(j, carry, masked):
             kb = lax.dynamic_slice_in_dim(kh, j * bk, bk)
             vb = lax.dynamic_slice_in_dim(vh, j * bk, bk)
             raw = jnp.dot(qb, kb.T, preferred_element_type=jnp.float32)
+            where = None
+            if plan.has_positions:
+                where = block_positions(b, n, q_first, j * bk, (bq, bk))
             mask_args = None
             if masked:
                 cols = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
@@ -347,13 +497,13 @@ def emulate(plan: Plan, q, k, v, inputs: Inputs):
             def pv(acc, p):
                 return acc + jnp.dot(p, vb, preferred_element_type=jnp.float32)
 
-            return online_block(raw, carry, plan, q.dtype, mask_args, pv)
+            return online_block(raw, carry, plan, q.dtype, mask_args, pv, where=where)
 
         s0 = jnp.full((bq,), -jnp.inf, jnp.float32) if sink2 is None else sink2[n]
         m0, l0 = initial_stats(s0)
         acc0 = jnp.zeros((bq, v.shape[-1]), jnp.float32)
         acc, m, l = three_phase(lo, flo, fhi, hi, step, (acc0, m0, l0))
-        out, lse = finish(acc, m, l)
+        out, lse = finish(acc, m, l, plan.log2_domain)
         return out.astype(q.dtype), lse
 
     idx = jnp.stack(
@@ -433,13 +583,19 @@ def _kernel(*refs, plan: Plan):
 
         pl.when(wg == 1)(take_turn)
 
+        iota = functools.partial(plgpu.broadcasted_iota, layout=compat.WGMMA)
+        q_first = q_base + sched_ref[b, t, 6] if plan.has_positions else None
+
         def step(j, carry, masked):
             slot = lax.rem(j - lo, stages)
             raw = compat.mma(q_smem, compat.transpose(k_smem.at[slot]), (bq, bk), take_turn)
             plgpu.barrier_arrive(k_free.at[slot])
+            where = None
+            if plan.has_positions:
+                where = block_positions(b, h, q_first, j * bk, (bq, bk), iota)
             mask_args = None
             if masked:
-                cols = j * bk + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=compat.WGMMA)
+                cols = j * bk + iota(jnp.int32, (bq, bk), 1) if where is None else where[3]
                 segk = None
                 if plan.has_segments:
                     segk = compat.load(segk_ref.at[b, pl.ds(j * bk, bk)], compat.COL)
@@ -458,13 +614,13 @@ def _kernel(*refs, plan: Plan):
             def pv(acc, p):
                 return compat.mma_accumulate(acc, p, v_smem.at[slot], p_smem, wait_next_k)
 
-            out = online_block(raw, carry, plan, dtype, mask_args, pv, before_pv)
+            out = online_block(raw, carry, plan, dtype, mask_args, pv, before_pv, where)
             plgpu.barrier_arrive(v_free.at[slot])
             return out
 
         acc, m, l = three_phase(lo, flo, fhi, hi, step, (acc0, m0, l0))
         pl.when(wg == 0)(take_turn)
-        out, lse = finish(acc, m, l)
+        out, lse = finish(acc, m, l, plan.log2_domain)
         o_smem[...] = out.astype(dtype)
         lse_smem2.at[wg][...] = lse
         plgpu.commit_smem()
