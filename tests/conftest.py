@@ -16,6 +16,18 @@ if os.environ.get("CHUNKATTN_TEST_OPT", "0") == "0":
 
 import jax  # noqa: E402
 
+# The Mosaic GPU interpreter (jax >= 0.11; tests/test_mosaic.py) can deadlock with fewer than 5
+# XLA:CPU threads (chunkattn/pallas/mosaic_compat.py says why; issue 21). jaxlib sizes its CPU
+# thread pools once, when the CPU client starts, from PJRT_NPROC (else the CPU count: 2 here):
+# set here, before any test starts it. A PJRT_NPROC or NPROC the caller set is kept (the
+# interpreter tests skip if it is too small). jax 0.10 (CI's main job) runs no interpreter.
+if tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11):
+    from chunkattn.pallas import mosaic_compat  # noqa: E402
+
+    if not {"PJRT_NPROC", "NPROC"} & set(os.environ):
+        threads = max(mosaic_compat.xla_cpu_threads(), mosaic_compat.INTERPRETER_CPU_THREADS)
+        os.environ["PJRT_NPROC"] = str(threads)
+
 # One persistent compilation cache for the session's processes (pytest-xdist workers and the
 # subprocess checks): the same program compiled by several tests, such as the dense reference
 # that every implementation's suite compares against, is compiled once. Keys include the
