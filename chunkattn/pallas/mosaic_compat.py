@@ -174,23 +174,17 @@ def mma_pair(first, second, shape: tuple[int, int]):
     return pl.run_scoped(body, acc, acc)
 
 
-def mma_accumulate_and(acc, p, b_ref, second, shape: tuple[int, int], p_smem=None, between=None):
+def mma_accumulate_and(acc, p, b_ref, second, shape: tuple[int, int], p_smem=None):
     """(acc + p·b_ref, a₂·b₂): `mma_accumulate` and a second product `second` = (a₂, b₂) in
     shared memory (float32 [shape]) issued in one wgmma group, one wait for both (the dK/dV
-    kernel's dV += Pᵀ·dO and dPᵀ = V·dOᵀ, as jax's attention_mgpu.py). `second` may be a list
-    of pairs, summed (`mma_sum`); `between` runs after the first wgmma is issued and before the
-    second (a barrier wait that the second's operands need). `p_smem`: as in `mma_accumulate`
-    (the interpreter's path)."""
-    pairs = second if isinstance(second, list) else [second]
+    kernel's dV += Pᵀ·dO and dPᵀ = V·dOᵀ, as jax's attention_mgpu.py). `p_smem`: as in
+    `mma_accumulate` (the interpreter's path)."""
     if p_smem is None:
 
         def body(refs):
             acc_ref, acc2_ref = refs
             plgpu.wgmma(acc_ref, p, b_ref)
-            if between is not None:
-                between()
-            for pair in pairs:
-                plgpu.wgmma(acc2_ref, *pair)
+            plgpu.wgmma(acc2_ref, *second)
 
         zeros = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
         return pl.run_state(body)((plgpu.ACC.init(acc), plgpu.ACC.init(zeros)))
@@ -199,71 +193,10 @@ def mma_accumulate_and(acc, p, b_ref, second, shape: tuple[int, int], p_smem=Non
 
     def body_interpret(acc1, acc2):
         plgpu.wgmma(acc1, p_smem, b_ref)
-        if between is not None:
-            between()
-        for pair in pairs:
-            plgpu.wgmma(acc2, *pair)
+        plgpu.wgmma(acc2, *second)
         return acc1[...], acc2[...]
 
     prod, other = pl.run_scoped(
         body_interpret, plgpu.ACC(acc.shape, jnp.float32), plgpu.ACC(shape, jnp.float32)
     )
     return acc + prod, other
-
-
-def mma_sum(pairs, shape: tuple[int, int]):
-    """Σ a·b over `pairs` of (a_ref, b_ref) in shared memory, one float32 [M, N] accumulator
-    (the atomic backward's dQ = Σ_u dS_u·K_u over the compute warpgroups' keys)."""
-
-    def body(acc_ref):
-        for a_ref, b_ref in pairs:
-            plgpu.wgmma(acc_ref, a_ref, b_ref)
-        return acc_ref[...]
-
-    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
-
-
-def kernel(body, *, out_type, scratch_types, name: str, interpret=None, **mesh):
-    """`plgpu.kernel` without its custom_vmap wrapper, which rejects a JAX Ref operand: Refs
-    passed to the returned function are read and written in place (the atomic backward's
-    float32 dQ, accumulated by TMA reduce-adds). `mesh` holds plgpu.Mesh's fields; no vmap
-    rule (the backward is never batched by vmap)."""
-    thread_name = mesh.get("thread_name")
-
-    def with_scratch(*refs):
-        pl.run_scoped(functools.partial(body, *refs), *scratch_types, collective_axes=thread_name)
-
-    extra = {} if interpret is None else {"interpret": interpret}
-    params = mesh.pop("compiler_params", None)
-    return pl.kernel(
-        with_scratch,
-        out_type=out_type,
-        mesh=plgpu.Mesh(**mesh, kernel_name=name),
-        compiler_params=params,
-        name=name,
-        **extra,
-    )
-
-
-def reduce_add_to_gmem(value, smem, dst, interpret_barrier=None):
-    """dst += value (float32, a wgmma accumulator) through `smem` ([M, N] float32): compiled,
-    one TMA reduce-add (`copy_smem_to_gmem(..., reduction_op="add")`, atomic per element,
-    asynchronous: wait for its reads of `smem` before writing it again).
-
-    The Mosaic GPU interpreter has no TMA reduction (jax 0.11.2 and 0.12: "reduction_op not
-    supported"): given `interpret_barrier` it reads dst into smem by TMA, adds there and writes
-    it back, and waits for the write; race-free where no other warpgroup of the program adds to
-    the same elements meanwhile (the interpreter runs a grid's programs one at a time). The TMA
-    reduction itself is checked only on a GPU.
-    """
-    if interpret_barrier is None:
-        smem[...] = value
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(smem, dst, reduction_op="add")
-        return
-    plgpu.copy_gmem_to_smem(dst, smem, interpret_barrier)
-    plgpu.barrier_wait(interpret_barrier)
-    smem[...] = smem[...] + value
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(smem, dst)
-    plgpu.wait_smem_to_gmem(0)
