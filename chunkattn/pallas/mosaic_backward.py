@@ -539,8 +539,8 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
         # phases' bounds are relative to lo, and lo is not live in them.
         lo, hi = sched_ref[b, t, 0], sched_ref[b, t, 1]
         nb = hi - lo  # query blocks per query head
-        k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-        p_smem = None if p_smem2 is None else p_smem2.at[wg]
+        k_smem, v_smem = k_smem2[wg], v_smem2[wg]
+        p_smem = None if p_smem2 is None else p_smem2[wg]
         n_flo = sched_ref[b, t, 2 + 2 * wg] - lo
         n_fhi = sched_ref[b, t, 3 + 2 * wg] - lo
         k_base = (t * COMPUTE_WGS + wg) * bkv
@@ -744,14 +744,17 @@ def launch(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
     dkdv_operands = [q, k, v, do, stats, ranges, inp.sched_kv]
     if plan.has_segments:
         dkdv_operands.append(inp.segk)
-    kv_smem = (
-        tiled((COMPUTE_WGS, bkv, h)),
-        tiled((COMPUTE_WGS, bkv, hv)),
+    per_wg = lambda shape: tuple(tiled(shape) for _ in range(COMPUTE_WGS))  # noqa: E731
+    kv_smem = (  # a buffer per compute warpgroup, not one [2, ...]: jax 0.11 does not lower a
+        # static index into it closed over by a loop ("Shaped arrays must be represented by
+        # ir.Values, got: TypedInt(0)")
+        per_wg((bkv, h)),
+        per_wg((bkv, hv)),
         tiled((stages, bq, h)),
         tiled((stages, bq, hv)),
         plgpu.SMEM((stages, 2, bq), jnp.float32),  # lse₂, D
         plgpu.SMEM((stages, len(rows), bq), jnp.int32),  # kstart, kend (, segment ids)
-        tiled((COMPUTE_WGS, bkv, bq)) if plan.interpret else None,  # Pᵀ, then dSᵀ
+        per_wg((bkv, bq)) if plan.interpret else None,  # Pᵀ, then dSᵀ
     )
     kv_barriers = (
         plgpu.Barrier(num_barriers=stages),  # Q block ready
