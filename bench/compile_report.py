@@ -24,7 +24,9 @@ its figures come from Mosaic's dump (MOSAIC_GPU_DUMP_TO with _PTX, _PTXAS and _H
 forward only: its backward is the Triton kernels, reported by the other modes. `--backward
 mosaic_bwd` compiles the Mosaic forward with the Mosaic GPU backward (value_and_grad with
 `MosaicConfig(backward=MosaicBackwardConfig())`, issue 21): three Mosaic kernels per case, at
-head dims 64 and 128; `--config` then sets MosaicBackwardConfig fields.
+head dims 64 and 128; `--config` then sets MosaicBackwardConfig fields. `--backward
+mosaic_bwd_atomic` is the same with `MosaicBackwardConfig(dq="atomic")`: dQ added by TMA
+reduce-adds in the dK/dV kernel, two Mosaic kernels per case (forward, dK/dV).
 
 Nothing runs, so there is no time here. The figures depend on the jax version (its Triton),
 which the header names; the GPU machine runs jax 0.11.2 (bench/NOTES.md). Exit status 1 when a
@@ -117,8 +119,10 @@ KERNELS = {
     "chunkattn_mosaic_bwd_dq": "mosaic dQ",
     "chunkattn_mosaic_bwd_dkdv": "mosaic dK/dV",
 }
-# "mosaic": the Mosaic GPU forward alone; "mosaic_bwd": it and the Mosaic GPU backward.
-BACKWARDS = ("split", "atomic", "mosaic", "mosaic_bwd")
+# "mosaic": the Mosaic GPU forward alone; "mosaic_bwd": it and the Mosaic GPU backward;
+# "mosaic_bwd_atomic": the same with the backward's atomic dQ (no dQ kernel).
+BACKWARDS = ("split", "atomic", "mosaic", "mosaic_bwd", "mosaic_bwd_atomic")
+MOSAIC_MODES = ("mosaic", "mosaic_bwd", "mosaic_bwd_atomic")
 # What the Mosaic GPU forward serves (mosaic.unsupported_features); other cases are not made.
 MOSAIC_FEATURES = ("full", "causal", "window", "lengths", "segments", "soft_cap")
 MOSAIC_FEATURES += ("mask_fn", "score_fn", "sinks", "gqa")
@@ -127,6 +131,9 @@ MOSAIC_BWD_FEATURES = tuple(f for f in MOSAIC_FEATURES if f not in ("mask_fn", "
 MOSAIC_HEAD_DIMS = (64, 128, 256)
 MOSAIC_BWD_HEAD_DIMS = (64, 128)  # mosaic_backward.HEAD_DIMS
 MOSAIC_KERNELS = ("chunkattn_mosaic_fwd", "chunkattn_mosaic_bwd_dq", "chunkattn_mosaic_bwd_dkdv")
+# The atomic backward's dK/dV kernel takes a JAX Ref, and jax's discharge of it (mpmd_map, jax
+# 0.10-0.12) drops the kernel's name: Mosaic compiles and dumps it as "new_body".
+MOSAIC_DUMP_NAMES = {"chunkattn_mosaic_bwd_dkdv": ("chunkattn_mosaic_bwd_dkdv", "new_body")}
 
 # ------------------------------------------------------------------------------------ cases
 # Each feature: the static keywords of dot_product_attention, and its array inputs as
@@ -181,6 +188,9 @@ class Case:
             return MosaicConfig(**dict(self.config))
         if self.backward == "mosaic_bwd":  # the fields are the Mosaic backward's
             return MosaicConfig(backward=MosaicBackwardConfig(**dict(self.config)))
+        if self.backward == "mosaic_bwd_atomic":
+            bwd = MosaicBackwardConfig(**dict(self.config), dq="atomic")
+            return MosaicConfig(backward=bwd)
         return PallasConfig(backward=self.backward, **dict(self.config))
 
 
@@ -215,7 +225,7 @@ def program(case: Case, device):
 
         return forward, args
 
-    impl = "pallas_mosaic" if case.backward == "mosaic_bwd" else "pallas"
+    impl = "pallas_mosaic" if case.backward in MOSAIC_MODES else "pallas"
 
     def loss(q, k, v, *inputs):
         kw = dict(zip(names, inputs, strict=True))
@@ -232,9 +242,9 @@ def cases(features, head_dims, dtypes, backwards, config, precisions=("none",)) 
     64/128/256, `MOSAIC_FEATURES`)."""
 
     def served(f, h, hv, dt, bwd):
-        if bwd not in ("mosaic", "mosaic_bwd"):
+        if bwd not in MOSAIC_MODES:
             return True
-        served_dims = MOSAIC_BWD_HEAD_DIMS if bwd == "mosaic_bwd" else MOSAIC_HEAD_DIMS
+        served_dims = MOSAIC_HEAD_DIMS if bwd == "mosaic" else MOSAIC_BWD_HEAD_DIMS
         served_features = MOSAIC_FEATURES if bwd == "mosaic" else MOSAIC_BWD_FEATURES
         dims_ok = h in served_dims and hv in served_dims
         return f in served_features and dims_ok and dt in ("bf16", "f16")
@@ -322,7 +332,7 @@ def one_line(e: BaseException) -> str:
 
 def compile_case(case: Case, device, dump: pathlib.Path) -> dict:
     """Compile one case; a result with a row per kernel (a failure is a result too)."""
-    if case.backward in ("mosaic", "mosaic_bwd"):
+    if case.backward in MOSAIC_MODES:
         return compile_mosaic_case(case, device, dump)
     t0 = time.perf_counter()
     result = dict(case=case.name, **dataclasses.asdict(case), status="ok", error=None)
@@ -363,9 +373,10 @@ def mosaic_launch_rows(case: Case) -> dict[str, dict]:
     cfg = case.pallas_config()
     bk = cfg.resolve_block_k((case.head_dim, case.head_dim_v))
     rows = {MOSAIC_KERNELS[0]: (f"{2 * cfg.block_q}x{bk}", cfg.num_stages)}
-    if case.backward == "mosaic_bwd":
+    if case.backward in ("mosaic_bwd", "mosaic_bwd_atomic"):
         b = cfg.backward
-        rows[MOSAIC_KERNELS[1]] = (f"128x{b.block_k_dq}", b.num_stages)
+        if b.dq == "kernel":
+            rows[MOSAIC_KERNELS[1]] = (f"128x{b.block_k_dq}", b.num_stages)
         rows[MOSAIC_KERNELS[2]] = (f"{2 * b.block_kv}x{b.block_q}", b.num_stages)
     return {
         name: dict(kernel=name, blocks=blocks, warps=12, stages=stages)
@@ -377,9 +388,9 @@ def mosaic_hashes(text: str) -> dict[str, str]:
     """Kernel name -> kernel_hash, per Mosaic custom call of a lowered program."""
     out = {}
     for line in text.splitlines():
-        name = next((n for n in MOSAIC_KERNELS if n in line), None)
-        if name is not None and (m := MOSAIC_HASH.search(line)):
-            out[name] = m[1]
+        names = [n for n in MOSAIC_KERNELS for alias in dump_names(n) if alias in line]
+        if names and (m := MOSAIC_HASH.search(line)):
+            out[names[0]] = m[1]
     return out
 
 
@@ -426,9 +437,15 @@ def compile_mosaic_case(case: Case, device, dump: pathlib.Path) -> dict:
     return result
 
 
+def dump_names(name: str) -> tuple[str, ...]:
+    """The names a Mosaic kernel may have in a lowered program and Mosaic's dump."""
+    return MOSAIC_DUMP_NAMES.get(name, (name,))
+
+
 def mosaic_figures(dump: pathlib.Path, name: str) -> dict:
     """ptxas's figures of the Mosaic kernel `name` and its launch (grid, threads, smem)."""
     row: dict = {}
+    name = next((n for n in dump_names(name) if any(dump.glob(f"{n}*.ptxas"))), name)
     for report in dump.glob(f"{name}*.ptxas"):
         for entry, usage in parse_ptxas(report.read_text(errors="replace")).items():
             if entry.startswith(name):
@@ -744,7 +761,7 @@ def run_all(todo: list[Case], jobs: int, dump_root: pathlib.Path) -> list[dict]:
 def show_code(case: Case, kernel: str, sass: bool) -> None:
     """Print one kernel's PTX, or its SASS (nvdisasm of its cubin)."""
     name = next((n for n, short in KERNELS.items() if kernel in (n, short)), kernel)
-    if case.backward in ("mosaic", "mosaic_bwd"):
+    if case.backward in MOSAIC_MODES:
         show_mosaic_code(case, name, sass)
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -774,7 +791,8 @@ def show_mosaic_code(case: Case, name: str, sass: bool) -> None:
             with as_on_the_gpu(device):
                 lowered = jax.jit(fn).lower(*args)
             lowered.compile()
-        found = sorted(dump.glob(f"{name}*.sass" if sass else f"{name}*.ptx"))
+        ext = "sass" if sass else "ptx"
+        found = sorted(f for n in dump_names(name) for f in dump.glob(f"{n}*.{ext}"))
         if not found:
             raise FileNotFoundError(f"no {what} output for {name} in {sorted(dump.iterdir())}")
         print(found[0].read_text(errors="replace"))
@@ -826,7 +844,8 @@ def main(argv: list[str] | None = None) -> int:
         default="split,atomic",
         help="PallasConfig.backward modes (split, atomic), or mosaic: the Mosaic GPU forward "
         "(pallas_mosaic) alone, for the features and head dims it serves, or mosaic_bwd: it "
-        "and the Mosaic GPU backward (head dims 64, 128)",
+        "and the Mosaic GPU backward (head dims 64, 128), or mosaic_bwd_atomic: the same with "
+        "its atomic dQ (MosaicBackwardConfig(dq='atomic'))",
     )
     p.add_argument(
         "--config",

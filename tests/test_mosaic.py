@@ -18,6 +18,7 @@ Three levels, each against the float32 reference:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from unittest import mock
@@ -417,9 +418,15 @@ def test_mask_fn_leaves_no_block_whole():
 BWD_CFG = mosaic.MosaicConfig(block_k=64, backward=mosaic_backward.MosaicBackwardConfig())
 
 
-def _mosaic_bwd(*args, **kwargs):
+ATOMIC_CFG = mosaic.MosaicConfig(
+    block_k=64, backward=mosaic_backward.MosaicBackwardConfig(dq="atomic")
+)
+BWD_CFGS = {"kernel": BWD_CFG, "atomic": ATOMIC_CFG}
+
+
+def _mosaic_bwd(*args, dq="kernel", **kwargs):
     return chunkattn.dot_product_attention(
-        *args, implementation="pallas_mosaic", config=BWD_CFG, **kwargs
+        *args, implementation="pallas_mosaic", config=BWD_CFGS[dq], **kwargs
     )
 
 
@@ -542,20 +549,28 @@ def test_backward_config_is_validated_and_opt_in():
         ({"block_kv": 128}, "block_kv"),
         ({"block_k_dq": 256}, "block_k_dq"),
         ({"num_stages": 5}, "num_stages"),
+        ({"dq": "atomics"}, "dq"),
     ]:
         with pytest.raises(ValueError, match=f"MosaicBackwardConfig.{field}"):
             mosaic_backward.MosaicBackwardConfig(**kwargs)
+    with pytest.raises(ValueError, match="dq='atomic'.*block_q=128"):
+        mosaic_backward.MosaicBackwardConfig(dq="atomic", block_q=128)
+    assert mosaic_backward.MosaicBackwardConfig().dq == "kernel"  # until a GPU has timed both
     assert isinstance(mosaic.MosaicConfig().backward, PallasConfig)  # Triton's by default
     cfg = mosaic.MosaicConfig(backward=mosaic_backward.MosaicBackwardConfig())
     assert isinstance(cfg.backward, mosaic_backward.MosaicBackwardConfig)
 
 
 def test_backward_shared_memory_fits():
-    bp = mosaic_backward.plan_for(mosaic_backward.MosaicBackwardConfig())
-    for dims in itertools.product(mosaic_backward.HEAD_DIMS, repeat=2):
-        for kernel in ("dq", "dkdv"):
-            need = mosaic_backward.smem_bytes(kernel, dims, 2, bp, interpret=True)
-            assert need + 4096 <= mosaic.SMEM_LIMIT, (kernel, dims)
+    for dq in mosaic_backward.DQ_FORMS:
+        bp = mosaic_backward.plan_for(mosaic_backward.MosaicBackwardConfig(dq=dq))
+        for dims in itertools.product(mosaic_backward.HEAD_DIMS, repeat=2):
+            for kernel in ("dq", "dkdv"):
+                need = mosaic_backward.smem_bytes(kernel, dims, 2, bp, interpret=True)
+                assert need <= mosaic_backward.SMEM_BUDGET, (dq, kernel, dims)
+    # Atomic dQ's dS and dQ buffers leave no room for a third ring stage at H=128: declined.
+    bp = mosaic_backward.plan_for(mosaic_backward.MosaicBackwardConfig(dq="atomic", num_stages=3))
+    assert mosaic_backward.smem_bytes("dkdv", (128, 128), 2, bp) > mosaic_backward.SMEM_BUDGET
 
 
 def test_backward_declines_head_dim_256(monkeypatch):
@@ -580,23 +595,26 @@ def emulated_bwd(monkeypatch):
     return calls
 
 
-def test_emulated_mosaic_backward_matches_reference(emulated_bwd):
+@pytest.mark.parametrize("dq", mosaic_backward.DQ_FORMS)
+def test_emulated_mosaic_backward_matches_reference(emulated_bwd, dq):
     """The two backward kernels' loops (GQA summed over the group, causal skipping, sinks,
-    padded tails: T=S=130 pads to 256) through the public API's custom_vjp."""
+    padded tails: T=S=130 pads to 256) through the public API's custom_vjp; with atomic dQ the
+    dK/dV kernel's loops alone (dQ summed over its programs' float32 dS·K)."""
     q, k, v = _qkv(seq_q=130, seq_k=130, heads=2, kv_heads=1, batch=1)
     kwargs = cases(batch=1, seq_q=130, seq_k=130, heads=2)["causal_gqa_sinks"]
-    testing.assert_matches_reference(_mosaic_bwd, q, k, v, **kwargs)
-    assert emulated_bwd and emulated_bwd[0].backward is not None  # the Mosaic backward ran
+    testing.assert_matches_reference(functools.partial(_mosaic_bwd, dq=dq), q, k, v, **kwargs)
+    assert emulated_bwd and emulated_bwd[0].backward.dq == dq  # the Mosaic backward ran
 
 
 def test_mosaic_backward_lowers_for_cuda(monkeypatch):
     """The three Mosaic GPU kernels of forward + backward lower for CUDA on any host (Pallas →
-    Mosaic GPU MLIR runs here; ptxas is bench/compile_report.py's); the default config keeps
-    the Triton backward (one Mosaic kernel)."""
+    Mosaic GPU MLIR runs here; ptxas is bench/compile_report.py's); with atomic dQ two (no dQ
+    kernel; jax's Ref discharge renames the dK/dV kernel, mosaic_compat.kernel); the default
+    config keeps the Triton backward (one Mosaic kernel)."""
     monkeypatch.delenv("CHUNKATTN_PALLAS_INTERPRET", raising=False)
     q, k, v = _qkv(seq_q=300, seq_k=300)
     names = ("chunkattn_mosaic_fwd", "chunkattn_mosaic_bwd_dq", "chunkattn_mosaic_bwd_dkdv")
-    for cfg, want in [(BWD_CFG, 3), (mosaic.MosaicConfig(), 1)]:
+    for cfg, want in [(BWD_CFG, 3), (ATOMIC_CFG, 2), (mosaic.MosaicConfig(), 1)]:
 
         def loss(q, k, v, cfg=cfg):
             out = chunkattn.dot_product_attention(
@@ -606,7 +624,10 @@ def test_mosaic_backward_lowers_for_cuda(monkeypatch):
 
         text = _lowered_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
         assert text.count("custom_call @mosaic_gpu_v2(") == want, cfg
-        assert [n for n in names if n in text] == list(names[:want]), cfg
+        if cfg is ATOMIC_CFG:
+            assert names[0] in text and names[1] not in text
+        else:
+            assert [n for n in names if n in text] == list(names[:want]), cfg
 
 
 def _lowered_for_cuda(fn, *args) -> str:
@@ -694,6 +715,10 @@ def test_kernel_in_the_interpreter_matches_emulation_and_reference(
     reason=f"jax {jax.__version__}'s Mosaic GPU interpreter cannot run a transposed wgmma "
     "operand; run with jax >= 0.11 (the cuda-aot venv of 0.11.2)",
 )
+# Atomic dQ: the dK/dV kernel alone, its dQ read-added through shared memory under the
+# interpreter (mosaic_compat.reduce_add_to_gmem: the TMA reduction itself runs only on a GPU),
+# at H=128 split over both warpgroups' dS (the window case).
+@pytest.mark.parametrize("dq", mosaic_backward.DQ_FORMS)
 @pytest.mark.parametrize(
     "name, dims",
     [
@@ -704,7 +729,7 @@ def test_kernel_in_the_interpreter_matches_emulation_and_reference(
     ],
 )
 def test_backward_kernels_in_the_interpreter_match_emulation_and_reference(
-    monkeypatch, interpreter_threads, name, dims
+    monkeypatch, interpreter_threads, name, dims, dq
 ):
     """The dQ and dK/dV kernels themselves (TMA rings, barriers, warpgroups; the forward is
     emulated, its kernel has the test above): gradients within 1/4 of the bf16 gradient
@@ -718,7 +743,7 @@ def test_backward_kernels_in_the_interpreter_match_emulation_and_reference(
 
     def grads():
         def loss(q, k, v):
-            return jnp.sum(_mosaic_bwd(q, k, v, **kwargs).astype(jnp.float32) * proj)
+            return jnp.sum(_mosaic_bwd(q, k, v, dq=dq, **kwargs).astype(jnp.float32) * proj)
 
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
@@ -730,7 +755,7 @@ def test_backward_kernels_in_the_interpreter_match_emulation_and_reference(
     for g, w, what in zip(got, want, "qkv", strict=True):
         assert testing.relative_error(g, w) <= tol, (name, what)
         assert float(jnp.abs(w.astype(jnp.float32)).max()) > 0, (name, what)  # not vacuous
-    testing.assert_matches_reference(_mosaic_bwd, q, k, v, **kwargs)
+    testing.assert_matches_reference(functools.partial(_mosaic_bwd, dq=dq), q, k, v, **kwargs)
 
 
 # --------------------------------------------------------------------------------- on a GPU
@@ -784,16 +809,19 @@ BWD_GPU_CASES = sorted(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (sm_90: H100/H200)")
+@pytest.mark.parametrize("dq", mosaic_backward.DQ_FORMS)
 @pytest.mark.parametrize(
     "name, dims, dtype", BWD_GPU_CASES, ids=[f"{n}-h{d[0]}_{d[1]}-{t}" for n, d, t in BWD_GPU_CASES]
 )
-def test_gpu_mosaic_backward_matches_reference(name, dims, dtype):
+def test_gpu_mosaic_backward_matches_reference(name, dims, dtype, dq):
+    """Both dQ forms; atomic's float32 TMA reduce-adds run nowhere else (the interpreter has
+    none)."""
     dtype = {"bf16": jnp.bfloat16, "f16": jnp.float16}[dtype]
     seq_q, seq_k = 1000, 1100
     kw = {"full": {}, "causal": dict(is_causal=True), **cases(seq_q=seq_q, seq_k=seq_k)}[name]
     seed = sum(map(ord, name))
     q, k, v = _qkv(dtype, dims[0], dims[1], seq_q=seq_q, seq_k=seq_k, seed=seed)
-    cfg = mosaic.MosaicConfig(backward=mosaic_backward.MosaicBackwardConfig())
+    cfg = mosaic.MosaicConfig(backward=mosaic_backward.MosaicBackwardConfig(dq=dq))
 
     def run(*args, **kwargs):
         return chunkattn.dot_product_attention(

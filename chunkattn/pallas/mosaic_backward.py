@@ -15,17 +15,25 @@ barrier per buffer, one "free" barrier both compute warpgroups arrive at).
   head of the kv head (GQA sums in the registers, no partial outputs). Per block (transposed,
   so that the accumulators' rows are keys and P, dS are wgmma A operands from registers):
   Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, Pᵀ = 2^(Sᵀ₂ − lse₂), dV += Pᵀ·dO, dSᵀ = Pᵀ∘(dPᵀ − D), dK += dSᵀ·Q.
-- dQ: one program per (head, tile of 2·block_q query rows, batch), the forward's grid and
-  schedule (`mosaic.block_schedule`); the memory warpgroup streams K/V blocks. Per block:
-  S = Q·Kᵀ, dP = dO·Vᵀ, dS = P∘(dP − D), dQ += dS·K.
-
-Why dQ has its own kernel (7 matrix products per block pair against FA3's 5 with a float32
-dQ added by atomics): the atomic form needs dS in shared memory for dSᵀ's transpose and a
-third float32 accumulator (dQ, [block_q, H]) beside dK and dV in the compute warpgroups'
-registers (64 + 64 + 64 at H=128 of 232), and the Mosaic GPU interpreter (jax 0.11.2) has no
-TMA reduction ("reduction_op not supported"), so an atomic kernel could not be run on the CPU
-at all. The split pair runs in the interpreter, reuses the forward's schedule for dQ, and
-compiles without spills (bench/NOTES.md v11).
+- dQ (`MosaicBackwardConfig(dq="kernel")`, the default): one program per (head, tile of
+  2·block_q query rows, batch), the forward's grid and schedule (`mosaic.block_schedule`); the
+  memory warpgroup streams K/V blocks. Per block: S = Q·Kᵀ, dP = dO·Vᵀ, dS = P∘(dP − D),
+  dQ += dS·K. 7 matrix products per block pair in all.
+- Or dQ in the dK/dV kernel (`dq="atomic"`, FA3's structure, arXiv 2407.08608 §3.3; 5
+  products): each compute warpgroup writes its dSᵀ to shared memory (two steps' buffers) and
+  computes dQ = dS·K for the block ([64 rows, 64 columns] float32, transient), which a TMA
+  reduce-add adds to a zeroed float32 [B, Tp, N, H] accumulator in global memory (a JAX Ref the
+  kernel writes in place; `mosaic_compat.kernel`); scale and cast after the kernel. At H=64 a
+  warpgroup adds its own dS·K over its keys; at H=128 (a [64, 128] accumulator would take 64
+  registers) the two split dQ's columns, FA3's hdim-128 split: warpgroup w adds
+  dQ[:, 64w:64w+64] = Σ_u dS_u·K_u[:, 64w:64w+64] over both warpgroups' dS, which meet once
+  per block at a barrier. The Mosaic GPU interpreter has no TMA reduction ("reduction_op not
+  supported", jax 0.11.2 and 0.12.0.1): under it `mosaic_compat.reduce_add_to_gmem` reads,
+  adds and writes back (at H=64 warpgroup 1 after 0), so the kernel's algebra, barriers and
+  schedule run on the CPU; the reduction itself is checked only on a GPU. Registers
+  (bench/NOTES.md v15): H=64 compiles without spills, H=128 spills (the loop's wgmma
+  descriptors and the reduce-add's operands do not fit beside dK, dV), so "kernel" stays the
+  default until a GPU has timed both.
 
 D = rowsum(dO∘O) − dlse is `summary.output_delta` (exact float32); lse₂ is the residual lse in
 the log2 domain, +inf for a row that saw no key (P = 0). Masks are the forward's per-row key
@@ -58,6 +66,9 @@ Array = jax.Array
 
 HEAD_DIMS = (64, 128)
 COMPUTE_WGS = mosaic.COMPUTE_WGS
+DQ_FORMS = ("kernel", "atomic")
+DQ_COLS = 64  # the atomic form's dQ columns per compute warpgroup at H=128 (and all of H=64)
+SMEM_BUDGET = mosaic.SMEM_LIMIT - 4096  # the buffers' share: Mosaic adds ~2.6 KB of its own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +81,17 @@ class MosaicBackwardConfig:
     block_k_dq: key rows per streamed block of the dQ kernel (its query rows per compute
       warpgroup are 64, as the forward's).
     num_stages: buffers in each kernel's TMA ring.
+    dq: "kernel": dQ by its own kernel (S and dP computed again: 7 matrix products per block
+      pair); "atomic": in the dK/dV kernel, FA3's form (5 products), each block's dQ added to
+      a float32 accumulator in global memory by TMA reduce-adds (needs block_q=64). "kernel"
+      stays the default until a GPU has timed both.
     """
 
     block_q: int = 64
     block_kv: int = 64
     block_k_dq: int = 64
     num_stages: int = 2
+    dq: str = "kernel"
 
     def __post_init__(self):
         if self.block_q not in (64, 128):
@@ -92,6 +108,13 @@ class MosaicBackwardConfig:
             raise ValueError(
                 f"MosaicBackwardConfig.num_stages must be in 2..4, got {self.num_stages!r}"
             )
+        if self.dq not in DQ_FORMS:
+            raise ValueError(f"MosaicBackwardConfig.dq must be one of {DQ_FORMS}, got {self.dq!r}")
+        if self.dq == "atomic" and self.block_q != 64:
+            raise ValueError(
+                "MosaicBackwardConfig(dq='atomic') needs block_q=64 (its dS and dQ buffers in "
+                f"shared memory), got block_q={self.block_q!r}"
+            )
 
 
 class BwdPlan(NamedTuple):
@@ -101,10 +124,11 @@ class BwdPlan(NamedTuple):
     block_kv: int  # dK/dV: keys per compute warpgroup
     block_k_dq: int  # dQ: keys per streamed block
     num_stages: int
+    dq: str = "kernel"  # "kernel" or "atomic" (`MosaicBackwardConfig.dq`)
 
 
 def plan_for(cfg: MosaicBackwardConfig) -> BwdPlan:
-    return BwdPlan(cfg.block_q, cfg.block_kv, cfg.block_k_dq, cfg.num_stages)
+    return BwdPlan(cfg.block_q, cfg.block_kv, cfg.block_k_dq, cfg.num_stages, cfg.dq)
 
 
 def unsupported_features(head_dims: tuple[int, int]) -> list[str]:
@@ -136,6 +160,9 @@ def smem_bytes(
     total += stages * bp.block_q * ((h + hv) * itemsize + 2 * 4 + 3 * 4)  # Q, dO, rows' values
     if interpret:
         total += COMPUTE_WGS * bp.block_kv * bp.block_q * itemsize  # Pᵀ, then dSᵀ
+    if bp.dq == "atomic":
+        total += 2 * COMPUTE_WGS * bp.block_kv * bp.block_q * itemsize  # dSᵀ, two steps' worth
+        total += COMPUTE_WGS * bp.block_q * DQ_COLS * 4  # each warpgroup's float32 dQ
     return total
 
 
@@ -267,7 +294,7 @@ class BwdInputs(NamedTuple):
     delta: Array  # float32 [B, N, Tp]: D = rowsum(dO∘O) − dlse
     kstart: Array  # int32 [B, Tp]: `mosaic.key_ranges`
     kend: Array  # int32 [B, Tp]
-    sched_dq: Array  # int32 [B, q tiles, 8]: `mosaic.block_schedule` at block_k_dq
+    sched_dq: Array | None  # int32 [B, q tiles, 8]: `mosaic.block_schedule` (None: atomic dQ)
     sched_kv: Array  # int32 [B, kv tiles, 8]: `q_block_schedule`
     segq: Array | None  # int32 [B, Tp]
     segk: Array | None  # int32 [B, Sp]
@@ -282,11 +309,14 @@ def schedules(plan: mosaic.Plan, meta, seq_q: int, seq_k: int, q_seg, kv_seg):
     if plan.has_segments:
         segq, segk = q_seg.astype(jnp.int32), kv_seg.astype(jnp.int32)
         q_len, kv_len = meta[:, 1], meta[:, 2]
-        seg_q = segment_ranges(segq, segk, q_len, kv_len, COMPUTE_WGS * 64, bp.block_k_dq, "q")
+        if bp.dq == "kernel":
+            seg_q = segment_ranges(segq, segk, q_len, kv_len, COMPUTE_WGS * 64, bp.block_k_dq, "q")
         seg_k = segment_ranges(
             segq, segk, q_len, kv_len, bp.block_q, COMPUTE_WGS * bp.block_kv, "k"
         )
-    sched_dq = mosaic.block_schedule(kstart, kend, 64, bp.block_k_dq, seg_q)
+    sched_dq = None
+    if bp.dq == "kernel":
+        sched_dq = mosaic.block_schedule(kstart, kend, 64, bp.block_k_dq, seg_q)
     sched_kv = q_block_schedule(kstart, kend, seq_k, bp.block_q, bp.block_kv, seg_k)
     return kstart, kend, sched_dq, sched_kv, segq, segk
 
@@ -343,11 +373,14 @@ def emulate_dq(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
 
 def emulate_dkdv(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
     """The dK/dV kernel's loops in plain jnp ((dK [B, Sp, K, H], dV [B, Sp, K, Hv]) in k's
-    dtype), one (batch, kv head, tile, warpgroup) program at a time under vmap."""
+    dtype), one (batch, kv head, tile, warpgroup) program at a time under vmap. With atomic dQ
+    also dQ [B, Tp, N, H] in q's dtype: each program's float32 dS·K per query block, summed
+    over the programs as the kernel's reduce-adds sum them (another order)."""
     batch, seq_k, kv_heads, _ = k.shape
     bp = plan.backward
     bq, bkv, g = bp.block_q, bp.block_kv, plan.groups
     tiles = seq_k // (COMPUTE_WGS * bkv)
+    atomic = bp.dq == "atomic"
 
     def program(b, kh, t, w):
         k_base = (t * COMPUTE_WGS + w) * bkv
@@ -362,7 +395,7 @@ def emulate_dkdv(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
             n = kh * g + gi
 
             def step(i, carry, masked):
-                dk, dv = carry
+                dk, dv, dq = carry
                 rows = lambda x: lax.dynamic_slice_in_dim(x, i * bq, bq)  # noqa: E731
                 qb, dob = rows(q[b, :, n]), rows(do[b, :, n])
                 raw = jnp.dot(kb, qb.T, preferred_element_type=jnp.float32)  # Sᵀ (bkv, bq)
@@ -380,23 +413,34 @@ def emulate_dkdv(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
                     )
                 lse2, delta = rows(inp.lse2[b, n]), rows(inp.delta[b, n])
                 p, ds = block_grads_t(raw, dp, lse2, delta, plan, mask)
+                ds = ds.astype(q.dtype)
                 dv = dv + jnp.dot(p.astype(q.dtype), dob, preferred_element_type=jnp.float32)
-                dk = dk + jnp.dot(ds.astype(q.dtype), qb, preferred_element_type=jnp.float32)
-                return dk, dv
+                dk = dk + jnp.dot(ds, qb, preferred_element_type=jnp.float32)
+                if atomic:  # dQ += dS·K (bq, H) into this head's rows
+                    part = jnp.dot(ds.T, kb, preferred_element_type=jnp.float32)
+                    old = lax.dynamic_slice(dq, (gi, i * bq, 0), (1, bq, part.shape[1]))
+                    dq = lax.dynamic_update_slice(dq, old + part[None], (gi, i * bq, 0))
+                return dk, dv, dq
 
             return three_phase(lo, flo, fhi, hi, step, carry)
 
         init = (
             jnp.zeros((bkv, k.shape[-1]), jnp.float32),
             jnp.zeros((bkv, v.shape[-1]), jnp.float32),
+            jnp.zeros((g, q.shape[1], q.shape[-1]) if atomic else (0,), jnp.float32),
         )
-        dk, dv = lax.fori_loop(0, g, head, init)
-        return (dk * plan.scale).astype(k.dtype), dv.astype(v.dtype)
+        dk, dv, dq = lax.fori_loop(0, g, head, init)
+        return (dk * plan.scale).astype(k.dtype), dv.astype(v.dtype), dq
 
     idx = _grid(batch, kv_heads, tiles)
-    dk, dv = jax.vmap(lambda i: program(*i))(idx)  # (programs, bkv, H)
+    dk, dv, dq = jax.vmap(lambda i: program(*i))(idx)  # (programs, bkv, H)
     fix = lambda x: x.reshape(batch, kv_heads, seq_k, -1).transpose(0, 2, 1, 3)  # noqa: E731
-    return fix(dk), fix(dv)
+    if not atomic:
+        return fix(dk), fix(dv)
+    seq_q, h = q.shape[1], q.shape[-1]
+    dq = dq.reshape(batch, kv_heads, tiles * COMPUTE_WGS, g, seq_q, h).sum(axis=2)
+    dq = dq.reshape(batch, kv_heads * g, seq_q, h).transpose(0, 2, 1, 3)  # (B, Tp, N, H)
+    return fix(dk), fix(dv), (dq * plan.scale).astype(q.dtype)
 
 
 def _grid(batch: int, heads: int, tiles: int) -> Array:
@@ -406,7 +450,11 @@ def _grid(batch: int, heads: int, tiles: int) -> Array:
 
 
 def emulate(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
-    """(dQ, dK, dV) by `emulate_dq` and `emulate_dkdv` (what `launch` returns)."""
+    """(dQ, dK, dV) by `emulate_dq` and `emulate_dkdv` (what `launch` returns); with atomic dQ
+    by `emulate_dkdv` alone."""
+    if plan.backward.dq == "atomic":
+        dk, dv, dq = emulate_dkdv(plan, q, k, v, do, inp)
+        return dq, dk, dv
     dk, dv = emulate_dkdv(plan, q, k, v, do, inp)
     return emulate_dq(plan, q, k, v, do, inp), dk, dv
 
@@ -414,6 +462,12 @@ def emulate(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
 def backward(plan: mosaic.Plan, q, k, v, meta, q_seg, kv_seg, out, lse, dout, dlse):
     """(dQ, dK, dV) of inputs padded to whole tiles (`padding`), from the forward's residuals
     (out, lse natural with F32_MAX for a row that saw no key) and the cotangents."""
+    dims, bp = plan.head_dims, plan.backward
+    if (need := smem_bytes("dkdv", dims, q.dtype.itemsize, bp, plan.interpret)) > SMEM_BUDGET:
+        raise NotImplementedError(
+            f"the Mosaic backward's dK/dV kernel at head dims {dims[0]}/{dims[1]} with {bp} "
+            f"needs {need} B of shared memory (at most {SMEM_BUDGET}): fewer num_stages"
+        )
     inp = inputs_for(plan, meta, q_seg, kv_seg, out, lse, dout, dlse, k.shape[1])
     return launch(plan, q, k, v, dout.astype(q.dtype), inp)
 
@@ -517,13 +571,23 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
 
     from chunkattn.pallas import mosaic_compat as compat
 
-    q_ref, k_ref, v_ref, do_ref, stats_ref, ranges_ref, sched_ref = refs[:7]
-    segk_ref = refs[7] if plan.has_segments else None
-    dk_ref, dv_ref, smem, barriers = refs[-4:]
-    k_smem2, v_smem2, q_smem, do_smem, stats_smem, ranges_smem, p_smem2 = smem
-    q_ready, do_ready, stats_ready, ranges_ready, k_ready, v_ready, q_free, do_free = barriers
-
     bp = plan.backward
+    atomic = bp.dq == "atomic"
+    # Atomic dQ at H=128: each compute warpgroup takes half of dQ's columns over both
+    # warpgroups' keys, dQ[:, half] = Σ_u dS_u·K_u[:, half] (FA3's hdim-128 split: a [64, 64]
+    # float32 accumulator, not [64, 128]), so both dS go through shared memory and the
+    # warpgroups meet once per block. At H=64 each adds its own dS·K (no meeting).
+    split = atomic and plan.head_dims[0] == COMPUTE_WGS * DQ_COLS
+    refs = list(refs)
+    q_ref, k_ref, v_ref, do_ref, stats_ref, ranges_ref, sched_ref = refs[:7]
+    del refs[:7]
+    segk_ref = refs.pop(0) if plan.has_segments else None
+    dq_ref = refs.pop(0) if atomic else None  # float32 [B, Tp, N, H], zeroed, added to
+    dk_ref, dv_ref, smem, barriers = refs
+    k_smem2, v_smem2, q_smem, do_smem, stats_smem, ranges_smem, p_smem2, ds_smem2, dq_smem2 = smem
+    q_ready, do_ready, stats_ready, ranges_ready, k_ready, v_ready, q_free, do_free = barriers[:8]
+    ds_ready, kv_done, dq_io, dq_turn = barriers[8:]
+
     bq, bkv, stages, g = bp.block_q, bp.block_kv, bp.num_stages, plan.groups
     dtype = q_ref.dtype
     b = lax.axis_index("batch")
@@ -550,7 +614,8 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
         segk = compat.load(segk_ref.at[b, keys], compat.ROW) if plan.has_segments else None
         zeros = lambda d: plgpu.layout_cast(jnp.zeros((bkv, d), jnp.float32), compat.WGMMA)  # noqa: E731
         carry = (zeros(plan.head_dims[0]), zeros(plan.head_dims[1]))
-        plgpu.barrier_wait(k_ready.at[wg])
+        for u in range(COMPUTE_WGS) if split else (wg,):  # dQ reads the other's K too
+            plgpu.barrier_wait(k_ready.at[u])
         plgpu.barrier_wait(v_ready.at[wg])
 
         def head(gi, carry):  # query head kh·g + gi (the ring carries its blocks)
@@ -592,8 +657,46 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
                 slope = None
                 if plan.soft_cap is not None:  # from P: no [bkv, bq] slope held across the wgmma
                     slope = cap_slope(p, col(stats_smem.at[slot, 0]), plan.soft_cap)
-                ds = dscores_t(p, dp, col(stats_smem.at[slot, 1]), slope)
-                dk = compat.mma_accumulate(dk, ds.astype(dtype), q_smem.at[slot], p_smem)
+                ds = dscores_t(p, dp, col(stats_smem.at[slot, 1]), slope).astype(dtype)
+                if not atomic:
+                    dk = compat.mma_accumulate(dk, ds, q_smem.at[slot], p_smem)
+                    plgpu.barrier_arrive(q_free.at[slot])
+                    return dk, dv
+                # dK += dSᵀ·Q and dQ = dS·K (Σ over both warpgroups' keys with `split`) in
+                # one wgmma group; dSᵀ through shared memory (dS is its transposed view), two
+                # steps' buffers: a warpgroup writes step n + 2's only after the other has
+                # met it at step n + 1, after its step-n dQ product ended.
+                par = lax.rem(n, 2)
+                ds_smem2[wg].at[par][...] = ds
+                plgpu.commit_smem()
+                if split:
+                    plgpu.barrier_arrive(ds_ready.at[par])
+                    cols = pl.ds(wg * DQ_COLS, DQ_COLS)
+                    pairs = [
+                        (compat.transpose(ds_smem2[u].at[par]), k_smem2[u].at[:, cols])
+                        for u in range(COMPUTE_WGS)
+                    ]
+                    meet = functools.partial(plgpu.barrier_wait, ds_ready.at[par])
+                else:
+                    cols = pl.ds(0, DQ_COLS)
+                    pairs = [(compat.transpose(ds_smem2[wg].at[par]), k_smem)]
+                    meet = None
+                dk = compat.mma_accumulate(dk, ds, q_smem.at[slot], p_smem, meet)
+                dq = compat.mma_sum(pairs, (bq, DQ_COLS))
+                rows = pl.ds((lo + n - gi * nb) * bq, bq)
+                dst = dq_ref.at[b, rows, kh * g + gi, cols]
+                if not plan.interpret:
+                    plgpu.barrier_arrive(q_free.at[slot])
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # step n − 1's reduce-add
+                    compat.reduce_add_to_gmem(dq, dq_smem2[wg], dst)
+                    return dk, dv
+                # The interpreter's read-add-write: at H=64 both warpgroups add to the same
+                # rows, warpgroup 1 after 0 (`dq_turn`, per ring slot: 0 is < stages ahead).
+                if not split and wg == 1:
+                    plgpu.barrier_wait(dq_turn.at[slot])
+                compat.reduce_add_to_gmem(dq, dq_smem2[wg], dst, dq_io.at[wg])
+                if not split and wg == 0:
+                    plgpu.barrier_arrive(dq_turn.at[slot])
                 plgpu.barrier_arrive(q_free.at[slot])
                 return dk, dv
 
@@ -601,6 +704,9 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
             return three_phase(n0, n0 + n_flo, n0 + n_fhi, n0 + nb, step, carry)
 
         dk, dv = head(0, carry) if g == 1 else lax.fori_loop(0, g, head, carry)
+        if split:  # the other warpgroup's last dQ product has read this K
+            plgpu.barrier_arrive(kv_done)
+            plgpu.barrier_wait(kv_done)
         k_smem[...] = (dk * plan.scale).astype(dtype)  # K's and V's buffers are free by now
         v_smem[...] = dv.astype(dtype)
         plgpu.commit_smem()
@@ -610,7 +716,7 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
 
     # One branch per compute warpgroup, wg a Python int: with wg traced, the addresses of its
     # K, V (and Pᵀ) buffers and its schedule entries were registers live through the loops,
-    # and at H=128 ptxas spilled 8 B (GQA: 20 B, bench/NOTES.md v13). Twice the code, no
+    # and at H=128 ptxas spilled 8 B (GQA: 20 B, bench/NOTES.md v14). Twice the code, no
     # instruction more in a loop.
     for w in range(COMPUTE_WGS):
         pl.when(wg_index == w)(functools.partial(_compute, w))
@@ -687,7 +793,9 @@ def _stream(groups: int, lo, hi, streams, stages: int) -> None:
 
 
 def launch(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
-    """(dQ, dK, dV) by the two Mosaic GPU kernels (the interpreter's when `plan.interpret`)."""
+    """(dQ, dK, dV) by the two Mosaic GPU kernels (the interpreter's when `plan.interpret`),
+    or with atomic dQ by the dK/dV kernel alone."""
+    from jax.experimental import pallas as pl
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     from chunkattn.pallas import mosaic_compat as compat
@@ -708,42 +816,50 @@ def launch(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
     operands = [q, k, v, do, inp.lse2, inp.delta, inp.kstart, inp.kend]
     segs = [inp.segq, inp.segk] if plan.has_segments else []
 
-    bq, bk = 64, bp.block_k_dq
-    dq_smem = (
-        tiled((COMPUTE_WGS, bq, h)),
-        tiled((COMPUTE_WGS, bq, hv)),
-        tiled((stages, bk, h)),
-        tiled((stages, bk, hv)),
-        tiled((COMPUTE_WGS, bq, bk)) if plan.interpret else None,
-    )
-    dq_barriers = (
-        plgpu.Barrier(num_barriers=stages),  # K block ready
-        plgpu.Barrier(num_barriers=stages),  # V block ready
-        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # Q ready
-        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # dO ready
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # K buffer free
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # V buffer free
-    )
-    dq = plgpu.kernel(
-        functools.partial(_dq_kernel, plan=plan),
-        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        scratch_types=[dq_smem, dq_barriers],
-        grid=(heads, seq_q // (COMPUTE_WGS * bq), batch),
-        grid_names=("heads", "q_seq", "batch"),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=params,
-        kernel_name="chunkattn_mosaic_bwd_dq",
-        **extra,
-    )(*operands, inp.sched_dq, *segs)
+    dq = None
+    if bp.dq == "kernel":
+        bq, bk = 64, bp.block_k_dq
+        dq_smem = (
+            tiled((COMPUTE_WGS, bq, h)),
+            tiled((COMPUTE_WGS, bq, hv)),
+            tiled((stages, bk, h)),
+            tiled((stages, bk, hv)),
+            tiled((COMPUTE_WGS, bq, bk)) if plan.interpret else None,
+        )
+        dq_barriers = (
+            plgpu.Barrier(num_barriers=stages),  # K block ready
+            plgpu.Barrier(num_barriers=stages),  # V block ready
+            plgpu.Barrier(num_barriers=COMPUTE_WGS),  # Q ready
+            plgpu.Barrier(num_barriers=COMPUTE_WGS),  # dO ready
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # K buffer free
+            plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # V buffer free
+        )
+        dq = plgpu.kernel(
+            functools.partial(_dq_kernel, plan=plan),
+            out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+            scratch_types=[dq_smem, dq_barriers],
+            grid=(heads, seq_q // (COMPUTE_WGS * bq), batch),
+            grid_names=("heads", "q_seq", "batch"),
+            num_threads=COMPUTE_WGS + 1,
+            thread_name="wg",
+            compiler_params=params,
+            kernel_name="chunkattn_mosaic_bwd_dq",
+            **extra,
+        )(*operands, inp.sched_dq, *segs)
 
     bq, bkv = bp.block_q, bp.block_kv
+    atomic = bp.dq == "atomic"
     stats = jnp.stack([inp.lse2, inp.delta], axis=2)  # (B, N, 2, Tp)
     rows = [inp.kstart, inp.kend] + ([inp.segq] if plan.has_segments else [])
     ranges = jnp.stack(rows, axis=1)  # (B, 2 or 3, Tp) int32
     dkdv_operands = [q, k, v, do, stats, ranges, inp.sched_kv]
     if plan.has_segments:
         dkdv_operands.append(inp.segk)
+    dq_f32 = plgpu.SMEM(  # a warpgroup's float32 dQ block: 8×32-element tiles, 128-byte swizzle
+        (bq, DQ_COLS),
+        jnp.float32,
+        transforms=(plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128)),
+    )
     per_wg = lambda shape: tuple(tiled(shape) for _ in range(COMPUTE_WGS))  # noqa: E731
     kv_smem = (  # a buffer per compute warpgroup, not one [2, ...]: jax 0.11 does not lower a
         # static index into it closed over by a loop ("Shaped arrays must be represented by
@@ -755,7 +871,10 @@ def launch(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
         plgpu.SMEM((stages, 2, bq), jnp.float32),  # lse₂, D
         plgpu.SMEM((stages, len(rows), bq), jnp.int32),  # kstart, kend (, segment ids)
         per_wg((bkv, bq)) if plan.interpret else None,  # Pᵀ, then dSᵀ
+        per_wg((2, bkv, bq)) if atomic else None,  # dSᵀ, two steps' worth
+        tuple(dq_f32 for _ in range(COMPUTE_WGS)) if atomic else None,
     )
+    split = atomic and h == COMPUTE_WGS * DQ_COLS
     kv_barriers = (
         plgpu.Barrier(num_barriers=stages),  # Q block ready
         plgpu.Barrier(num_barriers=stages),  # dO block ready
@@ -765,20 +884,47 @@ def launch(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
         plgpu.Barrier(num_barriers=COMPUTE_WGS),  # V ready
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # Q buffer free
         plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # dO buffer free
+        # Atomic dQ, H=128: both dSᵀ of a step written; both dQ products done (K reusable).
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=2) if split else None,
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS) if split else None,
+        # The interpreter's read-add-write of dQ: its TMA read; at H=64 warpgroup 0's turn.
+        plgpu.Barrier(num_barriers=COMPUTE_WGS) if atomic and plan.interpret else None,
+        plgpu.Barrier(num_barriers=stages) if atomic and plan.interpret and not split else None,
     )
-    dk, dv = plgpu.kernel(
-        functools.partial(_dkdv_kernel, plan=plan),
-        out_type=(
-            jax.ShapeDtypeStruct(k.shape, k.dtype),
-            jax.ShapeDtypeStruct(v.shape, v.dtype),
-        ),
-        scratch_types=[kv_smem, kv_barriers],
+    mesh = dict(
         grid=(kv_heads, seq_k // (COMPUTE_WGS * bkv), batch),
         grid_names=("heads", "kv_seq", "batch"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=params,
-        kernel_name="chunkattn_mosaic_bwd_dkdv",
-        **extra,
-    )(*dkdv_operands)
-    return dq, dk, dv
+    )
+    out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
+    body = functools.partial(_dkdv_kernel, plan=plan)
+    name = "chunkattn_mosaic_bwd_dkdv"
+    if not atomic:
+        dk, dv = plgpu.kernel(
+            body,
+            out_type=out_type,
+            scratch_types=[kv_smem, kv_barriers],
+            kernel_name=name,
+            **mesh,
+            **extra,
+        )(*dkdv_operands)
+        return dq, dk, dv
+    kernel = compat.kernel(
+        body,
+        out_type=out_type,
+        scratch_types=[kv_smem, kv_barriers],
+        name=name,
+        interpret=extra.get("interpret"),
+        **mesh,
+    )
+
+    def run(refs):  # the float32 dQ, zeroed, a Ref the kernel adds to in place
+        dq_ref, dk_ref, dv_ref = refs
+        dk_ref[...], dv_ref[...] = kernel(*dkdv_operands, dq_ref)
+
+    # run_state keeps the Ref inside (the backward's custom_jvp guard has no rule for one).
+    zeros = jnp.zeros((batch, seq_q, heads, h), jnp.float32)
+    dq, dk, dv = pl.run_state(run)((zeros, jnp.zeros_like(k), jnp.zeros_like(v)))
+    return (dq * plan.scale).astype(q.dtype), dk, dv

@@ -9,12 +9,16 @@ kernel in `mosaic.py` reads the same on each.
 - `interpret_params()`: the Mosaic GPU interpreter (`plgpu.InterpretGPUParams`, public from
   0.11). Its wgmma of 0.10 cannot read a transposed operand (q·kᵀ), so 0.10 has none here.
   It needs `INTERPRETER_CPU_THREADS` XLA:CPU threads (`xla_cpu_threads()`), or it can deadlock.
-- `mma(...)`, `mma_pair(...)`, `mma_accumulate(...)` and `mma_accumulate_and(...)`: the matrix
-  products of the forward and the backward (`mosaic_backward.py`). Compiled, the
-  accumulating ones take P (or dS) from registers and accumulate in place (`pl.run_state`, as jax's
-  attention_mgpu.py). The interpreter implements neither (its wgmma reads A from shared memory
-  only, and it cannot lower run_state's effects), so under it P goes through shared memory and
-  the product is added to the accumulator afterwards: the same sum, another instruction path.
+- `mma(...)`, `mma_pair(...)`, `mma_accumulate(...)`, `mma_accumulate_and(...)` and
+  `mma_sum(...)`: the matrix products of the forward and the backward (`mosaic_backward.py`).
+  Compiled, the accumulating ones take P (or dS) from registers and accumulate in place
+  (`pl.run_state`, as jax's attention_mgpu.py). The interpreter implements neither (its wgmma
+  reads A from shared memory only, and it cannot lower run_state's effects), so under it P goes
+  through shared memory and the product is added to the accumulator afterwards: the same sum,
+  another instruction path.
+- `kernel(...)`: `plgpu.kernel` that takes a JAX Ref operand (its custom_vmap wrapper rejects
+  one); `reduce_add_to_gmem(...)`: a float32 TMA reduce-add, which the interpreter (0.11, 0.12)
+  lacks and gets as a read-add-write. The backward's atomic dQ uses both.
 """
 
 from __future__ import annotations
@@ -200,3 +204,62 @@ def mma_accumulate_and(acc, p, b_ref, second, shape: tuple[int, int], p_smem=Non
         body_interpret, plgpu.ACC(acc.shape, jnp.float32), plgpu.ACC(shape, jnp.float32)
     )
     return acc + prod, other
+
+
+def mma_sum(pairs, shape: tuple[int, int]):
+    """Σ a·b over `pairs` of (a_ref, b_ref) in shared memory, one float32 [M, N] accumulator
+    (the atomic backward's dQ = Σ_u dS_u·K_u over the compute warpgroups' keys)."""
+
+    def body(acc_ref):
+        for a_ref, b_ref in pairs:
+            plgpu.wgmma(acc_ref, a_ref, b_ref)
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
+def kernel(body, *, out_type, scratch_types, name: str, interpret=None, **mesh):
+    """`plgpu.kernel` without its custom_vmap wrapper, which rejects a JAX Ref operand: Refs
+    passed to the returned function are read and written in place (the atomic backward's
+    float32 dQ, accumulated by TMA reduce-adds). `mesh` holds plgpu.Mesh's fields. No vmap
+    rule of its own (plgpu.kernel's adds a grid axis). jax's discharge of the Ref (mpmd_map's,
+    0.10 to 0.12) drops `name`: the compiled kernel is called "new_body"."""
+    thread_name = mesh.get("thread_name")
+
+    def with_scratch(*refs):
+        pl.run_scoped(functools.partial(body, *refs), *scratch_types, collective_axes=thread_name)
+
+    extra = {} if interpret is None else {"interpret": interpret}
+    params = mesh.pop("compiler_params", None)
+    return pl.kernel(
+        with_scratch,
+        out_type=out_type,
+        mesh=plgpu.Mesh(**mesh, kernel_name=name),
+        compiler_params=params,
+        name=name,
+        **extra,
+    )
+
+
+def reduce_add_to_gmem(value, smem, dst, interpret_barrier=None):
+    """dst += value (float32, a wgmma accumulator) through `smem` ([M, N] float32): compiled,
+    one TMA reduce-add (`copy_smem_to_gmem(..., reduction_op="add")`, atomic per element,
+    asynchronous: wait for its reads of `smem` before writing it again).
+
+    The Mosaic GPU interpreter has no TMA reduction (jax 0.11.2 and 0.12: "reduction_op not
+    supported"): given `interpret_barrier` it reads dst into smem by TMA, adds there and writes
+    it back, and waits for the write; race-free where no other warpgroup of the program adds to
+    the same elements meanwhile (the interpreter runs a grid's programs one at a time). The TMA
+    reduction itself is checked only on a GPU.
+    """
+    if interpret_barrier is None:
+        smem[...] = value
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(smem, dst, reduction_op="add")
+        return
+    plgpu.copy_gmem_to_smem(dst, smem, interpret_barrier)
+    plgpu.barrier_wait(interpret_barrier)
+    smem[...] = smem[...] + value
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(smem, dst)
+    plgpu.wait_smem_to_gmem(0)
