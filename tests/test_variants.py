@@ -41,6 +41,17 @@ def linear_recurrence(q, k, v, phi, normalize):
     return jnp.swapaxes(ys, 0, 1)
 
 
+def _out_and_grads(fn, args, cotangent):
+    """(fn(*args), the gradients of Σ fn(*args)·cotangent(out) with respect to args) in one
+    compiled program: one compilation per case instead of eager dispatch of every operation."""
+
+    def run(*a):
+        out, vjp = jax.vjp(fn, *a)
+        return out, vjp(cotangent(out))
+
+    return jax.jit(run)(*args)
+
+
 ELU1 = lambda x: jax.nn.elu(x) + 1.0
 
 
@@ -53,20 +64,15 @@ def test_linear_attention_equals_the_recurrence(chunk, fmap, normalize):
     v = jax.random.normal(kv, (2, 23, 3, 6))
     phi = {"elu1": ELU1, None: lambda x: x, "dpfp": dpfp}[fmap]
     fm = dpfp if fmap == "dpfp" else fmap
-    got = linear_attention(q, k, v, feature_map=fm, normalize=normalize, chunk_size=chunk)
-    want = linear_recurrence(q, k, v, phi, normalize)
+    proj = lambda y: jax.random.normal(jax.random.PRNGKey(9), y.shape)  # d loss / dy
+    got, g = _out_and_grads(
+        lambda *a: linear_attention(*a, feature_map=fm, normalize=normalize, chunk_size=chunk),
+        (q, k, v),
+        proj,
+    )
+    want, w = _out_and_grads(lambda *a: linear_recurrence(*a, phi, normalize), (q, k, v), proj)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-5)
-    proj = jax.random.normal(jax.random.PRNGKey(9), want.shape)
-    g = jax.grad(
-        lambda *a: jnp.sum(
-            linear_attention(*a, feature_map=fm, normalize=normalize, chunk_size=chunk) * proj
-        ),
-        argnums=(0, 1, 2),
-    )
-    w = jax.grad(
-        lambda *a: jnp.sum(linear_recurrence(*a, phi, normalize) * proj), argnums=(0, 1, 2)
-    )
-    for a, b in zip(g(q, k, v), w(q, k, v), strict=True):
+    for a, b in zip(g, w, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-4)
 
 
@@ -119,12 +125,9 @@ def _dqkvb(t, seed=0, n=2, h=4, hv=3):
 @pytest.mark.parametrize("chunk,t", [(1, 7), (4, 13), (16, 37), (64, 20)])
 def test_delta_rule_matches_recurrence(chunk, t):
     args = _dqkvb(t)
-    got = delta_rule(*args, chunk_size=chunk)
-    want = delta_recurrence(*args)
+    got, g1 = _out_and_grads(lambda *a: delta_rule(*a, chunk_size=chunk), args, jnp.cos)
+    want, g2 = _out_and_grads(delta_recurrence, args, jnp.cos)  # the gradients of Σ sin(y)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    f = lambda fn, **kw: lambda *a: jnp.sum(jnp.sin(fn(*a, **kw)))
-    g1 = jax.grad(f(delta_rule, chunk_size=chunk), argnums=(0, 1, 2, 3))(*args)
-    g2 = jax.grad(f(delta_recurrence), argnums=(0, 1, 2, 3))(*args)
     for a, b in zip(g1, g2, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
@@ -193,12 +196,13 @@ def test_layers_are_causal_and_differentiable(name):
 
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 21, 16))
     layer = LAYERS[name](16, 2, rngs=nnx.Rngs(0))
-    y = layer(x)
+    run = nnx.jit(lambda m, x: m(x))  # compiled once for both calls
+    y = run(layer, x)
     assert y.shape == x.shape
-    y2 = layer(x.at[:, 11:].set(0.0))  # changing the future leaves the past unchanged
+    y2 = run(layer, x.at[:, 11:].set(0.0))  # changing the future leaves the past unchanged
     np.testing.assert_allclose(y[:, :11], y2[:, :11], atol=1e-6)
     assert not np.allclose(y[:, 11:], y2[:, 11:])
-    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(layer)
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) ** 2)))(layer)
     leaves = jax.tree_util.tree_leaves(grads)
     assert leaves and all(bool(jnp.isfinite(g).all()) for g in leaves)
     with pytest.raises(NotImplementedError, match="cache"):
