@@ -667,10 +667,12 @@ def interpreter_threads():
     a third warpgroup's program sat queued behind them, never started, and the second waited
     for its arrivals: in gdb, the pool's two threads in the launcher's `_thread_map_callback`
     and a `_barrier_wait`, two warpgroup threads in `BlockUntilReady` of their programs.
-    PJRT_NPROC decides it, the kernels' barriers do not: the backward's window case (which
-    hung 6 of 6 times) passes with 8 threads, the causal case (which passed) hangs with 1; with
-    5 threads (1 launcher + 3 warpgroups can hold 4) every case of both tests passed every
-    time (bench/NOTES.md v13 has the runs)."""
+    PJRT_NPROC decides it, the kernels' barriers do not (in the forward, dQ and dK/dV kernels
+    all three warpgroups step over the same blocks, so none skips a phase, on an empty schedule
+    neither): on the kernels of 613ec93 the backward's window case hung 8 of 8 times with 2
+    threads and passed with 5 and 8, the causal case (which passed with 2) hung with 1; with 5
+    threads (1 launcher + 3 warpgroups can hold 4) every case of both tests passed every time
+    (bench/NOTES.md v13)."""
     from chunkattn.pallas import mosaic_compat
 
     threads, need = mosaic_compat.xla_cpu_threads(), mosaic_compat.INTERPRETER_CPU_THREADS
@@ -733,7 +735,8 @@ def test_backward_kernels_in_the_interpreter_match_emulation_and_reference(
 ):
     """The dQ and dK/dV kernels themselves (TMA rings, barriers, warpgroups; the forward is
     emulated, its kernel has the test above): gradients within 1/4 of the bf16 gradient
-    tolerance of the emulated kernels, and the reference's."""
+    tolerance of the emulated kernels, and the reference's. Under `jax.jit(jax.grad)` the window
+    case hung on XLA:CPU's 2 threads, not on the kernels' barriers: `interpreter_threads`."""
     monkeypatch.setenv("CHUNKATTN_PALLAS_INTERPRET", "1")
     monkeypatch.setattr(mosaic, "launch", mosaic.emulate)
     seq_q, seq_k = (130, 300) if name.startswith("window") else (T, S)
