@@ -59,12 +59,13 @@ def _chunkattn(impl: str) -> Fn:
     )
 
 
-def _chunkattn_mosaic_backward(q, k, v, causal):
-    """pallas_mosaic with the Mosaic GPU backward (experimental, opt-in: issue 21)."""
+def _chunkattn_mosaic_backward(dq: str = "kernel") -> Fn:
+    """pallas_mosaic with the Mosaic GPU backward (experimental, opt-in: issue 21), its dQ in
+    its own kernel ("kernel") or added atomically in the dK/dV kernel ("atomic")."""
     from chunkattn.pallas import MosaicBackwardConfig, MosaicConfig
 
-    cfg = MosaicConfig(backward=MosaicBackwardConfig())
-    return chunkattn.dot_product_attention(
+    cfg = MosaicConfig(backward=MosaicBackwardConfig(dq=dq))
+    return lambda q, k, v, causal: chunkattn.dot_product_attention(
         q, k, v, is_causal=causal, implementation="pallas_mosaic", config=cfg
     )
 
@@ -154,7 +155,8 @@ def available(backend: str | None = None) -> dict[str, Fn]:
         impls["chunkattn_pallas"] = _chunkattn("pallas")
         # The experimental Hopper forward (Triton backward); it declines what it does not serve.
         impls["chunkattn_pallas_mosaic"] = _chunkattn("pallas_mosaic")
-        impls["chunkattn_pallas_mosaic_bwd"] = _chunkattn_mosaic_backward  # and Mosaic backward
+        impls["chunkattn_pallas_mosaic_bwd"] = _chunkattn_mosaic_backward()  # and Mosaic bwd
+        impls["chunkattn_pallas_mosaic_bwd_atomic"] = _chunkattn_mosaic_backward("atomic")
     impls["dense_xla"] = dense_xla
     impls["jax_nn_xla"] = _jax_nn("xla")
     if backend == "gpu":
@@ -326,6 +328,7 @@ LABELS = {
     "chunkattn_pallas": "chunkattn (Pallas)",
     "chunkattn_pallas_mosaic": "chunkattn (Mosaic GPU fwd)",
     "chunkattn_pallas_mosaic_bwd": "chunkattn (Mosaic GPU fwd+bwd)",
+    "chunkattn_pallas_mosaic_bwd_atomic": "chunkattn (Mosaic GPU fwd+bwd, atomic dQ)",
     "dense_xla": "dense XLA",
     "jax_nn_xla": "jax.nn (XLA)",
     "jax_nn_cudnn": "cuDNN (jax.nn)",

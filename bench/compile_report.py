@@ -459,6 +459,7 @@ def mosaic_figures(dump: pathlib.Path, name: str) -> dict:
         text = ptx[0].read_text(errors="replace")
         row["wgmma"] = text.count("wgmma.mma_async")
         row["setmaxnreg"] = text.count("setmaxnreg")
+        row["tma_reduce"] = text.count("cp.reduce.async.bulk")  # the atomic dQ's reduce-adds
     return row
 
 

@@ -5,7 +5,7 @@
 #   bash bench/gpu_session.sh speed   OUT   # ~8 min: split vs atomic backward, decode, peers
 #   bash bench/gpu_session.sh memory  OUT   # ≤10 min: the memory sweep 1k..1M (issue #4)
 #   bash bench/gpu_session.sh mosaic  OUT   # ~8 min: the Mosaic GPU forward's first run (#21)
-#   bash bench/gpu_session.sh mosaic_bwd OUT  # ~8 min: the Mosaic GPU backward's first run (#21)
+#   bash bench/gpu_session.sh mosaic_bwd OUT  # ~15 min: the Mosaic GPU backward's first run (#21)
 #
 # Each step has its own time limit so one hang does not take the call; results land in OUT
 # (the device tool's $OUT), to be committed under bench/results/ with NOTES.md entries.
@@ -44,13 +44,18 @@ mosaic)
         --impls chunkattn_pallas_mosaic chunkattn_pallas jax_nn_cudnn --tag mosaic --out "$out"
     ;;
 mosaic_bwd)
-    # The Mosaic GPU backward (MosaicConfig(backward=MosaicBackwardConfig())): its GPU tests
-    # (gradients against the reference; watch for a hang: each step has its limit), then
-    # forward+backward at 16k, bf16, N=16, H=128 against the Triton backward and cuDNN.
-    step 300 pytest_mosaic_bwd python -m pytest -q -x -m gpu tests/test_mosaic.py -k backward
-    step 240 speed_mosaic_bwd python bench/speed.py --seq-lens 16384 --mask both --reps 5 \
-        --impls chunkattn_pallas_mosaic_bwd chunkattn_pallas_mosaic chunkattn_pallas \
-        jax_nn_cudnn --tag mosaic_bwd --out "$out"
+    # The Mosaic GPU backward (MosaicConfig(backward=MosaicBackwardConfig())), both dQ forms
+    # (dq="kernel", the default, and dq="atomic": float32 TMA reduce-adds, which only a GPU
+    # runs): its GPU tests (gradients against the reference; watch for a hang: each step has
+    # its limit), then forward+backward at 16k, bf16, N=16, H=128 against the Triton backward
+    # and cuDNN.
+    step 300 pytest_mosaic_bwd python -m pytest -q -x -m gpu tests/test_mosaic.py \
+        -k "backward and kernel"
+    step 300 pytest_mosaic_bwd_atomic python -m pytest -q -x -m gpu tests/test_mosaic.py \
+        -k "backward and atomic"
+    step 300 speed_mosaic_bwd python bench/speed.py --seq-lens 16384 --mask both --reps 5 \
+        --impls chunkattn_pallas_mosaic_bwd chunkattn_pallas_mosaic_bwd_atomic \
+        chunkattn_pallas_mosaic chunkattn_pallas jax_nn_cudnn --tag mosaic_bwd --out "$out"
     ;;
 *)
     echo "unknown part $part: verify | speed | memory | mosaic | mosaic_bwd" >&2

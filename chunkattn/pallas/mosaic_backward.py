@@ -31,9 +31,10 @@ barrier per buffer, one "free" barrier both compute warpgroups arrive at).
   supported", jax 0.11.2 and 0.12.0.1): under it `mosaic_compat.reduce_add_to_gmem` reads,
   adds and writes back (at H=64 warpgroup 1 after 0), so the kernel's algebra, barriers and
   schedule run on the CPU; the reduction itself is checked only on a GPU. Registers
-  (bench/NOTES.md v15): H=64 compiles without spills, H=128 spills (the loop's wgmma
-  descriptors and the reduce-add's operands do not fit beside dK, dV), so "kernel" stays the
-  default until a GPU has timed both.
+  (bench/NOTES.md v15): H/Hv 64/64 compiles without spills; H=128 spills in the loop (452-676
+  B at 128/128: the loop's wgmma descriptors and the reduce-add's operands do not fit beside
+  dK, dV), and so do 128/64 with segments or GQA; "kernel" stays the default until a GPU has
+  timed both.
 
 D = rowsum(dO∘O) − dlse is `summary.output_delta` (exact float32); lse₂ is the residual lse in
 the log2 domain, +inf for a row that saw no key (P = 0). Masks are the forward's per-row key
