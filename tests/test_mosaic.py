@@ -356,6 +356,27 @@ def test_user_function_check_tells_dtypes_apart():
             mosaic.check_user_fns(None, fn, 64, 128)
 
 
+def test_blocks_build_only_the_positions_their_functions_read():
+    """jax 0.11's Mosaic GPU finds no layout for an array nothing reads, so a block builds only
+    the positions its user functions use: score_fn's in every block, mask_fn's in masked
+    ones; an argument that feeds only dead code counts as unread."""
+    from chunkattn.pallas.user_fns import used_arguments
+
+    i32 = jax.ShapeDtypeStruct((64, 128), jnp.int32)
+
+    def dead_head(b, h, i, j):
+        _ = h + 1
+        return j % 2 == 0
+
+    assert used_arguments(dead_head, i32, i32, i32, i32) == (False, False, False, True)
+    plan = mosaic.Plan(1.0, None, False, False, 1, (64, 64), 64, 128, 2, False)
+    plan = plan._replace(mask_fn=dead_head, score_fn=lambda s, b, h, i, j: s + i)
+    assert mosaic.used_positions(plan, (64, 128), True) == (False, False, True, True)
+    assert mosaic.used_positions(plan, (64, 128), False) == (False, False, True, False)
+    plan = plan._replace(score_fn=None)
+    assert not mosaic.applies_user_fns(plan, False) and mosaic.applies_user_fns(plan, True)
+
+
 def test_implementation_none_never_picks_it():
     with mock.patch.object(jax, "default_backend", lambda: "gpu"):
         order = api._auto_order()

@@ -326,14 +326,47 @@ def score_block(raw: Array, scale: float, soft_cap: float | None, unit: float = 
     return (soft_cap * unit) * (1.0 - 2.0 / (1.0 + e2x))
 
 
-def block_positions(b, n, q_first, k_first, shape: tuple[int, int], iota=lax.broadcasted_iota):
+@functools.cache
+def used_positions(plan: Plan, shape: tuple[int, int], masked: bool) -> tuple[bool, ...]:
+    """Which of (batch, head, q_pos, k_pos) the user functions applied to a block read: the
+    score_fn's always, the mask_fn's in masked blocks (`user_fns.used_arguments`)."""
+    where = (jax.ShapeDtypeStruct(shape, jnp.int32),) * 4
+    used = [False] * 4
+    if plan.score_fn is not None:
+        score = jax.ShapeDtypeStruct(shape, jnp.float32)
+        used = user_fns.used_arguments(plan.score_fn, score, *where)[1:]
+    if masked and plan.mask_fn is not None:
+        by_mask = user_fns.used_arguments(plan.mask_fn, *where)
+        used = [a or b for a, b in zip(used, by_mask, strict=True)]
+    return tuple(used)
+
+
+def applies_user_fns(plan: Plan, masked: bool) -> bool:
+    """Whether a block calls a user function: a score_fn in every block, a mask_fn in masked
+    ones (a block every row sees whole has no mask to apply)."""
+    return plan.score_fn is not None or (masked and plan.mask_fn is not None)
+
+
+def block_positions(b, n, q_first, k_first, shape, used, row_iota=None, col_iota=None):
     """(batch, head, q_pos, k_pos) of a block as a user's mask_fn / score_fn gets them: int32
     [bq, bk] each, at global positions (q_pos = row + q_offset, k_pos = key index), as the
-    Triton and TPU kernels give them. `q_first` / `k_first` are the block's first positions;
-    `iota` makes the row and column indices (the kernel's in the WGMMA layout)."""
+    Triton and TPU kernels give them. `q_first` / `k_first` are the block's first positions.
+
+    Only the `used` ones are built (`used_positions`; the others are zeros, which the
+    functions do not read): jax 0.11's Mosaic GPU infers every array's layout and finds none
+    for one nothing uses. The kernel's `row_iota()` is a [bq, bk] iota in the WGMMA layout and
+    its `col_iota()` a [bk] wgmma column vector, a few registers a thread, broadcast over the
+    block: as a [bq, bk] iota the key positions spilled at H = 256, and broadcast from a row
+    vector the query positions left jax 0.11 no layout for a bool made of them and a constant.
+    """
+    bq, bk = shape
+    row_iota = row_iota or (lambda: lax.broadcasted_iota(jnp.int32, shape, 0))
+    col_iota = col_iota or (lambda: lax.iota(jnp.int32, bk))
     full = lambda x: jnp.full(shape, x, jnp.int32)  # noqa: E731
-    rows, cols = iota(jnp.int32, shape, 0), iota(jnp.int32, shape, 1)
-    return full(b), full(n), q_first + rows, k_first + cols
+    zero = full(0)
+    rows = q_first + row_iota() if used[2] else zero
+    cols = lax.broadcast_in_dim(k_first + col_iota(), shape, [1]) if used[3] else zero
+    return full(b) if used[0] else zero, full(n) if used[1] else zero, rows, cols
 
 
 def block_scores(raw: Array, plan: Plan, where=None) -> Array:
@@ -486,8 +519,9 @@ def emulate(plan: Plan, q, k, v, inputs: Inputs):
             vb = lax.dynamic_slice_in_dim(vh, j * bk, bk)
             raw = jnp.dot(qb, kb.T, preferred_element_type=jnp.float32)
             where = None
-            if plan.has_positions:
-                where = block_positions(b, n, q_first, j * bk, (bq, bk))
+            if applies_user_fns(plan, masked):
+                used = used_positions(plan, (bq, bk), masked)
+                where = block_positions(b, n, q_first, j * bk, (bq, bk), used)
             mask_args = None
             if masked:
                 cols = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
@@ -583,19 +617,30 @@ def _kernel(*refs, plan: Plan):
 
         pl.when(wg == 1)(take_turn)
 
-        iota = functools.partial(plgpu.broadcasted_iota, layout=compat.WGMMA)
+        def row_iota():
+            return plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=compat.WGMMA)
+
+        def col_iota():
+            return plgpu.broadcasted_iota(jnp.int32, (bk,), 0, layout=compat.COL)
+
         q_first = q_base + sched_ref[b, t, 6] if plan.has_positions else None
 
         def step(j, carry, masked):
             slot = lax.rem(j - lo, stages)
             raw = compat.mma(q_smem, compat.transpose(k_smem.at[slot]), (bq, bk), take_turn)
             plgpu.barrier_arrive(k_free.at[slot])
-            where = None
-            if plan.has_positions:
-                where = block_positions(b, h, q_first, j * bk, (bq, bk), iota)
+            where, used = None, (False,) * 4
+            if applies_user_fns(plan, masked):
+                used = used_positions(plan, (bq, bk), masked)
+                positions = (q_first, j * bk, (bq, bk), used, row_iota, col_iota)
+                where = block_positions(b, h, *positions)
             mask_args = None
             if masked:
-                cols = j * bk + iota(jnp.int32, (bq, bk), 1) if where is None else where[3]
+                if used[3]:  # the block's key positions, built once
+                    cols = where[3]
+                else:
+                    cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=compat.WGMMA)
+                    cols = j * bk + cols
                 segk = None
                 if plan.has_segments:
                     segk = compat.load(segk_ref.at[b, pl.ds(j * bk, bk)], compat.COL)

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 
 Array = jax.Array
 
@@ -35,6 +36,18 @@ def equations(jaxpr) -> Iterator[Any]:
 def primitives(jaxpr) -> set[str]:
     """Every primitive in a jaxpr, including those of its sub-jaxprs (jit, custom_jvp, cond)."""
     return {str(eqn.primitive) for eqn in equations(jaxpr)}
+
+
+def used_arguments(fn: Callable[..., Array], *example: Any) -> tuple[bool, ...]:
+    """Which arguments `fn(*example)`'s result depends on (a backward walk over its jaxpr; an
+    equation with a needed output needs all its inputs). A kernel can then leave out what a
+    user function never reads (Mosaic GPU cannot lay out an array nothing uses)."""
+    jaxpr = jax.make_jaxpr(fn)(*example).jaxpr
+    needed = {v for v in jaxpr.outvars if isinstance(v, jax_core.Var)}
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in needed for v in eqn.outvars):
+            needed |= {v for v in eqn.invars if isinstance(v, jax_core.Var)}
+    return tuple(v in needed for v in jaxpr.invars)
 
 
 def describe(eqn) -> str:
