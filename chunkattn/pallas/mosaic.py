@@ -181,7 +181,7 @@ def unsupported_features(args: Any, opts: Any) -> list[str]:
 # GPU lowering takes [64, block_k] arrays in the WGMMA layout (and splats), by the kinds of
 # operand each takes: "f" float32, "i" int32, "b" bool. Found by lowering one kernel per
 # (primitive, kind) with jax 0.10.2 (Lane semantics) and 0.11.2 (Warpgroup semantics, its
-# default) and compiling them all for sm_90a on both (bench/NOTES.md v13). Left out as they fail
+# default) and compiling them all for sm_90a on both (bench/NOTES.md v16). Left out as they fail
 # on one or both: pow, floor, ceil, expm1, log1p (no rule), erf and atan2 (0.11: no layout
 # rule), rem of floats, not of bools (0.11), conversion to bool. `lowerable` also requires
 # the installed jax's rule (0.10 has no sqrt), a conversion to float32 or int32, and a
