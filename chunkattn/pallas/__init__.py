@@ -22,7 +22,9 @@ imports one way (config -> kernel_common -> forward, backward -> block, dispatch
   one query block against one key block at global positions folded into `META` (ring
   attention runs it per ring step on a GPU).
 - `user_fns.py`: whether a user's mask_fn/score_fn can be traced into a kernel body (no
-  captured arrays, only primitives the lowering has); the TPU kernels (tpu_flash.py) use it too.
+  captured arrays, only primitives the lowering has; for Mosaic GPU, by operand dtype too),
+  and which of its arguments it reads; `mosaic.py` and the TPU kernels (tpu_flash.py) use it
+  too.
 - `dispatch.py`: the custom_vjp `flash_attention`, the checks of a user's mask_fn/score_fn,
   and `attention(args, opts, kernel)`, the entry `api.py` calls.
 """
