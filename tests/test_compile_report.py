@@ -298,6 +298,9 @@ MOSAIC_BWD_KERNELS = [
     "chunkattn_mosaic_bwd_dq",
     "chunkattn_mosaic_bwd_dkdv",
 ]
+# setmaxnreg instructions per kernel: one per role's branch. The dK/dV kernel has a branch per
+# compute warpgroup (its index static: bench/NOTES.md v14), so two increases and a decrease.
+SETMAXNREG = dict(zip(MOSAIC_BWD_KERNELS, (2, 2, 3), strict=True))
 
 
 @pytest.fixture(scope="session")
@@ -320,7 +323,9 @@ def test_mosaic_backward_compiles_and_fits(mosaic_bwd_results):
         for k in r["kernels"]:
             if not (k.get("regs") and k.get("threads") == 384 and k.get("wgmma", 0) > 0):
                 bad.append(f"{r['case']}: {k}")
-            elif k.get("setmaxnreg") != 2 or not 0 < k.get("smem", 0) <= SMEM_LIMIT:
+            elif k.get("setmaxnreg") != SETMAXNREG[k["kernel"]]:
+                bad.append(f"{r['case']}: {k}")
+            elif not 0 < k.get("smem", 0) <= SMEM_LIMIT:
                 bad.append(f"{r['case']}: {k}")
     assert not bad, "\n".join(bad)
 
@@ -341,15 +346,6 @@ def test_mosaic_backward_spills_nothing(mosaic_bwd_results, kernel):
 
 
 MOSAIC_BWD_ATOMIC_RUN = [*MOSAIC_BWD_RUN[:-1], "--backward=mosaic_bwd_atomic"]
-# Where the atomic dQ's dK/dV kernel may spill (bench/NOTES.md v15): every feature at H/Hv
-# 128/128 (jax 0.10.2: 512-676 B, 0.11.2: 368-596 B), 128/64 with segment ids (48 B, 24 B) or
-# GQA (104 B, 64 B), 64/128 with GQA (28 B on 0.10.2 only).
-ATOMIC_SPILLS = {(128, 128): None, (128, 64): ("segments", "gqa"), (64, 128): ("gqa",)}
-
-
-def _atomic_spills_known(r) -> bool:
-    features = ATOMIC_SPILLS.get((r["head_dim"], r["head_dim_v"]), ())
-    return features is None or r["feature"] in features
 
 
 @pytest.fixture(scope="session")
@@ -372,7 +368,9 @@ def test_mosaic_backward_atomic_dq_compiles_and_fits(mosaic_bwd_atomic_results):
         for k in r["kernels"]:
             if not (k.get("regs") and k.get("threads") == 384 and k.get("wgmma", 0) > 0):
                 bad.append(f"{r['case']}: {k}")
-            elif k.get("setmaxnreg") != 2 or not 0 < k.get("smem", 0) <= SMEM_LIMIT:
+            elif k.get("setmaxnreg") != SETMAXNREG[k["kernel"]]:
+                bad.append(f"{r['case']}: {k}")
+            elif not 0 < k.get("smem", 0) <= SMEM_LIMIT:
                 bad.append(f"{r['case']}: {k}")
         if dkdv.get("same_kernel_as") is None and dkdv.get("tma_reduce") != 6:
             bad.append(f"{r['case']}: {dkdv.get('tma_reduce')} TMA reduce-adds")
@@ -381,31 +379,15 @@ def test_mosaic_backward_atomic_dq_compiles_and_fits(mosaic_bwd_atomic_results):
 
 @pytest.mark.cuda_aot
 @NEEDS_EXTRA
-def test_mosaic_backward_atomic_dq_spills_nothing_where_it_fits(mosaic_bwd_atomic_results):
-    """No spill outside `ATOMIC_SPILLS` (so none at H/Hv 64/64), nor in the forward."""
+@pytest.mark.parametrize("kernel", [MOSAIC_BWD_KERNELS[0], MOSAIC_BWD_KERNELS[2]])
+def test_mosaic_backward_atomic_dq_spills_nothing(mosaic_bwd_atomic_results, kernel):
+    """No spill at any feature x head dim x dtype: the dK/dV kernel spilled 24-676 B at H=128
+    until its loop read K and V at a traced index (bench/NOTES.md v15, v17)."""
     spills = [
-        f"{r['case']}: {k['kernel']} {k['spill_stores']} B"
+        f"{r['case']}: {k['spill_stores']}/{k['spill_loads']} B"
         for r in mosaic_bwd_atomic_results
         for k in r["kernels"]
-        if (k.get("spill_stores") or k.get("spill_loads"))
-        and not (_atomic_spills_known(r) and k["kernel"] == MOSAIC_BWD_KERNELS[2])
-    ]
-    assert not spills, "\n".join(spills)
-
-
-@pytest.mark.cuda_aot
-@NEEDS_EXTRA
-@pytest.mark.xfail(
-    strict=True,
-    reason="the atomic dQ's dK/dV kernel spills at H=128 (full: 572 B on jax 0.10.2, 452 B on "
-    "0.11.2; up to 676 B) and at 128/64 with segments or GQA: bench/NOTES.md v15",
-)
-def test_mosaic_backward_atomic_dq_spills_nothing(mosaic_bwd_atomic_results):
-    spills = [
-        f"{r['case']}: {k['spill_stores']} B"
-        for r in mosaic_bwd_atomic_results
-        for k in r["kernels"]
-        if k.get("spill_stores") or k.get("spill_loads")
+        if k["kernel"] == kernel and (k.get("spill_stores") or k.get("spill_loads"))
     ]
     assert not spills, "\n".join(spills)
 

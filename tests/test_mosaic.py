@@ -651,6 +651,26 @@ def test_mosaic_backward_lowers_for_cuda(monkeypatch):
             assert [n for n in names if n in text] == list(names[:want]), cfg
 
 
+@pytest.mark.parametrize("dq", mosaic_backward.DQ_FORMS)
+def test_mosaic_backward_lowers_for_cuda_under_vmap(monkeypatch, dq):
+    """vmap of the gradient, queries mapped and keys/values not: plgpu.kernel's rule adds a
+    grid axis; the atomic form's dQ Ref (jax's `run_state`, no batching rule) folds the mapped
+    axis into the batch (`mosaic_backward._fold_vmap`)."""
+    monkeypatch.delenv("CHUNKATTN_PALLAS_INTERPRET", raising=False)
+    q, k, v = _qkv(seq_q=300, seq_k=300)
+    cfg = BWD_CFGS[dq]
+
+    def loss(q, k, v):
+        out = chunkattn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="pallas_mosaic", config=cfg
+        )
+        return jnp.sum(out.astype(jnp.float32))
+
+    grads = jax.vmap(jax.grad(loss, argnums=(0, 1, 2)), in_axes=(0, None, None))
+    text = _lowered_for_cuda(grads, jnp.stack([q, 2 * q]), k, v)
+    assert text.count("custom_call @mosaic_gpu_v2(") == {"kernel": 3, "atomic": 2}[dq]
+
+
 def _lowered_for_cuda(fn, *args) -> str:
     mesh = jax.sharding.AbstractMesh(
         (1,),
@@ -780,6 +800,39 @@ def test_backward_kernels_in_the_interpreter_match_emulation_and_reference(
         assert testing.relative_error(g, w) <= tol, (name, what)
         assert float(jnp.abs(w.astype(jnp.float32)).max()) > 0, (name, what)  # not vacuous
     testing.assert_matches_reference(functools.partial(_mosaic_bwd, dq=dq), q, k, v, **kwargs)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter checks are for CPU")
+@pytest.mark.skipif(
+    not _has_interpreter(),
+    reason=f"jax {jax.__version__}'s Mosaic GPU interpreter cannot run a transposed wgmma "
+    "operand; run with jax >= 0.11 (the cuda-aot venv of 0.11.2)",
+)
+@pytest.mark.parametrize("dq", mosaic_backward.DQ_FORMS)
+def test_backward_kernels_under_vmap_in_the_interpreter(monkeypatch, interpreter_threads, dq):
+    """vmap of the gradient, queries mapped over 2 and keys/values not (the atomic form folds
+    the mapped axis into the batch: one launch of twice the programs): each map index's
+    gradients as the emulated kernels' for that index alone."""
+    monkeypatch.setenv("CHUNKATTN_PALLAS_INTERPRET", "1")
+    monkeypatch.setattr(mosaic, "launch", mosaic.emulate)
+    q, k, v = _qkv(jnp.bfloat16, 64, 64, batch=1)
+    qs = jnp.stack([q, jnp.flip(q, axis=1)])
+    kwargs = cases(batch=1)["causal_gqa_sinks"]
+
+    def loss(q, k, v):
+        out = _mosaic_bwd(q, k, v, dq=dq, **kwargs)
+        return jnp.sum(out.astype(jnp.float32) * jnp.cos(out.astype(jnp.float32)))
+
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    got = jax.jit(jax.vmap(grad, in_axes=(0, None, None)))(qs, k, v)
+    with monkeypatch.context() as m:
+        m.setattr(mosaic_backward, "launch", mosaic_backward.emulate)
+        want = [jax.jit(grad)(qs[i], k, v) for i in range(2)]
+    tol = 0.25 * testing.tolerance(jnp.bfloat16, grad=True)
+    for i in range(2):
+        for g, w, what in zip(got, want[i], "qkv", strict=True):
+            assert testing.relative_error(g[i], w) <= tol, (i, what)
+            assert float(jnp.abs(w.astype(jnp.float32)).max()) > 0, (i, what)  # not vacuous
 
 
 # --------------------------------------------------------------------------------- on a GPU

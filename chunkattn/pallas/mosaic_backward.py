@@ -31,10 +31,9 @@ barrier per buffer, one "free" barrier both compute warpgroups arrive at).
   supported", jax 0.11.2 and 0.12.0.1): under it `mosaic_compat.reduce_add_to_gmem` reads,
   adds and writes back (at H=64 warpgroup 1 after 0), so the kernel's algebra, barriers and
   schedule run on the CPU; the reduction itself is checked only on a GPU. Registers
-  (bench/NOTES.md v15): H/Hv 64/64 compiles without spills; H=128 spills in the loop (452-676
-  B at 128/128: the loop's wgmma descriptors and the reduce-add's operands do not fit beside
-  dK, dV), and so do 128/64 with segments or GQA; "kernel" stays the default until a GPU has
-  timed both.
+  (bench/NOTES.md v15, v17): no spill at any head dim since the loop reads K and V at a
+  traced index 0 (their wgmma descriptors computed per step, not hoisted: hoisted, H=128
+  spilled 452-676 B); "kernel" stays the default until a GPU has timed both.
 
 D = rowsum(dO∘O) − dlse is `summary.output_delta` (exact float32); lse₂ is the residual lse in
 the log2 domain, +inf for a row that saw no key (P = 0). Masks are the forward's per-row key
@@ -604,7 +603,10 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
         # phases' bounds are relative to lo, and lo is not live in them.
         lo, hi = sched_ref[b, t, 0], sched_ref[b, t, 1]
         nb = hi - lo  # query blocks per query head
-        k_smem, v_smem = k_smem2[wg], v_smem2[wg]
+        if atomic:  # [1, bkv, H] buffers: the loop reads them at an index it computes (below)
+            k_smem, v_smem = k_smem2[wg].at[0], v_smem2[wg].at[0]
+        else:
+            k_smem, v_smem = k_smem2[wg], v_smem2[wg]
         p_smem = None if p_smem2 is None else p_smem2[wg]
         n_flo = sched_ref[b, t, 2 + 2 * wg] - lo
         n_fhi = sched_ref[b, t, 3 + 2 * wg] - lo
@@ -623,6 +625,17 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
             def step(n, carry, masked):  # ring step n: query block lo + n − gi·nb
                 dk, dv = carry
                 slot = lax.rem(n, stages)
+                # Atomic: K and V at index n >> 30 (0: n < 2^30, which LLVM cannot prove), so
+                # their wgmma descriptors are computed per step, not hoisted out of the loop
+                # as constants. Hoisted, the loop-invariant descriptors of Sᵀ = K·Qᵀ,
+                # dPᵀ = V·dOᵀ and dQ's K took registers through the loop and ptxas spilled
+                # 452-676 B at H=128 (bench/NOTES.md v15, v17); per step: 0 B.
+                zero = lax.shift_right_logical(n, 30) if atomic else None
+
+                def k_at(u):  # compute warpgroup u's K block
+                    return k_smem2[u] if zero is None else k_smem2[u].at[zero]
+
+                v_at = v_smem if zero is None else v_smem2[wg].at[zero]
                 # As jax's attention_mgpu.py: the transposed block (keys × rows), so that P
                 # and dS are wgmma A operands from registers; the per-row values (lse₂, D, key
                 # ranges) come through the TMA ring with Q, one value per column.
@@ -630,7 +643,7 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
                 plgpu.barrier_wait(q_ready.at[slot])
                 plgpu.barrier_wait(stats_ready.at[slot])
                 plgpu.barrier_wait(ranges_ready.at[slot])
-                raw = compat.mma(k_smem, compat.transpose(q_smem.at[slot]), (bkv, bq))  # Sᵀ
+                raw = compat.mma(k_at(wg), compat.transpose(q_smem.at[slot]), (bkv, bq))  # Sᵀ
                 mask = None
                 if masked:
                     keys_t = k_base + plgpu.broadcasted_iota(
@@ -650,7 +663,7 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
                     dv,
                     p.astype(dtype),
                     do_smem.at[slot],
-                    (v_smem, compat.transpose(do_smem.at[slot])),
+                    (v_at, compat.transpose(do_smem.at[slot])),
                     (bkv, bq),
                     p_smem,
                 )
@@ -674,13 +687,13 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
                     plgpu.barrier_arrive(ds_ready.at[par])
                     cols = pl.ds(wg * DQ_COLS, DQ_COLS)
                     pairs = [
-                        (compat.transpose(ds_smem2[u].at[par]), k_smem2[u].at[:, cols])
+                        (compat.transpose(ds_smem2[u].at[par]), k_at(u).at[:, cols])
                         for u in range(COMPUTE_WGS)
                     ]
                     meet = functools.partial(plgpu.barrier_wait, ds_ready.at[par])
                 else:
                     cols = pl.ds(0, DQ_COLS)
-                    pairs = [(compat.transpose(ds_smem2[wg].at[par]), k_smem)]
+                    pairs = [(compat.transpose(ds_smem2[wg].at[par]), k_at(wg))]
                     meet = None
                 dk = compat.mma_accumulate(dk, ds, q_smem.at[slot], p_smem, meet)
                 dq = compat.mma_sum(pairs, (bq, DQ_COLS))
@@ -865,8 +878,8 @@ def launch(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
     kv_smem = (  # a buffer per compute warpgroup, not one [2, ...]: jax 0.11 does not lower a
         # static index into it closed over by a loop ("Shaped arrays must be represented by
         # ir.Values, got: TypedInt(0)")
-        per_wg((bkv, h)),
-        per_wg((bkv, hv)),
+        per_wg((1, bkv, h) if atomic else (bkv, h)),  # atomic: [1, ...], read at a traced 0
+        per_wg((1, bkv, hv) if atomic else (bkv, hv)),
         tiled((stages, bq, h)),
         tiled((stages, bq, hv)),
         plgpu.SMEM((stages, 2, bq), jnp.float32),  # lse₂, D
@@ -892,40 +905,58 @@ def launch(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
         plgpu.Barrier(num_barriers=COMPUTE_WGS) if atomic and plan.interpret else None,
         plgpu.Barrier(num_barriers=stages) if atomic and plan.interpret and not split else None,
     )
-    mesh = dict(
-        grid=(kv_heads, seq_k // (COMPUTE_WGS * bkv), batch),
-        grid_names=("heads", "kv_seq", "batch"),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=params,
-    )
-    out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
+
+    def kernel_args(batch):  # the dK/dV kernel's: its grid, name, shared memory, barriers
+        grid = (kv_heads, seq_k // (COMPUTE_WGS * bkv), batch)
+        return dict(
+            out_type=(
+                jax.ShapeDtypeStruct((batch, *k.shape[1:]), k.dtype),
+                jax.ShapeDtypeStruct((batch, *v.shape[1:]), v.dtype),
+            ),
+            scratch_types=[kv_smem, kv_barriers],
+            grid=grid,
+            grid_names=("heads", "kv_seq", "batch"),
+            num_threads=COMPUTE_WGS + 1,
+            thread_name="wg",
+            compiler_params=params,
+        )
+
     body = functools.partial(_dkdv_kernel, plan=plan)
     name = "chunkattn_mosaic_bwd_dkdv"
     if not atomic:
-        dk, dv = plgpu.kernel(
-            body,
-            out_type=out_type,
-            scratch_types=[kv_smem, kv_barriers],
-            kernel_name=name,
-            **mesh,
-            **extra,
-        )(*dkdv_operands)
+        dk, dv = plgpu.kernel(body, kernel_name=name, **kernel_args(batch), **extra)(*dkdv_operands)
         return dq, dk, dv
-    kernel = compat.kernel(
-        body,
-        out_type=out_type,
-        scratch_types=[kv_smem, kv_barriers],
-        name=name,
-        interpret=extra.get("interpret"),
-        **mesh,
-    )
 
-    def run(refs):  # the float32 dQ, zeroed, a Ref the kernel adds to in place
-        dq_ref, dk_ref, dv_ref = refs
-        dk_ref[...], dv_ref[...] = kernel(*dkdv_operands, dq_ref)
+    @jax.custom_batching.custom_vmap
+    def dq_dk_dv(*operands):
+        q, k, v = operands[:3]
+        kernel = compat.kernel(
+            body, name=name, interpret=extra.get("interpret"), **kernel_args(q.shape[0])
+        )
 
-    # run_state keeps the Ref inside (the backward's custom_jvp guard has no rule for one).
-    zeros = jnp.zeros((batch, seq_q, heads, h), jnp.float32)
-    dq, dk, dv = pl.run_state(run)((zeros, jnp.zeros_like(k), jnp.zeros_like(v)))
+        def run(refs):  # the float32 dQ, zeroed, a Ref the kernel adds to in place
+            dq_ref, dk_ref, dv_ref = refs
+            dk_ref[...], dv_ref[...] = kernel(*operands, dq_ref)
+
+        # run_state keeps the Ref inside (the backward's custom_jvp guard has no rule for one).
+        zeros = jnp.zeros((*q.shape[:-1], h), jnp.float32)
+        return pl.run_state(run)((zeros, jnp.zeros_like(k), jnp.zeros_like(v)))
+
+    dq_dk_dv.def_vmap(functools.partial(_fold_vmap, dq_dk_dv))
+    dq, dk, dv = dq_dk_dv(*dkdv_operands)
     return (dq * plan.scale).astype(q.dtype), dk, dv
+
+
+def _fold_vmap(fn, axis_size: int, in_batched, *operands):
+    """vmap rule of a kernel call whose every operand and result leads with the batch: the
+    mapped axis folds into it ([V, B, ...] → [V·B, ...], an unmapped operand broadcast), one
+    launch with V times the programs. jax's Ref discharge (`pl.run_state`) has no batching
+    rule, and plgpu.kernel's (a grid axis) takes no Ref (`mosaic_compat.kernel`)."""
+
+    def fold(x, batched):
+        x = x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+        return x.reshape(axis_size * x.shape[1], *x.shape[2:])
+
+    outs = fn(*map(fold, operands, in_batched))
+    unfold = tuple(o.reshape(axis_size, o.shape[0] // axis_size, *o.shape[1:]) for o in outs)
+    return unfold, (True,) * len(outs)
