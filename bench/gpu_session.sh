@@ -6,11 +6,12 @@
 #   bash bench/gpu_session.sh memory  OUT   # ≤10 min: the memory sweep 1k..1M (issue #4)
 #   bash bench/gpu_session.sh mosaic  OUT   # ~8 min: the Mosaic GPU forward's first run (#21)
 #   bash bench/gpu_session.sh mosaic_bwd OUT  # ~15 min: the Mosaic GPU backward's first run (#21)
+#   bash bench/gpu_session.sh mosaic_suite OUT  # ≤9 min: the shared suite on both Mosaic backwards
 #
 # Each step has its own time limit so one hang does not take the call; results land in OUT
 # (the device tool's $OUT), to be committed under bench/results/ with NOTES.md entries.
 set -u
-part=${1:?verify | speed | memory | mosaic | mosaic_bwd}
+part=${1:?verify | speed | memory | mosaic | mosaic_bwd | mosaic_suite}
 out=${2:?output folder}
 mkdir -p "$out"
 step() {  # step SECONDS LOGNAME COMMAND...
@@ -57,8 +58,16 @@ mosaic_bwd)
         --impls chunkattn_pallas_mosaic_bwd chunkattn_pallas_mosaic_bwd_atomic \
         chunkattn_pallas_mosaic chunkattn_pallas jax_nn_cudnn --tag mosaic_bwd --out "$out"
     ;;
+mosaic_suite)
+    # The shared correctness suite (tests/attention_suite.py) on pallas_mosaic with the Mosaic
+    # backward, dq="kernel" then dq="atomic": the edge rules every path keeps.
+    step 270 pytest_mosaic_suite python -m pytest -q -m gpu tests/test_mosaic_suite.py \
+        -k "not Atomic"
+    step 270 pytest_mosaic_suite_atomic python -m pytest -q -m gpu tests/test_mosaic_suite.py \
+        -k Atomic
+    ;;
 *)
-    echo "unknown part $part: verify | speed | memory | mosaic | mosaic_bwd" >&2
+    echo "unknown part $part: verify | speed | memory | mosaic | mosaic_bwd | mosaic_suite" >&2
     exit 2
     ;;
 esac

@@ -104,6 +104,11 @@ class AttentionSuite:
                 raise
             pytest.skip(f"{self.implementation} declines: {e}")
 
+    def qkv(self, seed: int, **kwargs):
+        """A test's query, key and value (`testing.random_qkv`'s keywords). A path that serves
+        only some head dims or dtypes maps a test's incidental ones to its own here."""
+        return testing.random_qkv(_key(seed), **kwargs)
+
     def check(self, q, k, v, bias=None, **kwargs):
         testing.assert_matches_reference(
             self.attention, q, k, v, bias, tol_scale=self.tol_scale, **kwargs
@@ -113,17 +118,13 @@ class AttentionSuite:
     def test_lengths(self, T, S):
         if self.length_pairs is not None and (T, S) not in self.length_pairs:
             pytest.skip(f"{type(self).__name__} runs the lengths {self.length_pairs}")
-        q, k, v = testing.random_qkv(
-            _key(T + S), seq_q=T, seq_k=S, num_heads=N, num_kv_heads=K, head_dim=H
-        )
+        q, k, v = self.qkv(T + S, seq_q=T, seq_k=S, num_heads=N, num_kv_heads=K, head_dim=H)
         self.check(q, k, v)
         self.check(q, k, v, is_causal=True, q_offset=max(S - T, 0))
 
     @pytest.mark.slow
     def test_long_unequal(self):
-        q, k, v = testing.random_qkv(
-            _key(3), batch=1, seq_q=1000, seq_k=257, num_heads=2, head_dim=H
-        )
+        q, k, v = self.qkv(3, batch=1, seq_q=1000, seq_k=257, num_heads=2, head_dim=H)
         self.check(q, k, v, is_causal=True)
 
     @pytest.mark.parametrize("name", list(mask_cases(19, 41)))
@@ -135,9 +136,7 @@ class AttentionSuite:
             pytest.skip(f"{type(self).__name__} runs the mask kinds {self.mask_kinds}")
         kwargs = dict(mask_cases(T, S)[name])
         bias = kwargs.pop("bias", None)
-        q, k, v = testing.random_qkv(
-            _key(11), seq_q=T, seq_k=S, num_heads=N, num_kv_heads=K, head_dim=H
-        )
+        q, k, v = self.qkv(11, seq_q=T, seq_k=S, num_heads=N, num_kv_heads=K, head_dim=H)
         self.check(q, k, v, bias, **kwargs)
 
     @pytest.mark.parametrize(
@@ -145,8 +144,8 @@ class AttentionSuite:
         [(4, 4, 64, 64), (4, 2, 72, 72), (4, 1, 128, 128), (6, 2, 32, 48)],
     )
     def test_heads(self, num_heads, num_kv_heads, head_dim, head_dim_v):
-        q, k, v = testing.random_qkv(
-            _key(head_dim),
+        q, k, v = self.qkv(
+            head_dim,
             seq_q=23,
             seq_k=29,
             num_heads=num_heads,
@@ -159,17 +158,15 @@ class AttentionSuite:
     @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
     @pytest.mark.parametrize("causal", [False, True])
     def test_dtypes(self, dtype, causal):
-        q, k, v = testing.random_qkv(
-            _key(2), seq_q=45, seq_k=45, num_heads=N, num_kv_heads=K, head_dim=32, dtype=dtype
+        q, k, v = self.qkv(
+            2, seq_q=45, seq_k=45, num_heads=N, num_kv_heads=K, head_dim=32, dtype=dtype
         )
         self.check(q, k, v, is_causal=causal)
         bias = jax.random.normal(_key(9), (1, N, 1, 45), dtype)
         self.check(q, k, v, bias, is_causal=causal)
 
     def test_fully_masked_rows(self):
-        q, k, v = testing.random_qkv(
-            _key(4), seq_q=21, seq_k=30, num_heads=N, num_kv_heads=K, head_dim=H
-        )
+        q, k, v = self.qkv(4, seq_q=21, seq_k=30, num_heads=N, num_kv_heads=K, head_dim=H)
         kwargs = dict(
             query_seq_lengths=jnp.array([21, 9]), key_value_seq_lengths=jnp.array([30, 0])
         )
@@ -192,16 +189,12 @@ class AttentionSuite:
         T, S = self.mask_shapes[0]
         kwargs = dict(mask_cases(T, S)[name])
         bias = kwargs.pop("bias", None)
-        q, k, v = testing.random_qkv(
-            _key(31), seq_q=T, seq_k=S, num_heads=N, num_kv_heads=K, head_dim=H
-        )
+        q, k, v = self.qkv(31, seq_q=T, seq_k=S, num_heads=N, num_kv_heads=K, head_dim=H)
         sinks = jnp.array([0.5, -2.0, 4.0, 0.0])  # one head's sink outweighs its keys
         self.check(q, k, v, bias, sinks=sinks, **kwargs)
 
     def test_sinks_on_fully_masked_rows(self):
-        q, k, v = testing.random_qkv(
-            _key(32), seq_q=21, seq_k=30, num_heads=N, num_kv_heads=K, head_dim=H
-        )
+        q, k, v = self.qkv(32, seq_q=21, seq_k=30, num_heads=N, num_kv_heads=K, head_dim=H)
         sinks = jnp.array([1.0, -3.0, 0.0, 2.5])
         kwargs = dict(
             query_seq_lengths=jnp.array([21, 9]),
@@ -223,9 +216,7 @@ class AttentionSuite:
         self.check(q, k, v, **kwargs)
 
     def test_large_logits_f16(self):
-        q, k, v = testing.random_qkv(
-            _key(12), seq_q=20, seq_k=20, num_heads=2, head_dim=16, dtype=jnp.float16
-        )
+        q, k, v = self.qkv(12, seq_q=20, seq_k=20, num_heads=2, head_dim=16, dtype=jnp.float16)
         q = (q * 25).astype(jnp.float16)  # scores of order ±1e4 after scaling
         k = (k * 25).astype(jnp.float16)
         out, lse = self.attention(q, k, v, return_lse=True, is_causal=True)
@@ -234,9 +225,7 @@ class AttentionSuite:
         self.check(q, k, v, is_causal=True, grads=False)
 
     def test_dropout(self):
-        q, k, v = testing.random_qkv(
-            _key(13), seq_q=33, seq_k=47, num_heads=N, num_kv_heads=K, head_dim=H
-        )
+        q, k, v = self.qkv(13, seq_q=33, seq_k=47, num_heads=N, num_kv_heads=K, head_dim=H)
         kw = dict(dropout_rate=0.25, is_causal=True, q_offset=14)
         a = self.attention(q, k, v, dropout_rng=_key(1), **kw)
         b = self.attention(q, k, v, dropout_rng=_key(1), **kw)
@@ -247,19 +236,17 @@ class AttentionSuite:
             self.check(q, k, v, dropout_rng=_key(1), broadcast_dropout=broadcast, **kw)
 
     def test_3d_inputs(self):
-        q, k, v = testing.random_qkv(
-            _key(14), batch=None, seq_q=18, seq_k=26, num_heads=N, num_kv_heads=K, head_dim=H
+        q, k, v = self.qkv(
+            14, batch=None, seq_q=18, seq_k=26, num_heads=N, num_kv_heads=K, head_dim=H
         )
         out, lse = self.attention(q, k, v, return_lse=True, is_causal=True)
-        assert out.shape == (18, N, H) and lse.shape == (N, 18)
+        assert out.shape == (18, N, v.shape[-1]) and lse.shape == (N, 18)
         ref, ref_lse = chunkattn.reference_attention(q, k, v, return_lse=True, is_causal=True)
         assert testing.relative_error(out, ref) <= testing.tolerance(q.dtype) * self.tol_scale
         assert testing.relative_error(lse, ref_lse) <= testing.tolerance(q.dtype) * self.tol_scale
 
     def test_vmap(self):
-        q, k, v = testing.random_qkv(
-            _key(15), seq_q=20, seq_k=20, num_heads=N, num_kv_heads=K, head_dim=H
-        )
+        q, k, v = self.qkv(15, seq_q=20, seq_k=20, num_heads=N, num_kv_heads=K, head_dim=H)
         stacked = [jnp.stack([x, x[::-1]]) for x in (q, k, v)]  # (2, B, T, N, H)
         fn = lambda q, k, v: self.attention(q, k, v, is_causal=True)
         got = jax.vmap(fn)(*stacked)
@@ -270,9 +257,7 @@ class AttentionSuite:
     def test_no_retrace(self):
         import chex
 
-        q, k, v = testing.random_qkv(
-            _key(16), seq_q=24, seq_k=24, num_heads=N, num_kv_heads=K, head_dim=H
-        )
+        q, k, v = self.qkv(16, seq_q=24, seq_k=24, num_heads=N, num_kv_heads=K, head_dim=H)
 
         chex.clear_trace_counter()
 
@@ -286,9 +271,7 @@ class AttentionSuite:
 
     def test_score_fn_closure_gets_gradients(self):
         """Arrays a score_fn closes over (learned slopes, a position table) are differentiated."""
-        q, k, v = testing.random_qkv(
-            _key(17), seq_q=21, seq_k=21, num_heads=N, num_kv_heads=K, head_dim=H
-        )
+        q, k, v = self.qkv(17, seq_q=21, seq_k=21, num_heads=N, num_kv_heads=K, head_dim=H)
         table = jax.random.normal(_key(18), (41,))
 
         def loss(params, fn):
@@ -306,10 +289,8 @@ class AttentionSuite:
 
     # ---------------------------------------------------------------- edge rules (DESIGN §3)
 
-    def _small(self, seed=21, T=13, S=11, dtype=jnp.float32):
-        return testing.random_qkv(
-            _key(seed), seq_q=T, seq_k=S, num_heads=N, num_kv_heads=K, head_dim=H, dtype=dtype
-        )
+    def _small(self, seed=21, T=13, S=11, **dtype):
+        return self.qkv(seed, seq_q=T, seq_k=S, num_heads=N, num_kv_heads=K, head_dim=H, **dtype)
 
     @pytest.mark.parametrize(
         "kwargs,equivalent",
@@ -343,7 +324,7 @@ class AttentionSuite:
             bias = jnp.zeros((B, 1, T, S)).at[0, :, 3].set(value)  # row 3 of batch 0
             out = np.asarray(self.attention(q, k, v, bias))
             uniform = np.asarray(v[0]).mean(axis=0)  # (K, H): every key weighs the same
-            row = out[0, 3].reshape(K, N // K, H)
+            row = out[0, 3].reshape(K, N // K, v.shape[-1])
             np.testing.assert_allclose(row, np.repeat(uniform[:, None], N // K, 1), atol=1e-5)
         # Against the reference at −100: scores of magnitude M carry float32's rounding of s
         # itself (relative M·2^-24 in the weights, the reference's too; README: numerics).
