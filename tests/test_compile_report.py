@@ -303,6 +303,30 @@ MOSAIC_BWD_KERNELS = [
 SETMAXNREG = dict(zip(MOSAIC_BWD_KERNELS, (2, 2, 3), strict=True))
 
 
+def _mosaic_bwd_faults(results: list[dict]) -> list[str]:
+    """Every case compiled; each kernel has registers, 3 warpgroups with wgmma, its setmaxnreg
+    count and shared memory within the limit."""
+    bad = [f"{r['case']}: {r['error']}" for r in results if r["status"] != "ok"]
+    for r in results:
+        for k in r["kernels"] if r["status"] == "ok" else ():
+            if not (k.get("regs") and k.get("threads") == 384 and k.get("wgmma", 0) > 0):
+                bad.append(f"{r['case']}: {k}")
+            elif k.get("setmaxnreg") != SETMAXNREG[k["kernel"]]:
+                bad.append(f"{r['case']}: {k}")
+            elif not 0 < k.get("smem", 0) <= SMEM_LIMIT:
+                bad.append(f"{r['case']}: {k}")
+    return bad
+
+
+def _spills(results: list[dict], kernel: str) -> list[str]:
+    return [
+        f"{r['case']}: {k['spill_stores']}/{k['spill_loads']} B"
+        for r in results
+        for k in r["kernels"]
+        if k["kernel"] == kernel and (k.get("spill_stores") or k.get("spill_loads"))
+    ]
+
+
 @pytest.fixture(scope="session")
 def mosaic_bwd_results(tmp_path_factory) -> list[dict]:
     return _report(MOSAIC_BWD_RUN, tmp_path_factory.mktemp("compile_report_mosaic_bwd"))
@@ -315,19 +339,10 @@ def test_mosaic_backward_compiles_and_fits(mosaic_bwd_results):
     serves x head dims 64/128 x bf16/f16 compile and fit, 3 warpgroups with wgmma and
     setmaxnreg (bench/NOTES.md v11)."""
     assert len(mosaic_bwd_results) == MOSAIC_BWD_CASES
-    failed = [f"{r['case']}: {r['error']}" for r in mosaic_bwd_results if r["status"] != "ok"]
-    assert not failed, "\n".join(failed)
-    bad = []
+    bad = _mosaic_bwd_faults(mosaic_bwd_results)
+    assert not bad, "\n".join(bad)
     for r in mosaic_bwd_results:
         assert [k["kernel"] for k in r["kernels"]] == MOSAIC_BWD_KERNELS, r["case"]
-        for k in r["kernels"]:
-            if not (k.get("regs") and k.get("threads") == 384 and k.get("wgmma", 0) > 0):
-                bad.append(f"{r['case']}: {k}")
-            elif k.get("setmaxnreg") != SETMAXNREG[k["kernel"]]:
-                bad.append(f"{r['case']}: {k}")
-            elif not 0 < k.get("smem", 0) <= SMEM_LIMIT:
-                bad.append(f"{r['case']}: {k}")
-    assert not bad, "\n".join(bad)
 
 
 @pytest.mark.cuda_aot
@@ -336,12 +351,7 @@ def test_mosaic_backward_compiles_and_fits(mosaic_bwd_results):
 def test_mosaic_backward_spills_nothing(mosaic_bwd_results, kernel):
     """No kernel spills; dK/dV at H=128 spilled 8 B (GQA 20 B) until each compute warpgroup
     got its own branch with its index static (bench/NOTES.md v14)."""
-    spills = [
-        f"{r['case']}: {k['spill_stores']}/{k['spill_loads']} B"
-        for r in mosaic_bwd_results
-        for k in r["kernels"]
-        if k["kernel"] == kernel and (k.get("spill_stores") or k.get("spill_loads"))
-    ]
+    spills = _spills(mosaic_bwd_results, kernel)
     assert not spills, "\n".join(spills)
 
 
@@ -360,18 +370,11 @@ def test_mosaic_backward_atomic_dq_compiles_and_fits(mosaic_bwd_atomic_results):
     feature x head dims 64/128 x bf16/f16 compile and fit, and the dK/dV kernel's PTX has its
     TMA reduce-adds (one per loop phase and compute warpgroup)."""
     assert len(mosaic_bwd_atomic_results) == MOSAIC_BWD_CASES
-    bad = [f"{r['case']}: {r['error']}" for r in mosaic_bwd_atomic_results if r["status"] != "ok"]
+    bad = _mosaic_bwd_faults(mosaic_bwd_atomic_results)
     assert not bad, "\n".join(bad)
     for r in mosaic_bwd_atomic_results:
         fwd, dkdv = r["kernels"]
         assert [fwd["kernel"], dkdv["kernel"]] == [MOSAIC_BWD_KERNELS[0], MOSAIC_BWD_KERNELS[2]]
-        for k in r["kernels"]:
-            if not (k.get("regs") and k.get("threads") == 384 and k.get("wgmma", 0) > 0):
-                bad.append(f"{r['case']}: {k}")
-            elif k.get("setmaxnreg") != SETMAXNREG[k["kernel"]]:
-                bad.append(f"{r['case']}: {k}")
-            elif not 0 < k.get("smem", 0) <= SMEM_LIMIT:
-                bad.append(f"{r['case']}: {k}")
         if dkdv.get("same_kernel_as") is None and dkdv.get("tma_reduce") != 6:
             bad.append(f"{r['case']}: {dkdv.get('tma_reduce')} TMA reduce-adds")
     assert not bad, "\n".join(bad)
@@ -383,12 +386,7 @@ def test_mosaic_backward_atomic_dq_compiles_and_fits(mosaic_bwd_atomic_results):
 def test_mosaic_backward_atomic_dq_spills_nothing(mosaic_bwd_atomic_results, kernel):
     """No spill at any feature x head dim x dtype: the dK/dV kernel spilled 24-676 B at H=128
     until its loop read K and V at a traced index (bench/NOTES.md v15, v17)."""
-    spills = [
-        f"{r['case']}: {k['spill_stores']}/{k['spill_loads']} B"
-        for r in mosaic_bwd_atomic_results
-        for k in r["kernels"]
-        if k["kernel"] == kernel and (k.get("spill_stores") or k.get("spill_loads"))
-    ]
+    spills = _spills(mosaic_bwd_atomic_results, kernel)
     assert not spills, "\n".join(spills)
 
 

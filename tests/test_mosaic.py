@@ -49,6 +49,16 @@ def _has_interpreter() -> bool:
         return False
 
 
+def in_the_interpreter(test):
+    """Runs `test` on a CPU whose jax has a Mosaic GPU interpreter that runs the kernels."""
+    test = pytest.mark.skipif(ON_GPU, reason="the interpreter checks are for CPU")(test)
+    return pytest.mark.skipif(
+        not _has_interpreter(),
+        reason=f"jax {jax.__version__}'s Mosaic GPU interpreter cannot run a transposed wgmma "
+        "operand; run with jax >= 0.11 (the cuda-aot venv of 0.11.2)",
+    )(test)
+
+
 def _stripes(b, h, i, j):
     """A mask_fn of every index: drops every third key for odd heads (another third in batch
     1), keeps the diagonal (global positions: q_offset shifts it)."""
@@ -721,12 +731,7 @@ def interpreter_threads():
         pytest.skip(f"the interpreter can deadlock with {threads} XLA:CPU threads (< {need})")
 
 
-@pytest.mark.skipif(ON_GPU, reason="the interpreter checks are for CPU")
-@pytest.mark.skipif(
-    not _has_interpreter(),
-    reason=f"jax {jax.__version__}'s Mosaic GPU interpreter cannot run a transposed wgmma "
-    "operand; run with jax >= 0.11 (the cuda-aot venv of 0.11.2)",
-)
+@in_the_interpreter
 @pytest.mark.parametrize(
     "name",
     [
@@ -752,12 +757,7 @@ def test_kernel_in_the_interpreter_matches_emulation_and_reference(
     testing.assert_matches_reference(_mosaic, q, k, v, grads=name == "causal_gqa_sinks", **kwargs)
 
 
-@pytest.mark.skipif(ON_GPU, reason="the interpreter checks are for CPU")
-@pytest.mark.skipif(
-    not _has_interpreter(),
-    reason=f"jax {jax.__version__}'s Mosaic GPU interpreter cannot run a transposed wgmma "
-    "operand; run with jax >= 0.11 (the cuda-aot venv of 0.11.2)",
-)
+@in_the_interpreter
 # Atomic dQ: the dK/dV kernel alone, its dQ read-added through shared memory under the
 # interpreter (mosaic_compat.reduce_add_to_gmem: the TMA reduction itself runs only on a GPU),
 # at H=128 split over both warpgroups' dS (the window case).
@@ -802,12 +802,7 @@ def test_backward_kernels_in_the_interpreter_match_emulation_and_reference(
     testing.assert_matches_reference(functools.partial(_mosaic_bwd, dq=dq), q, k, v, **kwargs)
 
 
-@pytest.mark.skipif(ON_GPU, reason="the interpreter checks are for CPU")
-@pytest.mark.skipif(
-    not _has_interpreter(),
-    reason=f"jax {jax.__version__}'s Mosaic GPU interpreter cannot run a transposed wgmma "
-    "operand; run with jax >= 0.11 (the cuda-aot venv of 0.11.2)",
-)
+@in_the_interpreter
 @pytest.mark.parametrize("dq", mosaic_backward.DQ_FORMS)
 def test_backward_kernels_under_vmap_in_the_interpreter(monkeypatch, interpreter_threads, dq):
     """vmap of the gradient, queries mapped over 2 and keys/values not (the atomic form folds
