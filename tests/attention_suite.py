@@ -289,8 +289,9 @@ class AttentionSuite:
 
     # ---------------------------------------------------------------- edge rules (DESIGN §3)
 
-    def _small(self, seed=21, T=13, S=11, **dtype):
-        return self.qkv(seed, seq_q=T, seq_k=S, num_heads=N, num_kv_heads=K, head_dim=H, **dtype)
+    def _small(self, seed=21, T=13, S=11, dtype=None):
+        kw = dict(seq_q=T, seq_k=S, num_heads=N, num_kv_heads=K, head_dim=H)
+        return self.qkv(seed, **kw, **({} if dtype is None else {"dtype": dtype}))
 
     @pytest.mark.parametrize(
         "kwargs,equivalent",

@@ -311,7 +311,7 @@ def _mosaic_bwd_faults(results: list[dict]) -> list[str]:
         for k in r["kernels"] if r["status"] == "ok" else ():
             if not (k.get("regs") and k.get("threads") == 384 and k.get("wgmma", 0) > 0):
                 bad.append(f"{r['case']}: {k}")
-            elif k.get("setmaxnreg") != SETMAXNREG[k["kernel"]]:
+            elif k.get("setmaxnreg") != SETMAXNREG.get(k["kernel"]):
                 bad.append(f"{r['case']}: {k}")
             elif not 0 < k.get("smem", 0) <= SMEM_LIMIT:
                 bad.append(f"{r['case']}: {k}")

@@ -810,9 +810,9 @@ def test_backward_kernels_under_vmap_in_the_interpreter(monkeypatch, interpreter
     gradients as the emulated kernels' for that index alone."""
     monkeypatch.setenv("CHUNKATTN_PALLAS_INTERPRET", "1")
     monkeypatch.setattr(mosaic, "launch", mosaic.emulate)
-    q, k, v = _qkv(jnp.bfloat16, 64, 64, batch=1)
+    q, k, v = _qkv(jnp.bfloat16, 64, 64)  # batch 2: the fold's order of map index and batch
     qs = jnp.stack([q, jnp.flip(q, axis=1)])
-    kwargs = cases(batch=1)["causal_gqa_sinks"]
+    kwargs = cases()["causal_gqa_sinks"]
 
     def loss(q, k, v):
         out = _mosaic_bwd(q, k, v, dq=dq, **kwargs)
@@ -901,3 +901,28 @@ def test_gpu_mosaic_backward_matches_reference(name, dims, dtype, dq):
         )
 
     testing.assert_matches_reference(run, q, k, v, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (sm_90: H100/H200)")
+@pytest.mark.parametrize("dq", mosaic_backward.DQ_FORMS)
+def test_gpu_mosaic_backward_under_vmap_matches_each_index(dq):
+    """vmap of the gradient, queries mapped and keys/values not: the atomic form's fold of the
+    mapped axis into the batch (`mosaic_backward._fold_vmap`) with the real TMA reduce-adds;
+    each index as the same kernels without vmap."""
+    q, k, v = _qkv(jnp.bfloat16, 128, 128, seq_q=1000, seq_k=1100, seed=7)
+    qs = jnp.stack([q, jnp.flip(q, axis=1)])
+    cfg = mosaic.MosaicConfig(backward=mosaic_backward.MosaicBackwardConfig(dq=dq))
+
+    def loss(q, k, v):
+        out = chunkattn.dot_product_attention(
+            q, k, v, is_causal=True, implementation="pallas_mosaic", config=cfg
+        ).astype(jnp.float32)
+        return jnp.sum(out * jnp.cos(out))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    got = jax.jit(jax.vmap(grad, in_axes=(0, None, None)))(qs, k, v)
+    tol = 0.25 * testing.tolerance(jnp.bfloat16, grad=True)  # float32 atomics: sum order only
+    for i in range(2):
+        for g, w, what in zip(got, grad(qs[i], k, v), "qkv", strict=True):
+            assert testing.relative_error(g[i], w) <= tol, (i, what)

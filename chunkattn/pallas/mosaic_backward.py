@@ -33,7 +33,7 @@ barrier per buffer, one "free" barrier both compute warpgroups arrive at).
   schedule run on the CPU; the reduction itself is checked only on a GPU. Registers
   (bench/NOTES.md v15, v17): no spill at any head dim since the loop reads K and V at a
   traced index 0 (their wgmma descriptors computed per step, not hoisted: hoisted, H=128
-  spilled 452-676 B); "kernel" stays the default until a GPU has timed both.
+  spilled 368-676 B); "kernel" stays the default until a GPU has timed both.
 
 D = rowsum(dO∘O) − dlse is `summary.output_delta` (exact float32); lse₂ is the residual lse in
 the log2 domain, +inf for a row that saw no key (P = 0). Masks are the forward's per-row key
@@ -629,7 +629,7 @@ def _dkdv_kernel(*refs, plan: mosaic.Plan):
                 # their wgmma descriptors are computed per step, not hoisted out of the loop
                 # as constants. Hoisted, the loop-invariant descriptors of Sᵀ = K·Qᵀ,
                 # dPᵀ = V·dOᵀ and dQ's K took registers through the loop and ptxas spilled
-                # 452-676 B at H=128 (bench/NOTES.md v15, v17); per step: 0 B.
+                # 368-676 B at H=128 (bench/NOTES.md v15, v17); per step: 0 B.
                 zero = lax.shift_right_logical(n, 30) if atomic else None
 
                 def k_at(u):  # compute warpgroup u's K block
@@ -957,6 +957,7 @@ def _fold_vmap(fn, axis_size: int, in_batched, *operands):
         x = x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
         return x.reshape(axis_size * x.shape[1], *x.shape[2:])
 
+    batch = operands[0].shape[1 if in_batched[0] else 0]
     outs = fn(*map(fold, operands, in_batched))
-    unfold = tuple(o.reshape(axis_size, o.shape[0] // axis_size, *o.shape[1:]) for o in outs)
+    unfold = tuple(o.reshape(axis_size, batch, *o.shape[1:]) for o in outs)
     return unfold, (True,) * len(outs)
