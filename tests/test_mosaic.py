@@ -665,7 +665,7 @@ def test_mosaic_backward_lowers_for_cuda(monkeypatch):
 def test_mosaic_backward_lowers_for_cuda_under_vmap(monkeypatch, dq):
     """vmap of the gradient, queries mapped and keys/values not: plgpu.kernel's rule adds a
     grid axis; the atomic form's dQ Ref (jax's `run_state`, no batching rule) folds the mapped
-    axis into the batch (`mosaic_backward._fold_vmap`)."""
+    axis into the batch (`mosaic_backward._fold_vmap`); a map of size 0 launches nothing."""
     monkeypatch.delenv("CHUNKATTN_PALLAS_INTERPRET", raising=False)
     q, k, v = _qkv(seq_q=300, seq_k=300)
     cfg = BWD_CFGS[dq]
@@ -679,6 +679,15 @@ def test_mosaic_backward_lowers_for_cuda_under_vmap(monkeypatch, dq):
     grads = jax.vmap(jax.grad(loss, argnums=(0, 1, 2)), in_axes=(0, None, None))
     text = _lowered_for_cuda(grads, jnp.stack([q, 2 * q]), k, v)
     assert text.count("custom_call @mosaic_gpu_v2(") == {"kernel": 3, "atomic": 2}[dq]
+    # A map of size 0 launches nothing (Mosaic's TMA copies reject an empty memref:
+    # mosaic_compat.skips_empty_maps) and gives empty gradients, as jax.vmap of jnp does.
+    text = _lowered_for_cuda(grads, q[None][:0], k, v)
+    assert "mosaic_gpu_v2" not in text
+    monkeypatch.setenv("CHUNKATTN_PALLAS_INTERPRET", "1")  # run on the CPU, emulated
+    monkeypatch.setattr(mosaic, "launch", mosaic.emulate)
+    monkeypatch.setattr(mosaic_backward, "launch", mosaic_backward.emulate)
+    dq_, dk, dv = jax.jit(grads)(q[None][:0], k, v)
+    assert (dq_.shape, dk.shape, dv.shape) == ((0, *q.shape), (0, *k.shape), (0, *v.shape))
 
 
 def _lowered_for_cuda(fn, *args) -> str:

@@ -713,8 +713,10 @@ def forward(plan: Plan, q, k, v, meta, q_seg=None, kv_seg=None, sinks=None):
     """(out [B, Tp, N, Hv], lse float32 [B, N, Tp], natural log) of inputs padded to whole
     tiles (Tp a multiple of 2·block_q, Sp of block_k), in the Triton forward's conventions:
     rows that see no key and no sink give 0 and −inf."""
+    from chunkattn.pallas import mosaic_compat as compat
+
     inputs = prepare(plan, meta, q.shape[1], k.shape[1], q_seg, kv_seg, sinks)
-    return launch(plan, q, k, v, inputs)
+    return compat.skips_empty_maps(functools.partial(launch, plan))(q, k, v, inputs)
 
 
 def launch(plan: Plan, q, k, v, inputs: Inputs):

@@ -468,8 +468,11 @@ def backward(plan: mosaic.Plan, q, k, v, meta, q_seg, kv_seg, out, lse, dout, dl
             f"the Mosaic backward's dK/dV kernel at head dims {dims[0]}/{dims[1]} with {bp} "
             f"needs {need} B of shared memory (at most {SMEM_BUDGET}): fewer num_stages"
         )
+    from chunkattn.pallas import mosaic_compat as compat
+
     inp = inputs_for(plan, meta, q_seg, kv_seg, out, lse, dout, dlse, k.shape[1])
-    return launch(plan, q, k, v, dout.astype(q.dtype), inp)
+    launch_plan = functools.partial(launch, plan)
+    return compat.skips_empty_maps(launch_plan)(q, k, v, dout.astype(q.dtype), inp)
 
 
 # ------------------------------------------------------------------------------- the kernels

@@ -19,6 +19,8 @@ kernel in `mosaic.py` reads the same on each.
 - `kernel(...)`: `plgpu.kernel` that takes a JAX Ref operand (its custom_vmap wrapper rejects
   one); `reduce_add_to_gmem(...)`: a float32 TMA reduce-add, which the interpreter (0.11, 0.12)
   lacks and gets as a read-add-write. The backward's atomic dQ uses both.
+- `skips_empty_maps(fn)`: a kernel launch that a vmap over an axis of size 0 does not launch
+  (Mosaic GPU's TMA copies reject an empty memref, jax 0.10 to 0.12).
 """
 
 from __future__ import annotations
@@ -239,6 +241,29 @@ def kernel(body, *, out_type, scratch_types, name: str, interpret=None, **mesh):
         name=name,
         **extra,
     )
+
+
+def skips_empty_maps(fn: Callable) -> Callable:
+    """`fn`, a kernel launch on arrays, batched by its own rules, except that under a vmap over
+    an axis of size 0 it returns zeros of its results' shapes without launching: the kernels'
+    TMA copies of an empty array fail to compile ("invalid memref size")."""
+
+    @jax.custom_batching.custom_vmap
+    def call(*args):
+        return fn(*args)
+
+    @call.def_vmap
+    def rule(axis_size: int, in_batched, *args):
+        in_axes = jax.tree.map(lambda batched: 0 if batched else None, tuple(in_batched))
+        mapped = jax.vmap(fn, in_axes=in_axes)
+        if axis_size:
+            out = mapped(*args)
+        else:
+            shapes = jax.eval_shape(mapped, *args)
+            out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return out, jax.tree.map(lambda _: True, out)
+
+    return call
 
 
 def reduce_add_to_gmem(value, smem, dst, interpret_barrier=None):
