@@ -781,22 +781,39 @@ def show_code(case: Case, kernel: str, sass: bool) -> None:
 
 
 def show_mosaic_code(case: Case, name: str, sass: bool) -> None:
-    """Print a Mosaic GPU kernel's PTX, or its SASS (Mosaic's own dump: MOSAIC_GPU_DUMP_SASS)."""
+    """Print a Mosaic GPU kernel's PTX, or its SASS: Mosaic's own dump (MOSAIC_GPU_DUMP_SASS),
+    which needs an nvdisasm on PATH; without one, the dumped PTX through the wheels' ptxas
+    (sm_90a) and nvdisasm."""
     device = h100()
-    what = "MOSAIC_GPU_DUMP_SASS" if sass else "MOSAIC_GPU_DUMP_PTX"
     with tempfile.TemporaryDirectory() as tmp:
         dump = pathlib.Path(tmp)
-        env = {"MOSAIC_GPU_DUMP_TO": str(dump), what: "1"}
+        env = {"MOSAIC_GPU_DUMP_TO": str(dump), "MOSAIC_GPU_DUMP_PTX": "1"}
+        if sass:
+            env["MOSAIC_GPU_DUMP_SASS"] = "1"
         fn, args = program(case, device)
         with mock.patch.dict(os.environ, env), stderr_to(dump / "mosaic.log"):
             with as_on_the_gpu(device):
                 lowered = jax.jit(fn).lower(*args)
             lowered.compile()
-        ext = "sass" if sass else "ptx"
-        found = sorted(f for n in dump_names(name) for f in dump.glob(f"{n}*.{ext}"))
-        if not found:
-            raise FileNotFoundError(f"no {what} output for {name} in {sorted(dump.iterdir())}")
-        print(found[0].read_text(errors="replace"))
+
+        def dumped(ext: str) -> list[pathlib.Path]:
+            return sorted(f for n in dump_names(name) for f in dump.glob(f"{n}*.{ext}"))
+
+        if sass and dumped("sass"):
+            print(dumped("sass")[0].read_text(errors="replace"))
+            return
+        if not dumped("ptx"):
+            raise FileNotFoundError(f"no PTX of {name} in {sorted(dump.iterdir())}")
+        ptx = dumped("ptx")[0]
+        if not sass:
+            print(ptx.read_text(errors="replace"))
+            return
+        cubin = ptx.with_suffix(".cubin")
+        subprocess.run([cuda_tool("ptxas"), "-arch=sm_90a", "-o", str(cubin), str(ptx)], check=True)
+        out = subprocess.run(
+            [cuda_tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True
+        )
+        print(out.stdout or out.stderr)
 
 
 def head_dim_pair(text: str) -> tuple[int, int]:
