@@ -390,6 +390,24 @@ def test_mosaic_backward_atomic_dq_spills_nothing(mosaic_bwd_atomic_results, ker
     assert not spills, "\n".join(spills)
 
 
+@pytest.mark.cuda_aot
+@NEEDS_EXTRA
+def test_mosaic_kernel_sass_is_shown():
+    """`--sass` of a Mosaic kernel, here the atomic dK/dV kernel (compiled as "new_body"): its
+    HGMMAs and TMA reduce-adds, from Mosaic's SASS dump or, without an nvdisasm on PATH, the
+    wheels' ptxas and nvdisasm on its PTX."""
+    case = ["--features=full", "--head-dims=128", "--dtypes=bf16", "--backward=mosaic_bwd_atomic"]
+    proc = subprocess.run(
+        [sys.executable, str(REPORT), *case, "--sass", "chunkattn_mosaic_bwd_dkdv"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "HGMMA" in proc.stdout and proc.stdout.count("UTMAREDG") == 6
+
+
 @pytest.mark.skipif(HAS_PLUGIN, reason="the cuda-aot extra is installed")
 def test_without_the_extra_the_report_names_it(tmp_path):
     proc = subprocess.run(
