@@ -6,7 +6,7 @@
 #   bash bench/gpu_session.sh memory  OUT   # ≤10 min: the memory sweep 1k..1M (issue #4)
 #   bash bench/gpu_session.sh mosaic  OUT   # ~8 min: the Mosaic GPU forward's first run (#21)
 #   bash bench/gpu_session.sh mosaic_bwd OUT  # ~15 min: the Mosaic GPU backward's first run (#21)
-#   bash bench/gpu_session.sh mosaic_suite OUT  # ≤9 min: the shared suite on both Mosaic backwards
+#   bash bench/gpu_session.sh mosaic_suite OUT  # ≤9 min: the shared suite on the Mosaic kernels
 #
 # Each step has its own time limit so one hang does not take the call; results land in OUT
 # (the device tool's $OUT), to be committed under bench/results/ with NOTES.md entries.
@@ -59,12 +59,14 @@ mosaic_bwd)
         chunkattn_pallas_mosaic chunkattn_pallas jax_nn_cudnn --tag mosaic_bwd --out "$out"
     ;;
 mosaic_suite)
-    # The shared correctness suite (tests/attention_suite.py) on pallas_mosaic with the Mosaic
-    # backward, dq="kernel" then dq="atomic": the edge rules every path keeps.
-    step 270 pytest_mosaic_suite python -m pytest -q -m gpu tests/test_mosaic_suite.py \
-        -k "not Atomic"
-    step 270 pytest_mosaic_suite_atomic python -m pytest -q -m gpu tests/test_mosaic_suite.py \
-        -k Atomic
+    # The shared correctness suite (tests/attention_suite.py) on pallas_mosaic: the Mosaic
+    # backward with dq="kernel", with dq="atomic", then the default Triton backward.
+    step 180 pytest_mosaic_suite python -m pytest -q -m gpu tests/test_mosaic_suite.py \
+        -k "TestMosaicGPU and not Atomic and not Triton"
+    step 180 pytest_mosaic_suite_atomic python -m pytest -q -m gpu tests/test_mosaic_suite.py \
+        -k TestMosaicGPUAtomicDq
+    step 180 pytest_mosaic_suite_triton_bwd python -m pytest -q -m gpu \
+        tests/test_mosaic_suite.py -k TestMosaicGPUTritonBackward
     ;;
 *)
     echo "unknown part $part: verify | speed | memory | mosaic | mosaic_bwd | mosaic_suite" >&2

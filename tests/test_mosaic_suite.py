@@ -8,7 +8,8 @@ the other features the path declines: a bias, a dense mask, dropout, functions t
 arrays). On a CPU the kernels' loops run as their jnp emulation (`mosaic.emulate`,
 `mosaic_backward.emulate`; the kernels themselves are tests/test_mosaic.py's, in jax's Mosaic
 GPU interpreter): dispatch, argument handling, the per-row key ranges and block schedules that
-feed the kernels. On an H100/H200 (`-m gpu`) the kernels, both dQ forms.
+feed the kernels. On an H100/H200 (`-m gpu`) the kernels: both dQ forms of the Mosaic
+backward, and the default pairing with the Triton backward.
 
 The default run takes 25 cases over the mechanisms the kernels' inputs go through (about 50 s
 of CPU: the emulation compiles its loops per case); `CHUNKATTN_MOSAIC_SUITE=full` runs the
@@ -77,3 +78,12 @@ class TestMosaicGPU(_MosaicSuite):
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (sm_90: H100/H200)")
 class TestMosaicGPUAtomicDq(_MosaicSuite):
     config = _config("atomic")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (sm_90: H100/H200)")
+class TestMosaicGPUTritonBackward(_MosaicSuite):
+    """The default MosaicConfig: the Mosaic forward with the Triton backward, which serves
+    mask_fn and score_fn (the Mosaic backward declines them)."""
+
+    config = mosaic.MosaicConfig()
