@@ -668,13 +668,9 @@ def test_mosaic_backward_lowers_for_cuda_under_vmap(monkeypatch, dq):
     axis into the batch (`mosaic_backward._fold_vmap`); a map of size 0 launches nothing."""
     monkeypatch.delenv("CHUNKATTN_PALLAS_INTERPRET", raising=False)
     q, k, v = _qkv(seq_q=300, seq_k=300)
-    cfg = BWD_CFGS[dq]
 
     def loss(q, k, v):
-        out = chunkattn.dot_product_attention(
-            q, k, v, is_causal=True, implementation="pallas_mosaic", config=cfg
-        )
-        return jnp.sum(out.astype(jnp.float32))
+        return jnp.sum(_mosaic_bwd(q, k, v, dq=dq, is_causal=True).astype(jnp.float32))
 
     grads = jax.vmap(jax.grad(loss, argnums=(0, 1, 2)), in_axes=(0, None, None))
     text = _lowered_for_cuda(grads, jnp.stack([q, 2 * q]), k, v)

@@ -931,10 +931,10 @@ def launch(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
         return dq, dk, dv
 
     @jax.custom_batching.custom_vmap
-    def dq_dk_dv(*operands):
-        q, k, v = operands[:3]
+    def dq_dk_dv(*operands):  # operands lead with the batch, folded under vmap (_fold_vmap)
+        q_in, k_in, v_in = operands[:3]
         kernel = compat.kernel(
-            body, name=name, interpret=extra.get("interpret"), **kernel_args(q.shape[0])
+            body, name=name, interpret=extra.get("interpret"), **kernel_args(q_in.shape[0])
         )
 
         def run(refs):  # the float32 dQ, zeroed, a Ref the kernel adds to in place
@@ -942,8 +942,8 @@ def launch(plan: mosaic.Plan, q, k, v, do, inp: BwdInputs):
             dk_ref[...], dv_ref[...] = kernel(*operands, dq_ref)
 
         # run_state keeps the Ref inside (the backward's custom_jvp guard has no rule for one).
-        zeros = jnp.zeros((*q.shape[:-1], h), jnp.float32)
-        return pl.run_state(run)((zeros, jnp.zeros_like(k), jnp.zeros_like(v)))
+        zeros = jnp.zeros(q_in.shape, jnp.float32)
+        return pl.run_state(run)((zeros, jnp.zeros_like(k_in), jnp.zeros_like(v_in)))
 
     dq_dk_dv.def_vmap(functools.partial(_fold_vmap, dq_dk_dv))
     dq, dk, dv = dq_dk_dv(*dkdv_operands)
